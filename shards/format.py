@@ -1,0 +1,124 @@
+"""The on-disk sample format shared by the ingest writer, the verifier and the readers.
+
+A sample is two tar members that share a key: ``<key>.npy`` (a uint8 array of shape
+(size, size), saved with :func:`numpy.save` and ``allow_pickle=False``) and ``<key>.json``
+(the sample's metadata, UTF-8, sorted keys). webdataset groups members by the part of the
+name before the first dot, so keys never contain a dot.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+from typing import Any
+
+import numpy as np
+
+FORMAT_VERSION = 1
+"""Version of the dataset layout; bumped on any incompatible change."""
+
+IMAGE_EXT = "npy"
+META_EXT = "json"
+MEMBER_EXTS = (IMAGE_EXT, META_EXT)
+"""Member suffixes of one sample, in the order they are written."""
+
+SPLITS = ("train", "val")
+CLASS_NAMES = ("Normal", "No Lung Opacity / Not Normal", "Lung Opacity")
+"""RSNA's detailed classes; a sample's ``class_id`` indexes this tuple (-1: unknown)."""
+
+TAR_MTIME = 0
+TAR_MODE = 0o644
+"""Fixed tar header fields, so the same samples give byte-identical shards."""
+
+_KEY_OK = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
+_KEY_BAD_CHARS = re.compile(r"[^A-Za-z0-9_-]")
+
+
+class FormatError(ValueError):
+    """A shard member or manifest does not follow the dataset format."""
+
+
+def key_for(patient_id: str) -> str:
+    """Return the shard key for a patient id: the id with every character outside
+    ``[A-Za-z0-9_-]`` (dots in UIDs, spaces, slashes) replaced by ``_``."""
+    key = _KEY_BAD_CHARS.sub("_", patient_id)
+    if not key:
+        raise ValueError(f"patient id {patient_id!r} gives an empty key")
+    return key[:128]
+
+
+def check_key(key: str) -> str:
+    """Raise :class:`FormatError` unless ``key`` is a valid sample key; return it."""
+    if not _KEY_OK.match(key):
+        raise FormatError(f"invalid sample key {key!r}: want 1-128 of [A-Za-z0-9_-]")
+    return key
+
+
+def shard_name(split: str, index: int) -> str:
+    """Return the file name of shard ``index`` of ``split`` (``train-000003.tar``)."""
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {SPLITS}")
+    return f"{split}-{index:06d}.tar"
+
+
+def split_member(name: str) -> tuple[str, str]:
+    """Split a member name into (key, extension) at its first dot, as webdataset does."""
+    key, dot, ext = name.partition(".")
+    if not dot:
+        raise FormatError(f"member {name!r} has no extension")
+    return key, ext
+
+
+def encode_image(image: np.ndarray) -> bytes:
+    """Serialise an image as ``.npy`` bytes (never pickled)."""
+    if image.dtype != np.uint8 or image.ndim != 2:
+        raise ValueError(f"image must be a 2-D uint8 array, got {image.dtype} {image.shape}")
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(image), allow_pickle=False)
+    return buf.getvalue()
+
+
+def decode_image(data: bytes, size: int | None = None) -> np.ndarray:
+    """Parse ``.npy`` bytes without unpickling; check dtype uint8 and shape (size, size)."""
+    try:
+        image = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception as exc:  # numpy raises ValueError/OSError/EOFError on damage
+        raise FormatError(f"unreadable .npy: {exc}") from exc
+    if image.dtype != np.uint8 or image.ndim != 2:
+        raise FormatError(f"image is {image.dtype} {image.shape}, expected uint8 2-D")
+    if size is not None and image.shape != (size, size):
+        raise FormatError(f"image shape {image.shape}, expected ({size}, {size})")
+    return image
+
+
+def encode_meta(meta: dict[str, Any]) -> bytes:
+    """Serialise sample metadata as canonical JSON (sorted keys, no whitespace)."""
+    return json.dumps(meta, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def decode_meta(data: bytes) -> dict[str, Any]:
+    """Parse a sample's ``.json`` member."""
+    try:
+        meta = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise FormatError(f"unreadable .json: {exc}") from exc
+    if not isinstance(meta, dict):
+        raise FormatError(f".json holds a {type(meta).__name__}, expected an object")
+    return meta
+
+
+META_FIELDS = (
+    "key",
+    "patient_id",
+    "source",
+    "split",
+    "target",
+    "class",
+    "boxes",
+    "transform",
+    "view_position",
+    "sex",
+    "age",
+)
+"""The fields of a sample's JSON: nothing else from the DICOM header leaves the source."""

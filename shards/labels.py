@@ -1,0 +1,108 @@
+"""``labels.zarr``: the per-sample label table, one row per ingested sample.
+
+Rows are aligned by sample index (the order of samples across the manifest's shards). Boxes are
+ragged: the boxes of row ``i`` are ``boxes[box_offsets[i]:box_offsets[i + 1]]`` (float32 xyxy
+in pixels of the stored image).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from shards.format import FORMAT_VERSION, FormatError
+
+STRING_FIELDS = ("key", "patient_id", "split", "view_position", "sex")
+INT_FIELDS = {"target": np.int8, "class_id": np.int8, "shard": np.int32, "age": np.int16}
+ALL_FIELDS = (*STRING_FIELDS, *INT_FIELDS, "boxes", "box_offsets")
+CHUNK = 65536
+
+
+@dataclasses.dataclass
+class LabelTable:
+    """The label store in memory: one numpy array per field, aligned by sample index."""
+
+    key: np.ndarray
+    patient_id: np.ndarray
+    split: np.ndarray
+    target: np.ndarray
+    class_id: np.ndarray
+    shard: np.ndarray
+    view_position: np.ndarray
+    sex: np.ndarray
+    age: np.ndarray
+    boxes: np.ndarray
+    box_offsets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.key)
+
+    def boxes_of(self, i: int) -> np.ndarray:
+        """The (M, 4) float32 boxes of row ``i``."""
+        return self.boxes[self.box_offsets[i] : self.box_offsets[i + 1]]
+
+    def index(self) -> dict[str, int]:
+        """Map each key to its row."""
+        return {str(k): i for i, k in enumerate(self.key)}
+
+    @classmethod
+    def from_rows(cls, rows: Sequence[dict]) -> "LabelTable":
+        """Build from per-sample dicts holding the fields plus ``boxes`` as [[x1,y1,x2,y2], ...]."""
+        counts = np.array([len(r["boxes"]) for r in rows], dtype=np.int64)
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(counts, out=offsets[1:])
+        flat = [b for r in rows for b in r["boxes"]]
+        boxes = np.asarray(flat, dtype=np.float32).reshape(-1, 4)
+        cols: dict[str, np.ndarray] = {
+            f: np.array([str(r[f] or "") for r in rows], dtype=object) for f in STRING_FIELDS
+        }
+        for f, dt in INT_FIELDS.items():
+            cols[f] = np.array([-1 if r[f] is None else r[f] for r in rows], dtype=dt)
+        return cls(**cols, boxes=boxes, box_offsets=offsets)
+
+
+def write_labels(path: Path | str, table: LabelTable) -> None:
+    """Write the table as a zarr v3 group at ``path`` (via a temporary name, then renamed)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    group = zarr.open_group(tmp, mode="w", zarr_format=3)
+    group.attrs["format_version"] = FORMAT_VERSION
+    group.attrs["samples"] = len(table)
+    n = max(len(table), 1)
+    for f in STRING_FIELDS:
+        arr = group.create_array(f, shape=(len(table),), dtype=str, chunks=(min(n, CHUNK),))
+        if len(table):
+            arr[:] = getattr(table, f).astype(str)
+    for f in (*INT_FIELDS, "box_offsets"):
+        data = getattr(table, f)
+        group.create_array(f, data=data, chunks=(min(max(len(data), 1), CHUNK),))
+    nb = max(len(table.boxes), 1)
+    group.create_array("boxes", data=table.boxes, chunks=(min(nb, CHUNK), 4))
+    if path.exists():
+        shutil.rmtree(path)
+    tmp.rename(path)
+
+
+def read_labels(path: Path | str) -> LabelTable:
+    """Read the whole label store; raise :class:`FormatError` if an array is missing."""
+    try:
+        group = zarr.open_group(Path(path), mode="r")
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
+        raise FormatError(f"{path}: no zarr group ({exc})") from exc
+    missing = [f for f in ALL_FIELDS if f not in group]
+    if missing:
+        raise FormatError(f"{path}: missing arrays {missing}")
+    cols = {f: group[f][:] for f in ALL_FIELDS}
+    for f in STRING_FIELDS:
+        cols[f] = np.asarray(cols[f]).astype(object)
+    n = len(cols["key"])
+    lengths = {f: len(cols[f]) for f in (*STRING_FIELDS, *INT_FIELDS)}
+    if set(lengths.values()) != {n} or len(cols["box_offsets"]) != n + 1:
+        raise FormatError(f"{path}: arrays are not aligned: {lengths}, box_offsets {len(cols['box_offsets'])}")
+    return LabelTable(**cols)

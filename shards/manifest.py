@@ -1,0 +1,110 @@
+"""``manifest.json``: the identity of an ingested dataset, written last by the ingest."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from shards.format import FORMAT_VERSION, FormatError
+
+MANIFEST_NAME = "manifest.json"
+SHARDS_DIR = "shards"
+LABELS_NAME = "labels.zarr"
+REJECTS_NAME = "rejects.jsonl"
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ShardInfo:
+    """One shard as the manifest records it."""
+
+    name: str
+    """File name under ``shards/``."""
+    split: str
+    """``train`` or ``val``."""
+    samples: int
+    """Number of samples (key pairs) in the shard."""
+    bytes: int
+    """File size in bytes."""
+    sha256: str
+    """Hex SHA-256 of the whole file."""
+    first_key: str | None
+    """Key of the first sample, or None for an empty shard."""
+    last_key: str | None
+    """Key of the last sample, or None for an empty shard."""
+
+
+@dataclasses.dataclass(kw_only=True)
+class Manifest:
+    """The parsed ``manifest.json``."""
+
+    format_version: int
+    params: dict[str, Any]
+    params_hash: str
+    packages: dict[str, str]
+    source: dict[str, Any]
+    counts: dict[str, Any]
+    shards: list[ShardInfo]
+
+    @property
+    def size(self) -> int:
+        """Side length of the square images."""
+        return int(self.params["size"])
+
+    def shards_of(self, split: str) -> list[ShardInfo]:
+        """The shards of one split, in manifest order."""
+        return [s for s in self.shards if s.split == split]
+
+    def to_json(self) -> str:
+        """Canonical JSON text (sorted keys, indented, trailing newline)."""
+        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Manifest":
+        """Build from parsed JSON, raising :class:`FormatError` on a malformed manifest."""
+        try:
+            if data["format_version"] != FORMAT_VERSION:
+                raise FormatError(
+                    f"format_version {data['format_version']!r}, this reader knows {FORMAT_VERSION}"
+                )
+            shards = [ShardInfo(**s) for s in data["shards"]]
+            return cls(
+                format_version=data["format_version"],
+                params=dict(data["params"]),
+                params_hash=str(data["params_hash"]),
+                packages=dict(data["packages"]),
+                source=dict(data["source"]),
+                counts=dict(data["counts"]),
+                shards=shards,
+            )
+        except (KeyError, TypeError) as exc:
+            raise FormatError(f"malformed manifest: {exc!r}") from exc
+
+
+def read_manifest(root: Path | str) -> Manifest:
+    """Read ``root/manifest.json``; raise FileNotFoundError or :class:`FormatError`."""
+    path = Path(root) / MANIFEST_NAME
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise FormatError(f"{path}: not valid JSON ({exc})") from exc
+    return Manifest.from_dict(data)
+
+
+def write_manifest(root: Path | str, manifest: Manifest) -> Path:
+    """Write ``root/manifest.json`` atomically (temporary name, fsync, rename)."""
+    path = Path(root) / MANIFEST_NAME
+    atomic_write_text(path, manifest.to_json())
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` through a temporary file renamed into place."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
