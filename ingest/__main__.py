@@ -1,0 +1,86 @@
+"""``python -m ingest``: DICOM folder -> webdataset shards + labels.zarr + manifest, on Dask."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from ingest.config import IngestConfig
+
+log = logging.getLogger("ingest")
+
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    d = IngestConfig.__dataclass_fields__
+    p = argparse.ArgumentParser(
+        prog="python -m ingest",
+        description="Turn a folder of chest X-ray DICOMs into CLAHE-enhanced uint8 tensors in "
+        "webdataset tar shards plus a zarr label store, on a Dask cluster. Re-running the same "
+        "command resumes an interrupted run.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--dicom-dir", type=Path, required=True, help="folder searched recursively for DICOMs")
+    p.add_argument("--out", type=Path, required=True, help="output dataset folder")
+    p.add_argument("--labels", type=Path, help="stage_2_train_labels.csv (omit for an inference set)")
+    p.add_argument("--class-info", type=Path, help="stage_2_detailed_class_info.csv")
+    p.add_argument("--cluster", choices=("local", "slurm"), default="local", help="Dask LocalCluster or SLURMCluster")
+    p.add_argument("--workers", type=int, help="local worker processes (default: all cores)")
+    p.add_argument("--jobs", type=int, default=d["jobs"].default, help="Slurm worker jobs (--cluster slurm)")
+    p.add_argument("--queue", help="Slurm partition (overrides jobqueue.slurm.queue)")
+    p.add_argument("--account", help="Slurm account (overrides jobqueue.slurm.account)")
+    p.add_argument("--walltime", help="worker job walltime HH:MM:SS (overrides jobqueue.slurm.walltime)")
+    p.add_argument("--worker-timeout", type=float, default=d["worker_timeout"].default, help="seconds to wait for the first worker")
+    p.add_argument("--dry-run", action="store_true", help="print the Slurm worker job script and exit")
+    p.add_argument("--shard-size", type=int, default=d["shard_size"].default, help="samples per shard")
+    p.add_argument("--size", type=int, default=d["size"].default, help="output image side in pixels")
+    p.add_argument("--clahe-clip", type=float, default=d["clahe_clip"].default, help="CLAHE clip limit")
+    p.add_argument("--clahe-grid", type=int, default=d["clahe_grid"].default, help="CLAHE tiles per side")
+    p.add_argument("--val-fraction", type=float, default=d["val_fraction"].default, help="fraction of patients in val")
+    p.add_argument("--seed", type=int, default=d["seed"].default, help="seed of the split and shard order")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    from ingest.pipeline import IngestUsageError, run_ingest  # imports distributed
+
+    for noisy in ("distributed", "dask_jobqueue", "bokeh", "tornado"):  # after distributed's own set-up
+        logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+
+    kwargs = {k: v for k, v in vars(args).items() if k != "verbose"}
+    try:
+        cfg = IngestConfig(**kwargs)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if cfg.dry_run:
+        if cfg.cluster != "slurm":
+            print("error: --dry-run prints the Slurm job script; add --cluster slurm", file=sys.stderr)
+            return EXIT_USAGE
+        from ingest.slurm import job_script
+
+        print(job_script(cfg))
+        return 0
+    try:
+        summary = run_ingest(cfg)
+    except IngestUsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    for line in summary.lines():
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,96 @@
+"""Configuration of the ingest job: one keyword-only dataclass, validated on creation."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+CLUSTERS = ("local", "slurm")
+
+
+@dataclasses.dataclass(kw_only=True)
+class IngestConfig:
+    """Everything an ingest run needs; CLI flags of ``python -m ingest`` map onto these fields."""
+
+    dicom_dir: Path
+    """Folder searched recursively for DICOM files."""
+    out: Path
+    """Output dataset folder (created; resumed if it holds an unfinished run)."""
+    labels: Path | None = None
+    """``stage_2_train_labels.csv``; None ingests an unlabelled (inference) set."""
+    class_info: Path | None = None
+    """Optional ``stage_2_detailed_class_info.csv``."""
+    cluster: Literal["local", "slurm"] = "local"
+    """Where the Dask workers run: a LocalCluster here, or Slurm jobs via dask-jobqueue."""
+    workers: int | None = None
+    """Local worker processes (default: all cores); ignored on Slurm (use ``jobs``)."""
+    jobs: int = 2
+    """Slurm worker jobs to keep running (``--cluster slurm``)."""
+    queue: str | None = None
+    """Slurm partition (overrides the dask config's ``jobqueue.slurm.queue``)."""
+    account: str | None = None
+    """Slurm account (overrides ``jobqueue.slurm.account``)."""
+    walltime: str | None = None
+    """Walltime of each worker job, ``HH:MM:SS`` (overrides ``jobqueue.slurm.walltime``)."""
+    worker_timeout: float = 300.0
+    """Seconds to wait for the first worker before giving up with an error."""
+    dry_run: bool = False
+    """Print the Slurm job script and exit without starting anything."""
+    shard_size: int = 256
+    """Samples per shard (about 105 MB at 640 px)."""
+    size: int = 640
+    """Side of the square output images."""
+    clahe_clip: float = 2.0
+    """CLAHE clip limit (OpenCV ``clipLimit``)."""
+    clahe_grid: int = 8
+    """CLAHE tile grid (``grid`` x ``grid`` tiles)."""
+    val_fraction: float = 0.1
+    """Fraction of patients, per target stratum, put in the ``val`` split."""
+    seed: int = 0
+    """Seed of the patient-level split and of the shard order."""
+    progress: bool = True
+    """Show a progress bar on stderr."""
+
+    def __post_init__(self) -> None:
+        self.dicom_dir, self.out = Path(self.dicom_dir), Path(self.out)
+        self.labels = Path(self.labels) if self.labels else None
+        self.class_info = Path(self.class_info) if self.class_info else None
+        if self.cluster not in CLUSTERS:
+            raise ValueError(f"cluster={self.cluster!r}; allowed: {', '.join(CLUSTERS)}")
+        if self.workers is not None and self.workers < 1:
+            raise ValueError(f"workers={self.workers}; must be >= 1")
+        if self.jobs < 1:
+            raise ValueError(f"jobs={self.jobs}; must be >= 1")
+        if self.shard_size < 1:
+            raise ValueError(f"shard_size={self.shard_size}; must be >= 1")
+        if not 32 <= self.size <= 4096:
+            raise ValueError(f"size={self.size}; allowed 32..4096")
+        if not self.clahe_clip > 0:
+            raise ValueError(f"clahe_clip={self.clahe_clip}; must be > 0")
+        if not 1 <= self.clahe_grid <= 64:
+            raise ValueError(f"clahe_grid={self.clahe_grid}; allowed 1..64")
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise ValueError(f"val_fraction={self.val_fraction}; allowed 0 <= f < 1")
+        if self.class_info and not self.labels:
+            raise ValueError("class_info given without labels")
+
+    def processing_params(self) -> dict[str, Any]:
+        """The parameters that decide the pixels of a sample."""
+        return {"size": self.size, "clahe_clip": self.clahe_clip, "clahe_grid": self.clahe_grid}
+
+    def dataset_params(self) -> dict[str, Any]:
+        """All parameters that decide the bytes of the output (recorded in the manifest)."""
+        return {
+            **self.processing_params(),
+            "shard_size": self.shard_size,
+            "val_fraction": self.val_fraction,
+            "seed": self.seed,
+        }
+
+
+def params_hash(params: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of ``params``."""
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,312 @@
+"""The ingest driver: plan, run one Dask task per shard, then write labels, rejects, manifest."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import shutil
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from distributed import as_completed
+from tqdm import tqdm
+
+from ingest.cluster import open_client
+from ingest.config import IngestConfig, params_hash
+from ingest.labels import LabelFileError, read_labels
+from ingest.plan import Plan, ShardTask, make_plan
+from ingest.worker import DONE_DIR, WORK_DIR, build_shard, label_row
+from shards.format import FORMAT_VERSION
+from shards.labels import LabelTable, write_labels
+from shards.manifest import (
+    LABELS_NAME,
+    MANIFEST_NAME,
+    REJECTS_NAME,
+    SHARDS_DIR,
+    Manifest,
+    ShardInfo,
+    atomic_write_text,
+    write_manifest,
+)
+
+log = logging.getLogger(__name__)
+
+PACKAGES = ("pneumo-hpc", "numpy", "opencv-python-headless", "pydicom", "pylibjpeg", "dask", "distributed", "zarr")
+PARAMS_FILE = f"{WORK_DIR}/params.json"
+
+
+class IngestUsageError(ValueError):
+    """Bad input found before any work: the CLI exits 2 with this one-line message."""
+
+
+@dataclasses.dataclass
+class IngestSummary:
+    """What a run produced (also printed at the end)."""
+
+    out: Path
+    counts: dict[str, Any]
+    rejects_by_reason: dict[str, int]
+    problems_by_reason: dict[str, int]
+    shards_built: int
+    shards_reused: int
+    seconds: float
+    already_complete: bool = False
+    records: list[dict[str, Any]] = dataclasses.field(default_factory=list, repr=False)
+    """Result records of the shards built by this run (timings, worker pid and peak RSS)."""
+
+    def lines(self) -> list[str]:
+        c = self.counts
+        rate = c["samples"] / self.seconds if self.seconds > 0 and self.shards_built else 0.0
+        out = [
+            f"dataset: {self.out}",
+            f"samples: {c['samples']} (train {c['train']['samples']}, val {c['val']['samples']}); "
+            f"positives {c['positives']}; boxes {c['boxes']}",
+            f"shards: {self.shards_built} built, {self.shards_reused} reused; {self.seconds:.1f} s"
+            + (f", {rate:.1f} images/s" if rate else ""),
+            f"rejects: {c['rejects']}" + "".join(f"\n  {r}: {n}" for r, n in sorted(self.rejects_by_reason.items())),
+            f"label problems: {c['label_problems']}"
+            + "".join(f"\n  {r}: {n}" for r, n in sorted(self.problems_by_reason.items())),
+        ]
+        if self.already_complete:
+            out.insert(0, "already complete: the manifest matches these inputs and parameters; nothing to do")
+        return out
+
+
+def package_versions() -> dict[str, str]:
+    out = {"python": sys.version.split()[0]}
+    for name in PACKAGES:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = "not installed"
+    return out
+
+
+def _identity(cfg: IngestConfig, plan: Plan, labels_sha: str | None) -> dict[str, Any]:
+    params = cfg.dataset_params()
+    return {
+        "params": params,
+        "params_hash": params_hash(params),
+        "source_fingerprint": plan.fingerprint,
+        "labels_sha256": labels_sha,
+    }
+
+
+def _check_out(cfg: IngestConfig, identity: dict[str, Any]) -> bool:
+    """Refuse an OUT made with other parameters or inputs; True if it is already complete."""
+    out = cfg.out
+    if not out.exists():
+        return False
+    if not out.is_dir():
+        raise IngestUsageError(f"--out {out} exists and is not a folder")
+    previous: dict[str, Any] | None = None
+    if (out / PARAMS_FILE).exists():
+        previous = json.loads((out / PARAMS_FILE).read_text())
+    elif (out / MANIFEST_NAME).exists():
+        m = json.loads((out / MANIFEST_NAME).read_text())
+        previous = {
+            "params": m.get("params"),
+            "params_hash": m.get("params_hash"),
+            "source_fingerprint": m.get("source", {}).get("fingerprint"),
+            "labels_sha256": m.get("source", {}).get("labels_sha256"),
+        }
+    elif any(out.iterdir()):
+        raise IngestUsageError(f"--out {out} is not empty and holds no pneumo-hpc dataset; choose an empty folder")
+    if previous is None:
+        return False
+    if previous["params_hash"] != identity["params_hash"]:
+        diff = {k: (v, identity["params"].get(k)) for k, v in (previous["params"] or {}).items() if identity["params"].get(k) != v}
+        changes = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
+        raise IngestUsageError(f"--out {out} holds a dataset made with other parameters ({changes}); use a new --out or delete it")
+    if previous["source_fingerprint"] != identity["source_fingerprint"]:
+        raise IngestUsageError(f"--out {out} holds a dataset made from a different set of source files; use a new --out")
+    if previous["labels_sha256"] != identity["labels_sha256"]:
+        raise IngestUsageError(f"--out {out} holds a dataset made with a different labels file; use a new --out")
+    return (out / MANIFEST_NAME).exists() and not (out / PARAMS_FILE).exists()
+
+
+def _reusable(out: Path, task: ShardTask) -> dict[str, Any] | None:
+    """The persisted result of a shard finished by an earlier, interrupted run, if intact."""
+    done = out / DONE_DIR / f"{task.name}.json"
+    shard = out / SHARDS_DIR / task.name
+    try:
+        record = json.loads(done.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not shard.is_file() or shard.stat().st_size != record.get("bytes"):
+        return None
+    return record
+
+
+def _sha256_file(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def run_ingest(cfg: IngestConfig) -> IngestSummary:
+    """Run (or resume) an ingest; see the SPEC for the output it writes.
+
+    Raises:
+        IngestUsageError: bad labels file, missing DICOM folder, or an OUT made with other
+            parameters; raised before any work is done.
+    """
+    t0 = time.perf_counter()
+    if not cfg.dicom_dir.is_dir():
+        raise IngestUsageError(f"--dicom-dir {cfg.dicom_dir} is not a folder")
+    labels, problems = None, []
+    if cfg.labels is not None:
+        try:
+            labels, problems = read_labels(cfg.labels, cfg.class_info)
+        except LabelFileError as exc:
+            raise IngestUsageError(str(exc)) from exc
+    plan = make_plan(
+        dicom_dir=cfg.dicom_dir.resolve(),
+        out=cfg.out.resolve(),
+        labels=labels,
+        label_problems=problems,
+        shard_size=cfg.shard_size,
+        val_fraction=cfg.val_fraction,
+        seed=cfg.seed,
+        processing=cfg.processing_params(),
+    )
+    labels_sha = _sha256_file(cfg.labels) if cfg.labels else None
+    identity = _identity(cfg, plan, labels_sha)
+    if _check_out(cfg, identity):
+        summary = _summary_from_manifest(cfg.out, t0)
+        return summary
+    if not plan.inputs:
+        raise IngestUsageError(f"--dicom-dir {cfg.dicom_dir}: no DICOM files found (*.dcm or files with the DICOM preamble)")
+    log.info(
+        "plan: %d input files (%d other files ignored), %d early rejects, %d shards (shard size %d)",
+        len(plan.inputs), plan.ignored, len(plan.rejects), len(plan.tasks), cfg.shard_size,
+    )
+    (cfg.out / DONE_DIR).mkdir(parents=True, exist_ok=True)
+    (cfg.out / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(cfg.out / PARAMS_FILE, json.dumps(identity, indent=2, sort_keys=True))
+
+    records: dict[str, dict[str, Any]] = {}
+    pending: list[ShardTask] = []
+    for task in plan.tasks:
+        record = _reusable(cfg.out, task)
+        if record is None:
+            pending.append(task)
+        else:
+            records[task.name] = record
+    if records:
+        log.info("resuming: %d of %d shards already complete", len(records), len(plan.tasks))
+    if pending:
+        _run_tasks(cfg, pending, records)
+    _remove_stale(cfg.out, {t.name for t in plan.tasks})
+    summary = _finish(cfg, plan, records, identity, t0, built=len(pending))
+    summary.records = [records[t.name] for t in pending]
+    shutil.rmtree(cfg.out / WORK_DIR, ignore_errors=True)
+    return summary
+
+
+def _run_tasks(cfg: IngestConfig, pending: list[ShardTask], records: dict[str, dict[str, Any]]) -> None:
+    total = sum(len(t.samples) for t in pending)
+    with open_client(cfg) as client:
+        futures = [
+            client.submit(build_shard, task, key=f"shard-{task.name}-{task.processing['size']}", pure=False, retries=3)
+            for task in pending
+        ]
+        bar = tqdm(total=total, unit="img", desc="ingest", disable=not cfg.progress, file=sys.stderr, smoothing=0.1)
+        try:
+            for future in as_completed(futures):
+                record = future.result()
+                records[record["name"]] = record
+                bar.update(record["samples"] + len(record["rejects"]))
+        finally:
+            bar.close()
+
+
+def _remove_stale(out: Path, names: set[str]) -> None:
+    for path in (out / SHARDS_DIR).iterdir():
+        if path.name.startswith(".") and ".tmp-" in path.name:
+            path.unlink(missing_ok=True)  # temporary file of a shard killed mid-write
+        elif path.name not in names:
+            log.warning("removing %s: not part of this dataset's plan", path)
+            path.unlink()
+
+
+def _finish(
+    cfg: IngestConfig, plan: Plan, records: dict[str, dict[str, Any]], identity: dict[str, Any], t0: float, built: int
+) -> IngestSummary:
+    rows: list[dict[str, Any]] = []
+    shards: list[ShardInfo] = []
+    rejects = [r.to_json() for r in plan.rejects]
+    problems = [p.to_json() for p in plan.problems]
+    counts: dict[str, Any] = {s: {"samples": 0, "positives": 0, "boxes": 0, "shards": 0} for s in ("train", "val")}
+    for index, task in enumerate(plan.tasks):
+        rec = records[task.name]
+        shards.append(
+            ShardInfo(name=rec["name"], split=rec["split"], samples=rec["samples"], bytes=rec["bytes"],
+                      sha256=rec["sha256"], first_key=rec["first_key"], last_key=rec["last_key"])
+        )
+        for meta in rec["metas"]:
+            rows.append(label_row(meta, index))
+            c = counts[meta["split"]]
+            c["samples"] += 1
+            c["positives"] += meta["target"] == 1
+            c["boxes"] += len(meta["boxes"])
+        counts[task.split]["shards"] += 1
+        rejects.extend(rec["rejects"])
+        problems.extend(rec["problems"])
+    rejects.sort(key=lambda r: (r["path"], r["reason"]))
+    problems.sort(key=lambda p: (p["reason"], p["patient_id"] or "", p["path"] or "", p["line"] or 0))
+    write_labels(cfg.out / LABELS_NAME, LabelTable.from_rows(rows))
+    atomic_write_text(
+        cfg.out / REJECTS_NAME, "".join(json.dumps(r, sort_keys=True) + "\n" for r in [*rejects, *problems])
+    )
+    rejects_by = collections.Counter(r["reason"] for r in rejects)
+    problems_by = collections.Counter(p["reason"] for p in problems)
+    counts.update(
+        samples=len(rows),
+        positives=sum(counts[s]["positives"] for s in ("train", "val")),
+        boxes=sum(counts[s]["boxes"] for s in ("train", "val")),
+        inputs=len(plan.inputs),
+        rejects=len(rejects),
+        rejects_by_reason=dict(sorted(rejects_by.items())),
+        label_problems=len(problems),
+        label_problems_by_reason=dict(sorted(problems_by.items())),
+    )
+    manifest = Manifest(
+        format_version=FORMAT_VERSION,
+        params=identity["params"],
+        params_hash=identity["params_hash"],
+        packages=package_versions(),
+        source={
+            "dicom_dir": str(cfg.dicom_dir.resolve()),
+            "files": len(plan.inputs),
+            "fingerprint": identity["source_fingerprint"],
+            "labels": str(cfg.labels.resolve()) if cfg.labels else None,
+            "labels_sha256": identity["labels_sha256"],
+            "class_info": str(cfg.class_info.resolve()) if cfg.class_info else None,
+        },
+        counts=counts,
+        shards=shards,
+    )
+    write_manifest(cfg.out, manifest)
+    return IngestSummary(
+        out=cfg.out, counts=counts, rejects_by_reason=dict(rejects_by), problems_by_reason=dict(problems_by),
+        shards_built=built, shards_reused=len(plan.tasks) - built, seconds=time.perf_counter() - t0,
+    )
+
+
+def _summary_from_manifest(out: Path, t0: float) -> IngestSummary:
+    m = json.loads((out / MANIFEST_NAME).read_text())
+    c = m["counts"]
+    return IngestSummary(
+        out=out, counts=c, rejects_by_reason=c["rejects_by_reason"], problems_by_reason=c["label_problems_by_reason"],
+        shards_built=0, shards_reused=len(m["shards"]), seconds=time.perf_counter() - t0, already_complete=True,
+    )

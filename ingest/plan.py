@@ -1,0 +1,218 @@
+"""Planning an ingest: which files are inputs, the patient-level split, and the shards.
+
+Everything here runs in the driver and depends only on the file list, the labels and the
+seed, never on worker count or timing: the plan, and so every shard's bytes, is the same for
+every run over the same inputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+from collections import defaultdict
+from pathlib import Path
+
+from ingest.labels import LabelProblem, PatientLabel
+from shards.format import key_for, shard_name
+
+DICOM_SUFFIX = ".dcm"
+
+
+@dataclasses.dataclass(frozen=True)
+class Reject:
+    """An input file that did not become a sample; one line of ``rejects.jsonl``."""
+
+    path: str
+    reason: str
+    detail: str
+
+    def to_json(self) -> dict:
+        return {"kind": "file", **dataclasses.asdict(self)}
+
+
+@dataclasses.dataclass(frozen=True)
+class PlannedSample:
+    """A sample to build: source file (relative to the DICOM folder) and its label."""
+
+    key: str
+    patient_id: str
+    path: str
+    split: str
+    target: int
+    class_name: str | None
+    boxes: tuple[tuple[float, float, float, float], ...]
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardTask:
+    """One Dask task: build one whole shard."""
+
+    name: str
+    split: str
+    index: int
+    samples: tuple[PlannedSample, ...]
+    dicom_dir: str
+    out: str
+    processing: dict
+
+
+@dataclasses.dataclass
+class Plan:
+    """The result of planning."""
+
+    tasks: list[ShardTask]
+    rejects: list[Reject]
+    problems: list[LabelProblem]
+    inputs: list[tuple[str, int]]
+    ignored: int
+
+    @property
+    def fingerprint(self) -> str:
+        return source_fingerprint(self.inputs)
+
+
+def has_preamble(path: Path) -> bool:
+    """True if the file carries the DICOM 'DICM' marker at byte 128."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return False
+    return len(head) == 132 and head[128:] == b"DICM"
+
+
+def discover(dicom_dir: Path) -> tuple[list[tuple[str, int]], set[str], int]:
+    """Find the input files under ``dicom_dir``: every ``*.dcm`` plus any other file that
+    carries the DICOM preamble (UID-named files, files without a suffix).
+
+    Returns:
+        (sorted [(relative posix path, size)], the ``*.dcm`` inputs without the preamble,
+        number of other files ignored).
+    """
+    found: list[tuple[str, int]] = []
+    no_preamble: set[str] = set()
+    ignored = 0
+    for root, dirs, files in os.walk(dicom_dir):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        for name in files:
+            path = Path(root) / name
+            if name.startswith(".") or not path.is_file():
+                continue
+            preamble = has_preamble(path)
+            if preamble or name.lower().endswith(DICOM_SUFFIX):
+                rel = path.relative_to(dicom_dir).as_posix()
+                found.append((rel, path.stat().st_size))
+                if not preamble:
+                    no_preamble.add(rel)
+            else:
+                ignored += 1
+    found.sort()
+    return found, no_preamble, ignored
+
+
+def source_fingerprint(inputs: list[tuple[str, int]]) -> str:
+    """SHA-256 over the sorted (relative path, size) list of the inputs."""
+    h = hashlib.sha256()
+    for rel, size in inputs:
+        h.update(f"{rel}\t{size}\n".encode())
+    return h.hexdigest()
+
+
+def patient_id_of(rel_path: str) -> str:
+    """RSNA names files ``<patientId>.dcm``; a UID-named file is its own id (dots kept)."""
+    name = rel_path.rsplit("/", 1)[-1]
+    return name[: -len(DICOM_SUFFIX)] if name.lower().endswith(DICOM_SUFFIX) else name
+
+
+def unit_hash(seed: int, text: str) -> float:
+    """A deterministic pseudo-random number in [0, 1) from (seed, text)."""
+    digest = hashlib.sha256(f"{seed}\x00{text}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64
+
+
+def assign_splits(patients: dict[str, int], val_fraction: float, seed: int) -> dict[str, str]:
+    """Patient-level split stratified by target (-1 = unlabelled is its own stratum).
+
+    Within each stratum patients are ordered by a hash of (seed, patient id) and the first
+    ``round(val_fraction * n)`` go to ``val``: the same seed always gives the same split.
+    """
+    strata: dict[int, list[str]] = defaultdict(list)
+    for pid, target in patients.items():
+        strata[target].append(pid)
+    split: dict[str, str] = {}
+    for members in strata.values():
+        members.sort(key=lambda p: (unit_hash(seed, p), p))
+        n_val = round(val_fraction * len(members))
+        for i, pid in enumerate(members):
+            split[pid] = "val" if i < n_val else "train"
+    return split
+
+
+def make_plan(
+    *,
+    dicom_dir: Path,
+    out: Path,
+    labels: dict[str, PatientLabel] | None,
+    label_problems: list[LabelProblem],
+    shard_size: int,
+    val_fraction: float,
+    seed: int,
+    processing: dict,
+) -> Plan:
+    """Turn the file list and labels into shard tasks, early rejects and label problems."""
+    inputs, no_preamble, ignored = discover(dicom_dir)
+    rejects: list[Reject] = []
+    problems = list(label_problems)
+    chosen: dict[str, str] = {}  # patient id -> path
+    by_key: dict[str, str] = {}  # key -> patient id
+    for rel, _size in inputs:
+        pid = patient_id_of(rel)
+        key = key_for(pid)
+        if rel in no_preamble:
+            rejects.append(Reject(rel, "not_dicom", "no 'DICM' marker at byte 128"))
+        elif pid in chosen:
+            rejects.append(Reject(rel, "duplicate_patient", f"patient {pid} already ingested from {chosen[pid]}"))
+        elif key in by_key:
+            rejects.append(Reject(rel, "duplicate_key", f"key {key} already used by patient {by_key[key]}"))
+        elif labels is not None and pid not in labels:
+            rejects.append(Reject(rel, "no_label", f"patient {pid} has no row in the labels file"))
+        else:
+            chosen[pid] = rel
+            by_key[key] = pid
+    if labels is not None:
+        for pid in sorted(set(labels) - set(chosen)):
+            problems.append(LabelProblem("label_without_image", "labelled patient has no ingestable image file", pid))
+
+    targets = {pid: (labels[pid].target if labels is not None else -1) for pid in chosen}
+    split_of = assign_splits(targets, val_fraction, seed)
+    tasks: list[ShardTask] = []
+    for split in ("train", "val"):
+        pids = sorted((p for p in chosen if split_of[p] == split), key=lambda p: (unit_hash(seed + 1, p), p))
+        for index, start in enumerate(range(0, len(pids), shard_size)):
+            samples = []
+            for pid in pids[start : start + shard_size]:
+                label = labels.get(pid) if labels is not None else None
+                samples.append(
+                    PlannedSample(
+                        key=key_for(pid),
+                        patient_id=pid,
+                        path=chosen[pid],
+                        split=split,
+                        target=label.target if label else -1,
+                        class_name=label.class_name if label else None,
+                        boxes=tuple(label.boxes) if label else (),
+                    )
+                )
+            tasks.append(
+                ShardTask(
+                    name=shard_name(split, index),
+                    split=split,
+                    index=index,
+                    samples=tuple(samples),
+                    dicom_dir=str(dicom_dir),
+                    out=str(out),
+                    processing=dict(processing),
+                )
+            )
+    return Plan(tasks=tasks, rejects=rejects, problems=problems, inputs=inputs, ignored=ignored)

@@ -1,0 +1,131 @@
+"""Pure numpy/OpenCV image and box transforms of the ingest (image in, image out).
+
+The geometry that maps a source image into the square training image (``letterbox``) is the
+same one that maps boxes (``boxes_to_letterbox``) and maps predictions back
+(``boxes_from_letterbox``): one :class:`Letterbox` value, stored with every sample.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import cv2
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class Letterbox:
+    """Resize-and-pad of a ``rows`` x ``cols`` source into a ``size`` x ``size`` square.
+
+    A source pixel coordinate ``x`` maps to ``x * scale + pad_x`` (``y`` likewise with
+    ``pad_y``); the inverse is ``(x' - pad_x) / scale``.
+    """
+
+    scale: float
+    pad_x: int
+    pad_y: int
+    rows: int
+    cols: int
+    size: int
+
+    @property
+    def new_shape(self) -> tuple[int, int]:
+        """(height, width) of the resized image before padding."""
+        return (max(1, round(self.rows * self.scale)), max(1, round(self.cols * self.scale)))
+
+    def to_json(self) -> dict[str, float | int]:
+        return dataclasses.asdict(self)
+
+
+def letterbox_geometry(rows: int, cols: int, size: int) -> Letterbox:
+    """The letterbox that fits ``rows`` x ``cols`` into ``size`` keeping the aspect ratio."""
+    if rows <= 0 or cols <= 0 or size <= 0:
+        raise ValueError(f"bad geometry rows={rows} cols={cols} size={size}")
+    scale = size / max(rows, cols)
+    new_h, new_w = max(1, round(rows * scale)), max(1, round(cols * scale))
+    return Letterbox(scale, (size - new_w) // 2, (size - new_h) // 2, rows, cols, size)
+
+
+def letterbox(image: np.ndarray, geom: Letterbox) -> np.ndarray:
+    """Resize ``image`` by ``geom`` (area filter when shrinking) and pad with zeros."""
+    if image.shape[:2] != (geom.rows, geom.cols):
+        raise ValueError(f"image {image.shape} does not match letterbox {geom.rows}x{geom.cols}")
+    new_h, new_w = geom.new_shape
+    interp = cv2.INTER_AREA if geom.scale < 1 else cv2.INTER_LINEAR
+    resized = cv2.resize(image, (new_w, new_h), interpolation=interp)
+    if (new_h, new_w) == (geom.size, geom.size):
+        return resized
+    out = np.zeros((geom.size, geom.size), dtype=image.dtype)
+    out[geom.pad_y : geom.pad_y + new_h, geom.pad_x : geom.pad_x + new_w] = resized
+    return out
+
+
+def clip_boxes_xyxy(boxes: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """Clip (N, 4) xyxy boxes to a ``rows`` x ``cols`` image."""
+    out = np.array(boxes, dtype=np.float64).reshape(-1, 4)
+    out[:, [0, 2]] = out[:, [0, 2]].clip(0, cols)
+    out[:, [1, 3]] = out[:, [1, 3]].clip(0, rows)
+    return out
+
+
+def boxes_to_letterbox(boxes_xyxy: np.ndarray, geom: Letterbox) -> np.ndarray:
+    """Map (N, 4) source-pixel xyxy boxes into letterboxed pixels (float32)."""
+    b = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
+    out = b * geom.scale + np.array([geom.pad_x, geom.pad_y, geom.pad_x, geom.pad_y])
+    return out.clip(0, geom.size).astype(np.float32)
+
+
+def boxes_from_letterbox(boxes_xyxy: np.ndarray, geom: Letterbox | dict) -> np.ndarray:
+    """Map (N, 4) letterboxed xyxy boxes back to source pixels (float64)."""
+    if isinstance(geom, dict):
+        geom = Letterbox(**geom)
+    b = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
+    pad = np.array([geom.pad_x, geom.pad_y, geom.pad_x, geom.pad_y], dtype=np.float64)
+    return (b - pad) / geom.scale
+
+
+@functools.lru_cache(maxsize=8)
+def _clahe(clip_limit: float, grid: int) -> cv2.CLAHE:
+    return cv2.createCLAHE(clipLimit=clip_limit, tileGridSize=(grid, grid))
+
+
+def clahe(image: np.ndarray, clip_limit: float, grid: int) -> np.ndarray:
+    """Contrast-limited adaptive histogram equalisation (OpenCV) of a uint8 image."""
+    if image.dtype != np.uint8:
+        raise ValueError(f"CLAHE wants uint8, got {image.dtype}")
+    return _clahe(float(clip_limit), int(grid)).apply(image)
+
+
+def minmax_to_uint8(values: np.ndarray) -> np.ndarray:
+    """Linearly stretch ``values`` from their own min..max onto 0..255."""
+    v = np.asarray(values, dtype=np.float64)
+    lo, hi = float(v.min()), float(v.max())
+    if hi <= lo:
+        return np.zeros(v.shape, dtype=np.uint8)
+    return np.rint((v - lo) * (255.0 / (hi - lo))).astype(np.uint8)
+
+
+def range_to_uint8(values: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Map ``lo..hi`` linearly onto 0..255, clipping outside."""
+    if hi <= lo:
+        raise ValueError(f"empty range {lo}..{hi}")
+    v = (np.asarray(values, dtype=np.float64) - lo) * (255.0 / (hi - lo))
+    return np.rint(v.clip(0, 255)).astype(np.uint8)
+
+
+def window_to_uint8(values: np.ndarray, center: float, width: float) -> np.ndarray:
+    """DICOM LINEAR window (PS3.3 C.11.2.1.2.1) straight onto 0..255."""
+    if width < 1:
+        raise ValueError(f"window width {width} < 1")
+    c, w = center - 0.5, width - 1.0
+    v = np.asarray(values, dtype=np.float64)
+    out = ((v - c) / max(w, 1e-12) + 0.5) * 255.0
+    out = np.where(v <= c - w / 2, 0.0, np.where(v > c + w / 2, 255.0, out))
+    return np.rint(out.clip(0, 255)).astype(np.uint8)
+
+
+def rgb_to_grey(image: np.ndarray) -> np.ndarray:
+    """ITU-R BT.601 luma of an (H, W, 3) RGB image, in the input's value range (float64)."""
+    rgb = np.asarray(image, dtype=np.float64)
+    return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
