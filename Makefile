@@ -1,0 +1,37 @@
+# Two entry points (see README): `make demo` and `make test`. Each makes its own virtual
+# environment in .venv on first use and reinstalls when pyproject.toml changes.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DEMO ?= demo-out
+DEMO_N ?= 200
+
+.PHONY: demo test venv clean-demo
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# CPU torch first, pinned: an unpinned torch would pull several GB of CUDA packages.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[train,viz,dev]'
+	touch $@
+
+demo: venv
+	$(PY) -m ingest.synth --out $(DEMO)/rsna --n $(DEMO_N) --seed 0
+	$(PY) -m ingest --dicom-dir $(DEMO)/rsna/images --labels $(DEMO)/rsna/stage_2_train_labels.csv \
+	    --class-info $(DEMO)/rsna/stage_2_detailed_class_info.csv --out $(DEMO)/dataset --shard-size 32
+	$(PY) -m shards verify $(DEMO)/dataset --deep --source $(DEMO)/rsna/images \
+	    --labels $(DEMO)/rsna/stage_2_train_labels.csv
+	$(PY) -m shards stats $(DEMO)/dataset --png $(DEMO)/stats.png
+	$(PY) -m train --data $(DEMO)/dataset --task classify --out $(DEMO)/run-classify \
+	    --image-size 128 --epochs 2 --batch-size 16
+	$(PY) -m train.report $(DEMO)/run-classify -o $(DEMO)/run-classify/curves.png
+	@echo "demo done: dataset in $(DEMO)/dataset, training run in $(DEMO)/run-classify"
+
+test: venv
+	$(PY) -m pytest
+
+clean-demo:
+	rm -rf $(DEMO)
