@@ -15,6 +15,7 @@ import dataclasses
 import io
 import re
 import struct
+import warnings
 from typing import Any
 
 import cv2
@@ -65,6 +66,7 @@ class DecodedDicom:
     fast_path: bool
 
 
+_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
 _AGE = re.compile(r"^\s*0*(\d{1,3})\s*([YMWD]?)\s*$", re.IGNORECASE)
 
 
@@ -89,13 +91,21 @@ def read_header(data: bytes) -> pydicom.Dataset:
     if len(data) < 132 or data[128:132] != b"DICM":
         raise DicomRejected("not_dicom", "no 'DICM' marker at byte 128")
     try:
-        return pydicom.dcmread(io.BytesIO(data))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(io.BytesIO(data))
     except InvalidDicomError as exc:
         raise DicomRejected("not_dicom", str(exc)) from exc
     except (EOFError, struct.error, OverflowError) as exc:
         raise DicomRejected("truncated", f"header ends early ({exc})") from exc
     except Exception as exc:  # pydicom raises many types on a garbled header
         raise DicomRejected("not_dicom", f"unparseable header ({type(exc).__name__}: {exc})") from exc
+    ended_early = [str(w.message) for w in caught if "End of file reached" in str(w.message)]
+    if ended_early:
+        raise DicomRejected("truncated", ended_early[0])
+    if "PixelData" not in ds and _PIXEL_DATA_TAG in data:
+        raise DicomRejected("truncated", "PixelData (7FE0,0010) element is cut short")
+    return ds
 
 
 def decode_dicom(data: bytes) -> DecodedDicom:
@@ -172,7 +182,7 @@ def _decode_general(ds: pydicom.Dataset, photometric: str) -> np.ndarray:
         raise DicomRejected("decode_error", msg.splitlines()[0] if msg else type(exc).__name__) from exc
     except (ValueError, EOFError, struct.error) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        reason = "truncated" if any(w in msg.lower() for w in ("length", "truncat", "end of", "short")) else "decode_error"
+        reason = "truncated" if any(w in msg.lower() for w in ("less than expected", "truncat", "end of", "short")) else "decode_error"
         raise DicomRejected(reason, msg) from exc
     except Exception as exc:
         raise DicomRejected("decode_error", f"{type(exc).__name__}: {exc}") from exc
