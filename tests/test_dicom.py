@@ -37,10 +37,11 @@ def pydicom_reference(path: Path) -> np.ndarray:
     if arr.dtype == np.uint8 and not has_lut:
         out = arr
     else:
-        values = pydicom.pixels.apply_modality_lut(arr, ds).astype(np.float64)
+        modality = pydicom.pixels.apply_modality_lut(arr, ds)
+        values = modality.astype(np.float64)  # no uint16 wrap-around in the arithmetic below
         if "VOILUTSequence" in ds:
             bits = ds.VOILUTSequence[0].LUTDescriptor[2]
-            out = np.rint(pydicom.pixels.apply_voi(values, ds).astype(np.float64) * 255 / (2**bits - 1))
+            out = np.rint(pydicom.pixels.apply_voi(modality, ds).astype(np.float64) * 255 / (2**bits - 1))
         elif "WindowCenter" in ds:
             lo, hi = _range_of_window_output(ds)
             out = np.rint((pydicom.pixels.apply_windowing(values, ds) - lo) * 255 / (hi - lo))
