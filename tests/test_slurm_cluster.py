@@ -1,0 +1,201 @@
+"""dask-jobqueue's SLURMCluster against a real single-node Slurm (jobs/slurm-local.sh).
+
+The job-script test only renders text and needs no scheduler; the others are marked
+``slurm`` and use the session fixture ``slurm_cluster`` from ``tests/slurm_fixture.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import dask
+import pytest
+from dask_jobqueue import SLURMCluster
+from distributed import Client
+
+if TYPE_CHECKING:  # a runtime import would load the plugin before pytest can rewrite it
+    from tests.slurm_fixture import SlurmInfo
+
+# Loads the fixture until tests/conftest.py names the plugin itself; pytest registers a
+# plugin once, so keeping both lines is harmless.
+pytest_plugins = ["tests.slurm_fixture"]
+
+WORKER_TIMEOUT_S = 120
+JOB_TIMEOUT_S = 60
+FINISHED_OK = {"COMPLETED"}
+FINISHED_BAD = {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL"}
+
+
+def _cluster_kwargs(tmp_path: Path, queue: str = "debug") -> dict[str, Any]:
+    """The SLURMCluster settings that work on the single-node test Slurm."""
+    return dict(
+        cores=1,
+        processes=1,
+        memory="1GB",
+        queue=queue,
+        walltime="00:10:00",
+        # Scheduler and workers share the one host: loopback is always there.
+        interface="lo",
+        # None still binds the scheduler's HTTP server to 8787 (and warns when another
+        # cluster on the machine holds it); ":0" takes a free port.
+        scheduler_options={"dashboard_address": ":0"},
+        local_directory=str(tmp_path),
+        log_directory=str(tmp_path),
+    )
+
+
+def _wait_until(predicate: Callable[[], bool], timeout_s: float, what: str) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.5)
+
+
+def _job_state(job_id: str) -> str:
+    """JobState from ``scontrol`` ("GONE" once Slurm forgot the job).
+
+    The test Slurm keeps no accounting database, so ``sacct`` has nothing; ``scontrol``
+    remembers a finished job for MinJobAge (300 s).
+    """
+    proc = subprocess.run(
+        ["scontrol", "show", "job", "-o", job_id],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    match = re.search(r"\bJobState=(\S+)", proc.stdout)
+    return match.group(1) if match else "GONE"
+
+
+def _job_finished(job_id: str) -> bool:
+    state = _job_state(job_id)
+    if state in FINISHED_BAD:
+        pytest.fail(f"Slurm job {job_id} ended {state}")
+    return state in FINISHED_OK or state == "GONE"
+
+
+def _job_ended(job_id: str) -> bool:
+    return _job_state(job_id) not in {"PENDING", "RUNNING", "CONFIGURING", "COMPLETING"}
+
+
+def test_job_script_renders_slurm_directives(tmp_path: Path) -> None:
+    with SLURMCluster(**_cluster_kwargs(tmp_path)) as cluster:
+        script = cluster.job_script()
+    print(script)
+    for directive in (
+        "#SBATCH -J dask-worker",
+        "#SBATCH -p debug",
+        "#SBATCH -n 1",
+        "#SBATCH --cpus-per-task=1",
+        "#SBATCH --mem=954M",
+        "#SBATCH -t 00:10:00",
+        f"#SBATCH -o {tmp_path}/dask-worker-%J.out",
+        f"#SBATCH -e {tmp_path}/dask-worker-%J.err",
+    ):
+        assert directive in script.splitlines(), directive
+    assert f"{sys.executable} -m distributed.cli.dask_worker tcp://127.0.0.1:" in script
+    assert "--nthreads 1" in script
+    assert "--interface lo" in script
+
+
+@pytest.mark.slurm
+def test_sbatch_wrap_job_completes(slurm_cluster: SlurmInfo, tmp_path: Path) -> None:
+    out = tmp_path / "wrap.out"
+    job_id = subprocess.run(
+        [
+            "sbatch",
+            "--parsable",
+            "-p",
+            slurm_cluster.partition,
+            "-o",
+            str(out),
+            "--wrap",
+            'echo "job $SLURM_JOB_ID on $SLURMD_NODENAME"',
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    ).stdout.strip()
+    assert job_id.isdigit(), job_id
+    _wait_until(lambda: _job_finished(job_id), JOB_TIMEOUT_S, f"job {job_id} to complete")
+    _wait_until(out.exists, 10, f"{out}")
+    assert out.read_text().strip() == f"job {job_id} on {slurm_cluster.node}"
+
+
+@pytest.mark.slurm
+def test_slurm_cluster_workers_run_in_separate_jobs_and_are_replaced(
+    slurm_cluster: SlurmInfo, tmp_path: Path
+) -> None:
+    def slurm_job_id() -> str | None:
+        return os.environ.get("SLURM_JOB_ID")
+
+    def square_in_job(x: int) -> tuple[str | None, int]:
+        return os.environ.get("SLURM_JOB_ID"), x * x
+
+    kwargs = _cluster_kwargs(tmp_path, queue=slurm_cluster.partition)
+    # SpecCluster waits this long (default 15 s) before it treats a vanished worker's job as
+    # lost and lets adapt() replace it.
+    with (
+        dask.config.set({"distributed.deploy.lost-worker-timeout": "2s"}),
+        SLURMCluster(**kwargs) as cluster,
+        Client(cluster) as client,
+    ):
+        started = time.monotonic()
+        cluster.scale(jobs=2)
+        client.wait_for_workers(2, timeout=WORKER_TIMEOUT_S)
+        print(f"\nscale(jobs=2) -> 2 workers connected: {time.monotonic() - started:.1f} s")
+
+        submitted = {spec.job_id for spec in cluster.workers.values()}
+        on_workers = client.run(slurm_job_id)
+        assert set(on_workers.values()) == submitted and len(submitted) == 2, on_workers
+
+        # Pin one task per worker so both jobs provably execute work.
+        workers = sorted(on_workers)
+        futures = [
+            client.submit(square_in_job, x, workers=[workers[x % 2]], pure=False)
+            for x in range(6)
+        ]
+        results = client.gather(futures)
+        assert [value for _, value in results] == [x * x for x in range(6)]
+        assert {job for job, _ in results} == submitted
+
+        # Kill one job behind dask's back, as a walltime kill or preemption would. The
+        # scheduler drops its worker at once; after lost-worker-timeout the cluster forgets
+        # the job too, and adapt() (min = max = 2 jobs) submits a replacement on its own.
+        cluster.adapt(minimum_jobs=2, maximum_jobs=2)
+        victim = on_workers[workers[0]]
+        subprocess.run(["scancel", victim], check=True, timeout=30)
+        _wait_until(
+            lambda: len(cluster.scheduler_info["workers"]) == 1,
+            JOB_TIMEOUT_S,
+            f"the scheduler to drop the worker of cancelled job {victim}",
+        )
+        _wait_until(lambda: _job_ended(victim), JOB_TIMEOUT_S, f"job {victim} to end")
+        started = time.monotonic()
+        _wait_until(
+            lambda: victim not in {spec.job_id for spec in cluster.workers.values()},
+            JOB_TIMEOUT_S,
+            f"the cluster to forget cancelled job {victim}",
+        )
+        client.wait_for_workers(2, timeout=WORKER_TIMEOUT_S)
+        print(f"cancelled job gone -> replacement connected: {time.monotonic() - started:.1f} s")
+        replaced = set(client.run(slurm_job_id).values())
+        assert victim not in replaced and len(replaced) == 2, replaced
+        assert client.submit(lambda: 21 * 2, pure=False).result(timeout=30) == 42
+
+        live = {spec.job_id for spec in cluster.workers.values()}
+        assert live == replaced
+
+    # Closing the cluster cancels its jobs.
+    for job_id in live:
+        _wait_until(lambda j=job_id: _job_ended(j), JOB_TIMEOUT_S, f"job {job_id} to end")
