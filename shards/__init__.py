@@ -1,0 +1,93 @@
+"""The dataset format and its tools: tar shards of ``<key>.npy`` + ``<key>.json`` samples,
+``labels.zarr``, ``manifest.json`` and ``rejects.jsonl``.
+
+Modules: :mod:`shards.format` (member names, encode/decode, never pickled),
+:mod:`shards.writer` (deterministic shard writer), :mod:`shards.reader` (streaming reader that
+checks the shard's sha256), :mod:`shards.manifest`, :mod:`shards.labels`, and
+:mod:`shards.verify` (integrity checks). ``python -m shards`` runs verify / stats / show;
+:mod:`shards.stats` and :mod:`shards.show` need matplotlib and are not imported here.
+"""
+
+from shards.format import (
+    CLASS_NAMES,
+    FORMAT_VERSION,
+    IMAGE_EXT,
+    META_EXT,
+    META_FIELDS,
+    SPLITS,
+    FormatError,
+    check_key,
+    decode_image,
+    decode_meta,
+    encode_image,
+    encode_meta,
+    key_for,
+    shard_name,
+    split_member,
+)
+from shards.labels import LabelTable, read_labels, write_labels
+from shards.manifest import (
+    LABELS_NAME,
+    MANIFEST_NAME,
+    REJECTS_NAME,
+    SHARDS_DIR,
+    Manifest,
+    ShardInfo,
+    read_manifest,
+    write_manifest,
+)
+from shards.reader import Sample, ShardChecksumError, check_member_name, iter_samples
+from shards.verify import (
+    CHECKS,
+    Problem,
+    ShardScan,
+    VerifyConfig,
+    VerifyReport,
+    VerifyUsageError,
+    scan_shard,
+    verify,
+)
+from shards.writer import ShardWriter, WrittenShard
+
+__all__ = [
+    "CHECKS",
+    "CLASS_NAMES",
+    "FORMAT_VERSION",
+    "IMAGE_EXT",
+    "LABELS_NAME",
+    "MANIFEST_NAME",
+    "META_EXT",
+    "META_FIELDS",
+    "REJECTS_NAME",
+    "SHARDS_DIR",
+    "SPLITS",
+    "FormatError",
+    "LabelTable",
+    "Manifest",
+    "Problem",
+    "Sample",
+    "ShardChecksumError",
+    "ShardInfo",
+    "ShardScan",
+    "ShardWriter",
+    "VerifyConfig",
+    "VerifyReport",
+    "VerifyUsageError",
+    "WrittenShard",
+    "check_key",
+    "check_member_name",
+    "decode_image",
+    "decode_meta",
+    "encode_image",
+    "encode_meta",
+    "iter_samples",
+    "key_for",
+    "read_labels",
+    "read_manifest",
+    "scan_shard",
+    "shard_name",
+    "split_member",
+    "verify",
+    "write_labels",
+    "write_manifest",
+]

@@ -1,0 +1,130 @@
+"""``python -m shards``: verify, summarise and look at an ingested dataset.
+
+Subcommands:
+
+* ``verify OUT [--deep] [--source DIR] [--labels CSV] [--workers N] [--json FILE]``:
+  exit 0 when everything holds, 1 when problems were found (one line each, then a summary),
+  2 for a usage error (OUT missing or not a dataset, unreadable ``--labels``).
+* ``stats OUT [--png FILE]``: counts, class balance, boxes, views, rejects.
+* ``show OUT KEY [KEY ...] -o FILE.png [--source DIR]``: samples with their boxes drawn.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+log = logging.getLogger("shards")
+
+EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m shards",
+        description="Check, summarise and look at a pneumo-hpc dataset (webdataset shards + labels.zarr).",
+    )
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True, metavar="{verify,stats,show}")
+
+    v = sub.add_parser(
+        "verify",
+        help="prove the shards and labels are complete, uncorrupted and consistent",
+        description="Quick (default): manifest, shard files, sizes, sha256, tar structure, keys and counts, in "
+        "one pass over each shard's bytes. --deep: also decode every sample and check it against labels.zarr. "
+        "--source/--labels: also account for every source file and labelled patient. "
+        "Exit 0: all holds; 1: problems found; 2: usage error.",
+    )
+    v.add_argument("out", type=Path, metavar="OUT", help="dataset folder")
+    v.add_argument("--deep", action="store_true", help="decode every sample; check JSON and labels.zarr row by row")
+    v.add_argument("--source", type=Path, metavar="DIR", help="the ingested DICOM folder: every file is one sample or one reject")
+    v.add_argument("--labels", type=Path, metavar="CSV", help="the ingested labels CSV: every labelled patient is accounted for")
+    v.add_argument("--workers", type=int, metavar="N", help="Dask worker processes (default: all cores; 1: in this process)")
+    v.add_argument("--json", dest="json_path", type=Path, metavar="FILE", help="also write the report as JSON to this file")
+    v.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
+
+    s = sub.add_parser("stats", help="counts, class balance, boxes, view positions, rejects")
+    s.add_argument("out", type=Path, metavar="OUT", help="dataset folder")
+    s.add_argument("--png", type=Path, metavar="FILE", help="also draw the distributions into this PNG")
+
+    sh = sub.add_parser("show", help="draw samples with their boxes (and the source DICOM beside them)")
+    sh.add_argument("out", type=Path, metavar="OUT", help="dataset folder")
+    sh.add_argument("keys", nargs="+", metavar="KEY", help="sample keys")
+    sh.add_argument("-o", "--output", type=Path, required=True, metavar="FILE.png", help="PNG file to write")
+    sh.add_argument("--source", type=Path, metavar="DIR", help="the ingested DICOM folder: show the source image beside it")
+    return p
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from shards.verify import VerifyConfig, VerifyUsageError, verify
+
+    if args.workers != 1:
+        import distributed  # noqa: F401  (its import installs log handlers; quieten them after it)
+
+        _quieten(args.verbose)
+    try:
+        cfg = VerifyConfig(out=args.out, deep=args.deep, source=args.source, labels=args.labels,
+                           workers=args.workers, progress=args.progress)
+        report = verify(cfg)
+    except (ValueError, VerifyUsageError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    for line in report.lines():
+        print(line)
+    if args.json_path is not None:
+        args.json_path.write_text(json.dumps(report.to_json(), indent=2) + "\n")
+    return EXIT_OK if report.ok else EXIT_PROBLEMS
+
+
+def _stats(args: argparse.Namespace) -> int:
+    from shards.format import FormatError
+    from shards.stats import compute_stats, plot_stats
+
+    try:
+        stats = compute_stats(args.out)
+    except (FileNotFoundError, FormatError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    for line in stats.lines():
+        print(line)
+    if args.png is not None:
+        plot_stats(stats, args.png)
+        print(f"wrote {args.png}")
+    return EXIT_OK
+
+
+def _show(args: argparse.Namespace) -> int:
+    from shards.show import ShowError, show
+
+    try:
+        path = show(args.out, args.keys, args.output, source=args.source)
+    except ShowError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    print(f"wrote {path}")
+    return EXIT_OK
+
+
+def _quieten(verbose: bool) -> None:
+    for noisy in ("distributed", "bokeh", "tornado", "matplotlib", "PIL"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, run the subcommand, return the exit code."""
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.WARNING,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    _quieten(args.verbose)
+    handlers = {"verify": _verify, "stats": _stats, "show": _show}
+    return handlers[args.command](args)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
