@@ -24,7 +24,7 @@ from ingest.dicom import DicomRejected, decode_dicom
 from ingest.labels import LabelProblem
 from ingest.plan import PlannedSample, Reject, ShardTask
 from shards.format import CLASS_NAMES
-from shards.manifest import SHARDS_DIR, atomic_write_text
+from shards.manifest import SHARDS_DIR, WORK_DIR, atomic_write_text
 from shards.writer import ShardWriter
 
 log = logging.getLogger(__name__)
@@ -33,7 +33,6 @@ log = logging.getLogger(__name__)
 # only fight the other workers for the same cores.
 cv2.setNumThreads(1)
 
-WORK_DIR = ".ingest"
 DONE_DIR = f"{WORK_DIR}/done"
 SLOW_ENV = "PNEUMO_INGEST_TEST_DELAY_S"
 """Test hook: seconds to sleep per shard, so a test can kill a run part-way."""

