@@ -16,9 +16,7 @@ import argparse
 import io
 import logging
 import os
-import resource
 import shutil
-import statistics
 import tempfile
 import time
 from pathlib import Path

@@ -26,7 +26,6 @@ from __future__ import annotations
 import collections
 import dataclasses
 import hashlib
-import io
 import json
 import logging
 import math
