@@ -41,7 +41,6 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from shards.format import (
-    decode_image,
     CLASS_NAMES,
     IMAGE_EXT,
     META_EXT,
@@ -49,6 +48,7 @@ from shards.format import (
     SPLITS,
     FormatError,
     check_key,
+    decode_image,
     decode_meta,
     key_for,
     split_member,
@@ -63,10 +63,8 @@ CHUNK = 4 << 20
 """Bytes read (and hashed) per system call while scanning a shard."""
 BLOCK = 512
 """Tar block size."""
-"""Enough bytes for any ``.npy`` header this format writes (numpy pads it to 64 or 4096)."""
 SOURCE_BATCH = 64
 """Source files hashed per task."""
-"""The ingest's scratch folder: present only while an ingest runs or after one was killed."""
 
 CHECKS = {
     "manifest_unreadable": "manifest.json is missing, not JSON, or lacks required fields",
