@@ -1,0 +1,661 @@
+"""The streaming loader: shards -> per-rank uint8 batches, in an order that is a pure function
+of (seed, epoch, step).
+
+The sample order (:func:`plan_epoch`)
+-------------------------------------
+An epoch of a split with ``N`` samples and a *global* batch of ``B`` samples has
+``S = ceil(N / B)`` steps. Its order is built from the manifest's exact per-shard counts:
+
+1. The shards are permuted with a generator seeded by ``(seed, epoch)`` and their samples
+   concatenated in that order.
+2. The concatenation is cut into ``L`` *lanes* (``L`` divides ``B``; ``data.lanes``),
+   contiguous ranges of ``floor(N/L)`` or ``ceil(N/L)`` samples. A lane is a few whole
+   shards plus at most two partial ones at its ends.
+3. Inside each lane, samples are permuted within consecutive windows of
+   ``shuffle_window`` samples (seeded by ``(seed, epoch, lane)``), so a lane streams its
+   shards sequentially while holding at most one window in memory.
+4. Each lane is padded to exactly ``S * B / L`` slots by repeating its own last samples.
+5. Global batch ``g`` is, for every lane in turn, that lane's ``g``-th chunk of ``B / L``
+   samples: each batch mixes ``L`` different places of the shuffled shard sequence.
+
+Rank ``r`` of ``W`` (``W`` must divide ``L``) owns lanes ``[r L/W, (r+1) L/W)``, i.e.
+slots ``[r B/W, (r+1) B/W)`` of every global batch; its DataLoader workers split those
+lanes among themselves. Hence every rank yields exactly ``S`` batches of ``B / W`` samples
+whatever the shard sizes, a rank reads only its own lanes' shards, and the content of
+global batch ``g`` does not depend on the world size or the number of workers: a run
+resumed at step ``s`` (same seed and global batch, any valid world size) continues with
+the batches the interrupted run would have produced.
+
+**Repeat bound.** Training pads ``S * B - N < B`` slots per epoch, i.e. fewer than one
+global batch of repeated samples; every other sample is seen exactly once. A lane pads at
+most ``B / L`` slots, so as long as a lane holds at least ``B / L`` samples
+(``N >= B``) no sample is seen more than twice in an epoch.
+
+**Re-reads.** A shard cut by a lane boundary is read (and hashed) by both lanes: at most
+``L - 1`` extra partial shard reads per epoch. Lower ``lanes`` to read less.
+
+Evaluation uses the same machinery without shuffling and with the padding slots marked
+invalid (``valid`` false), so over all ranks every validation sample is seen exactly once.
+
+Every shard is read with :func:`shards.reader.iter_samples` against the manifest's sha256
+(a partially used shard is read to its end so that its hash is checked), its sample count
+is checked against the manifest and every key against ``labels.zarr``. Images stay uint8
+until :func:`to_device` moves them to the device, where they become float.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from shards.format import FormatError
+from shards.labels import LabelTable, read_labels
+from shards.manifest import LABELS_NAME, SHARDS_DIR, Manifest, ShardInfo, read_manifest
+from shards.reader import Sample, iter_samples
+
+__all__ = [
+    "DeviceBatch",
+    "EpochPlan",
+    "HostBatch",
+    "Lane",
+    "ShardLoader",
+    "SplitInfo",
+    "plan_epoch",
+    "read_split",
+    "to_device",
+]
+
+logger = logging.getLogger(__name__)
+
+# Purposes mixed into the seeds, so the shard permutation and the window permutations
+# never share a random stream.
+_SHARD_ORDER, _WINDOW_ORDER = 0, 1
+_EMPTY = np.empty((0, 0), np.uint8)
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclasses.dataclass(frozen=True)
+class Span:
+    """Samples ``[start, stop)`` (file order) of one shard of the split."""
+
+    shard: int
+    """Index into the split's shard list."""
+    start: int
+    stop: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Lane:
+    """One sample stream of an epoch."""
+
+    spans: tuple[Span, ...]
+    """What the lane reads, in order; their concatenation is the lane's *raw* sequence."""
+    order: np.ndarray
+    """(slots,) raw positions in the order the lane yields them (padding included)."""
+    valid: np.ndarray
+    """(slots,) False where a padding slot must not count (evaluation)."""
+
+    @property
+    def real(self) -> int:
+        """Number of distinct samples in the lane (its raw length)."""
+        return sum(s.stop - s.start for s in self.spans)
+
+
+@dataclasses.dataclass(frozen=True)
+class EpochPlan:
+    """The sample order of one epoch of one split; see the module docstring."""
+
+    epoch: int
+    steps: int
+    """Batches per rank (and global batches) in the epoch."""
+    global_batch: int
+    chunk: int
+    """Samples each lane gives to each global batch (``global_batch / lanes``)."""
+    shard_order: tuple[int, ...]
+    """Split shard indices in the epoch's order."""
+    lanes: tuple[Lane, ...]
+    shard_base: tuple[int, ...]
+    """Global sample index (row in ``labels.zarr``) of each shard's first sample."""
+    samples: int
+    """``N``: distinct samples in the epoch."""
+
+    @property
+    def num_lanes(self) -> int:
+        return len(self.lanes)
+
+    @property
+    def padding(self) -> int:
+        """Slots of the epoch that repeat a sample: ``steps * global_batch - N < global_batch``."""
+        return self.steps * self.global_batch - self.samples
+
+    def lane_ids(self, lane: int) -> np.ndarray:
+        """(slots,) global sample indices of a lane, in yield order."""
+        spans = self.lanes[lane].spans
+        raw = np.concatenate(
+            [np.arange(s.start, s.stop) + self.shard_base[s.shard] for s in spans]
+        ) if spans else np.zeros(0, np.int64)
+        return raw[self.lanes[lane].order]
+
+    def rank_lanes(self, rank: int, world: int) -> range:
+        """The lanes rank ``rank`` of ``world`` owns."""
+        if world < 1 or self.num_lanes % world:
+            raise ValueError(f"world size {world} does not divide the {self.num_lanes} lanes")
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} outside 0..{world - 1}")
+        per = self.num_lanes // world
+        return range(rank * per, (rank + 1) * per)
+
+    def batches(self, rank: int = 0, world: int = 1) -> tuple[np.ndarray, np.ndarray]:
+        """(steps, global_batch / world) global sample indices and validity of one rank's
+        batches (``world=1``: the global batches)."""
+        lanes = self.rank_lanes(rank, world)
+        ids = np.stack([self.lane_ids(i).reshape(self.steps, self.chunk) for i in lanes], 1)
+        valid = np.stack([self.lanes[i].valid.reshape(self.steps, self.chunk) for i in lanes], 1)
+        return ids.reshape(self.steps, -1), valid.reshape(self.steps, -1)
+
+
+def _seed(*parts: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence([int(p) for p in parts]))
+
+
+def plan_epoch(
+    sizes: Sequence[int],
+    *,
+    global_batch: int,
+    lanes: int,
+    seed: int,
+    epoch: int,
+    shuffle: bool = True,
+    window: int = 64,
+    pad_valid: bool = True,
+    shard_base: Sequence[int] | None = None,
+) -> EpochPlan:
+    """The sample order of one epoch: a pure function of its arguments.
+
+    Args:
+        sizes: Samples per shard of the split, in manifest order.
+        global_batch: Samples per step over all ranks.
+        lanes: Parallel streams; must divide ``global_batch``.
+        seed: Run seed.
+        epoch: Epoch number (changes the shard order and the windows).
+        shuffle: Permute shards and windows (training) or keep file order (evaluation).
+        window: Samples permuted together inside a lane.
+        pad_valid: Whether padding slots count (training) or are masked (evaluation).
+        shard_base: Global index of each shard's first sample (default: cumulative sizes).
+
+    Returns:
+        The plan.
+
+    Raises:
+        ValueError: Bad sizes; an empty split; ``lanes`` not dividing ``global_batch``; a
+            training split smaller than ``lanes`` (a lane would have nothing to repeat).
+    """
+    sizes = [int(n) for n in sizes]
+    if any(n < 0 for n in sizes):
+        raise ValueError(f"shard sizes must be >= 0, got {sizes}")
+    total = sum(sizes)
+    if total == 0:
+        raise ValueError("the split has no samples")
+    if global_batch < 1 or lanes < 1 or global_batch % lanes:
+        raise ValueError(f"lanes={lanes} must divide global_batch={global_batch} (both >= 1)")
+    if window < 1:
+        raise ValueError(f"window={window}: must be >= 1")
+    if pad_valid and total < lanes:
+        raise ValueError(
+            f"{total} samples cannot fill {lanes} lanes; lower the batch size or data.lanes"
+        )
+    base = list(np.cumsum([0, *sizes[:-1]])) if shard_base is None else list(shard_base)
+    if len(base) != len(sizes):
+        raise ValueError(f"shard_base has {len(base)} entries for {len(sizes)} shards")
+    order = _seed(seed, epoch, _SHARD_ORDER).permutation(len(sizes)) if shuffle else np.arange(len(sizes))
+    shard_order = tuple(int(i) for i in order if sizes[i] > 0)
+    chunk = global_batch // lanes
+    steps = math.ceil(total / global_batch)
+    slots = steps * chunk
+
+    # Cumulative start of each shard in the epoch's concatenation.
+    starts = np.cumsum([0] + [sizes[i] for i in shard_order])
+    lane_list = []
+    for lane in range(lanes):
+        lo, hi = lane * total // lanes, (lane + 1) * total // lanes
+        spans = _spans(shard_order, starts, lo, hi)
+        n = hi - lo
+        if n == 0:  # evaluation of a split smaller than the lanes: one masked filler
+            spans = _spans(shard_order, starts, 0, 1)
+            lane_list.append(Lane(spans, np.zeros(slots, np.int64), np.zeros(slots, bool)))
+            continue
+        real = _window_order(n, window, _seed(seed, epoch, _WINDOW_ORDER, lane) if shuffle else None)
+        pad = slots - n
+        pad_pos = real[(np.arange(pad) + n - pad) % n]  # the lane's last samples, cycled
+        valid = np.concatenate([np.ones(n, bool), np.full(pad, pad_valid)])
+        lane_list.append(Lane(spans, np.concatenate([real, pad_pos]), valid))
+    return EpochPlan(
+        epoch=epoch, steps=steps, global_batch=global_batch, chunk=chunk,
+        shard_order=shard_order, lanes=tuple(lane_list), shard_base=tuple(int(b) for b in base),
+        samples=total,
+    )
+
+
+def _spans(shard_order: Sequence[int], starts: np.ndarray, lo: int, hi: int) -> tuple[Span, ...]:
+    """The pieces of shards covering positions ``[lo, hi)`` of the concatenation."""
+    out = []
+    for k, shard in enumerate(shard_order):
+        a, b = max(lo, int(starts[k])), min(hi, int(starts[k + 1]))
+        if a < b:
+            out.append(Span(shard, a - int(starts[k]), b - int(starts[k])))
+    return tuple(out)
+
+
+def _window_order(n: int, window: int, rng: np.random.Generator | None) -> np.ndarray:
+    """``0..n-1`` permuted within consecutive windows (identity without ``rng``)."""
+    order = np.arange(n, dtype=np.int64)
+    if rng is not None:
+        for a in range(0, n, window):
+            order[a : a + window] = a + rng.permutation(min(window, n - a))
+    return order
+
+
+# --------------------------------------------------------------------------- the split
+
+
+@dataclasses.dataclass(frozen=True)
+class SplitInfo:
+    """What the loader needs to know of one split of a dataset."""
+
+    root: Path
+    split: str
+    shards: tuple[ShardInfo, ...]
+    shard_base: tuple[int, ...]
+    """Global index (labels.zarr row) of each shard's first sample."""
+    size: int
+    """Side of the stored square images."""
+    keys: np.ndarray
+    """All keys of the dataset (labels.zarr), indexed by global sample index."""
+    targets: np.ndarray
+    """All targets of the dataset (labels.zarr; -1 unlabelled)."""
+
+    @property
+    def sizes(self) -> list[int]:
+        return [s.samples for s in self.shards]
+
+    @property
+    def samples(self) -> int:
+        return sum(self.sizes)
+
+    def split_targets(self) -> np.ndarray:
+        """Targets of this split's samples (from labels.zarr)."""
+        return np.concatenate(
+            [self.targets[b : b + s.samples] for b, s in zip(self.shard_base, self.shards)]
+        ) if self.shards else np.zeros(0, np.int8)
+
+
+def read_split(root: Path | str, split: str, *, manifest: Manifest | None = None,
+               labels: LabelTable | None = None) -> SplitInfo:
+    """Read the manifest and labels.zarr of a dataset and describe one split.
+
+    Args:
+        root: Dataset folder.
+        split: ``train`` or ``val``.
+        manifest, labels: Already-read copies (read from ``root`` when None).
+
+    Raises:
+        FileNotFoundError: No manifest (the ingest did not finish).
+        FormatError: labels.zarr does not have one row per manifest sample.
+    """
+    root = Path(root)
+    manifest = manifest or read_manifest(root)
+    labels = labels or read_labels(root / LABELS_NAME)
+    total = sum(s.samples for s in manifest.shards)
+    if len(labels) != total:
+        raise FormatError(f"{root}: labels.zarr has {len(labels)} rows, the manifest {total} samples")
+    base, bases = 0, {}
+    for s in manifest.shards:
+        bases[s.name] = base
+        base += s.samples
+    shards = tuple(manifest.shards_of(split))
+    return SplitInfo(
+        root=root, split=split, shards=shards, shard_base=tuple(bases[s.name] for s in shards),
+        size=manifest.size, keys=np.asarray(labels.key), targets=np.asarray(labels.target),
+    )
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def _read_raw(info: SplitInfo, spans: Sequence[Span], start: int) -> Iterator[tuple[int, Sample]]:
+    """Yield (raw position, sample) of a lane's raw sequence from ``start`` on.
+
+    Each shard touched is read to its end (its sha256 checked by ``iter_samples``) and its
+    sample count and keys are checked against the manifest and labels.zarr.
+    """
+    pos = 0
+    for span in spans:
+        n = span.stop - span.start
+        if pos + n <= start:
+            pos += n
+            continue
+        shard = info.shards[span.shard]
+        base = info.shard_base[span.shard]
+        count = 0
+        path = info.root / SHARDS_DIR / shard.name
+        for offset, sample in enumerate(iter_samples(path, expected_sha256=shard.sha256, size=info.size)):
+            count = offset + 1
+            if offset >= shard.samples:
+                break  # reported below; do not index past the label table
+            if info.keys[base + offset] != sample.key:
+                raise FormatError(
+                    f"{shard.name}: sample {offset} is {sample.key!r} but labels.zarr row "
+                    f"{base + offset} is {info.keys[base + offset]!r}"
+                )
+            raw = pos + offset - span.start
+            if span.start <= offset < span.stop and raw >= start:
+                yield raw, sample
+        if count != shard.samples:
+            raise FormatError(f"{shard.name}: holds {count}+ samples, the manifest says {shard.samples}")
+        pos += n
+
+
+def _iter_lane(info: SplitInfo, lane: Lane, first_slot: int) -> Iterator[tuple[Sample, bool]]:
+    """The lane's samples from slot ``first_slot`` on, with their validity.
+
+    Reads the raw sequence once, keeping only samples still to be yielded (at most one
+    window plus the padding repeats). A kept image is copied into a recycled buffer and the
+    bytes it was read into are freed at once: holding a window of freshly allocated
+    images makes the allocator hand out new pages all the time, and the page faults cost
+    more than the copy. A yielded image stays valid until the next ``next()`` call.
+    """
+    wanted = lane.order[first_slot:]
+    if len(wanted) == 0:
+        return
+    uses = Counter(wanted.tolist())
+    reader = _read_raw(info, lane.spans, int(wanted.min()))
+    held: dict[int, Sample] = {}
+    pool: list[np.ndarray] = []
+    for pos, ok in zip(wanted.tolist(), lane.valid[first_slot:].tolist()):
+        while pos not in held:
+            raw, sample = next(reader)
+            if not uses[raw]:
+                continue
+            if raw != pos:  # kept for later: move it into a recycled buffer
+                buf = pool.pop() if pool else np.empty_like(sample.image)
+                buf[...] = sample.image
+                sample = Sample(sample.key, buf, sample.meta)
+            held[raw] = sample
+        sample = held[pos]
+        uses[pos] -= 1
+        if not uses[pos]:
+            del held[pos]
+        yield sample, ok
+        if pos not in held and sample.image.flags.owndata:
+            pool.append(sample.image)  # the consumer has copied it by now
+    for _ in reader:  # finish the last shard, so that its checksum is verified
+        pass
+
+
+def _collate(samples: list[tuple[int, Sample, bool]], images: torch.Tensor,
+             with_meta: bool) -> dict[str, Any]:
+    """Gather (global index, sample, valid) triples and the already filled ``images``."""
+    boxes, box_index = [], []
+    for i, (_, s, _) in enumerate(samples):
+        b = s.meta.get("boxes") or []
+        boxes.extend(b)
+        box_index.extend([i] * len(b))
+    out: dict[str, Any] = {
+        "images": images,
+        "target": torch.tensor([int(s.meta.get("target", -1)) for _, s, _ in samples], dtype=torch.int64),
+        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
+        "box_index": torch.tensor(box_index, dtype=torch.int64),
+        "index": torch.tensor([g for g, _, _ in samples], dtype=torch.int64),
+        "valid": torch.tensor([v for _, _, v in samples], dtype=torch.bool),
+        "keys": [s.key for _, s, _ in samples],
+    }
+    if with_meta:
+        out["meta"] = [
+            {"patient_id": s.meta.get("patient_id"), "transform": s.meta.get("transform")}
+            for _, s, _ in samples
+        ]
+    return out
+
+
+class LaneDataset(IterableDataset):
+    """One rank's share of an epoch, as items of ``(step, worker)``.
+
+    Worker ``w`` of ``K`` owns a contiguous block of the rank's lanes and yields, for each
+    step, the chunks of its lanes collated into one item; :class:`ShardLoader` joins the
+    ``K`` items of a step (the DataLoader hands them out in worker order) into the batch.
+    """
+
+    def __init__(self, info: SplitInfo, plan: EpochPlan, lanes: range, first_step: int,
+                 with_meta: bool) -> None:
+        super().__init__()
+        self.info, self.plan, self.lanes = info, plan, lanes
+        self.first_step, self.with_meta = first_step, with_meta
+
+    def worker_lanes(self, worker: int, workers: int) -> range:
+        """The block of this rank's lanes that DataLoader worker ``worker`` reads."""
+        n = len(self.lanes)
+        lo, hi = worker * n // workers, (worker + 1) * n // workers
+        return range(self.lanes.start + lo, self.lanes.start + hi)
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        winfo = get_worker_info()
+        worker, workers = (0, 1) if winfo is None else (winfo.id, winfo.num_workers)
+        lanes = self.worker_lanes(worker, workers)
+        chunk, first = self.plan.chunk, self.first_step
+        ids = {i: self.plan.lane_ids(i) for i in lanes}
+        streams = {i: _iter_lane(self.info, self.plan.lanes[i], first * chunk) for i in lanes}
+        size = self.info.size
+        n = len(lanes) * chunk
+        for step in range(first, self.plan.steps):
+            # In a worker, allocate the batch in shared memory: the DataLoader then passes
+            # it to the main process without another copy.
+            if winfo is None:
+                images = torch.from_numpy(np.empty((n, size, size), np.uint8))
+            else:
+                images = torch.empty((n, size, size), dtype=torch.uint8).share_memory_()
+            pixels = images.numpy()
+            samples = []
+            for i in lanes:
+                for k in range(chunk):
+                    sample, ok = next(streams[i])
+                    pixels[len(samples)] = sample.image  # copy now: the lane reuses buffers
+                    samples.append((int(ids[i][step * chunk + k]), Sample(sample.key, _EMPTY, sample.meta), ok))
+            item = _collate(samples, images, self.with_meta)
+            item["step"], item["worker"] = step, worker
+            yield item
+        for stream in streams.values():  # run each lane to its end: last checksums
+            for _ in stream:
+                pass
+
+
+# --------------------------------------------------------------------------- batches
+
+
+@dataclasses.dataclass
+class HostBatch:
+    """One rank's batch as the loader gives it (CPU tensors, images uint8)."""
+
+    step: int
+    """Step within the epoch."""
+    images: torch.Tensor
+    """(n, H, W) uint8."""
+    target: torch.Tensor
+    """(n,) int64: 1 pneumonia, 0 not, -1 unlabelled."""
+    boxes: torch.Tensor
+    """(m, 4) float32 xyxy in stored-image pixels."""
+    box_index: torch.Tensor
+    """(m,) int64: the sample each box belongs to."""
+    index: torch.Tensor
+    """(n,) int64 global sample index (labels.zarr row)."""
+    valid: torch.Tensor
+    """(n,) bool: false for padding that must not count (evaluation)."""
+    keys: list[str]
+    meta: list[dict[str, Any]] | None = None
+    """Per sample ``patient_id`` and letterbox ``transform`` (``with_meta`` loaders)."""
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+def _join(items: list[dict[str, Any]]) -> HostBatch:
+    """Concatenate the workers' items of one step, in worker (= lane) order."""
+    offsets = np.cumsum([0] + [len(it["keys"]) for it in items[:-1]])
+    meta = None
+    if "meta" in items[0]:
+        meta = [m for it in items for m in it["meta"]]
+    return HostBatch(
+        step=int(items[0]["step"]),
+        images=torch.cat([it["images"] for it in items]) if len(items) > 1 else items[0]["images"],
+        target=torch.cat([it["target"] for it in items]),
+        boxes=torch.cat([it["boxes"] for it in items]),
+        box_index=torch.cat([it["box_index"] + int(o) for it, o in zip(items, offsets)]),
+        index=torch.cat([it["index"] for it in items]),
+        valid=torch.cat([it["valid"] for it in items]),
+        keys=[k for it in items for k in it["keys"]],
+        meta=meta,
+    )
+
+
+class ShardLoader:
+    """Batches of one split for one rank, one epoch at a time.
+
+    Args:
+        info: From :func:`read_split`.
+        rank, world: This process's place in the job.
+        global_batch: Samples per step over all ranks (``world`` must divide it).
+        lanes: Lanes of the plan (see the module docstring); ``world`` must divide it.
+        workers: DataLoader worker processes (at most the rank's lanes are useful).
+        seed: Run seed.
+        train: Shuffle and count the padding (training) or keep file order and mask the
+            padding (evaluation; then ``epoch`` has no effect).
+        window: Shuffle window inside a lane.
+        with_meta: Add patient ids and letterbox transforms to each batch.
+        prefetch: Items each worker prepares ahead.
+        pin_memory: Pin host batches (for CUDA).
+    """
+
+    def __init__(self, info: SplitInfo, *, rank: int, world: int, global_batch: int, lanes: int,
+                 workers: int = 0, seed: int = 0, train: bool = True, window: int = 64,
+                 with_meta: bool = False, prefetch: int = 2, pin_memory: bool = False) -> None:
+        if global_batch % world:
+            raise ValueError(f"the world size {world} does not divide the global batch {global_batch}")
+        if lanes % world:
+            raise ValueError(f"the world size {world} does not divide the {lanes} lanes")
+        self.info, self.rank, self.world = info, rank, world
+        self.global_batch, self.num_lanes, self.seed = global_batch, lanes, seed
+        self.train, self.window, self.with_meta = train, window, with_meta
+        self.prefetch, self.pin_memory = prefetch, pin_memory
+        per_rank = lanes // world
+        self.workers = min(workers, per_rank)
+        if workers > per_rank:
+            logger.info("%d loader workers requested, %d lanes per rank: using %d",
+                        workers, per_rank, self.workers)
+        self.plan(0)  # validate now, not in a worker
+
+    @property
+    def batch_size(self) -> int:
+        """Samples per batch on this rank."""
+        return self.global_batch // self.world
+
+    def plan(self, epoch: int) -> EpochPlan:
+        """The epoch's sample order (pure function of seed and epoch)."""
+        return plan_epoch(
+            self.info.sizes, global_batch=self.global_batch, lanes=self.num_lanes,
+            seed=self.seed, epoch=epoch if self.train else 0, shuffle=self.train,
+            window=self.window, pad_valid=self.train, shard_base=self.info.shard_base,
+        )
+
+    @property
+    def steps(self) -> int:
+        """Batches per epoch (the same on every rank)."""
+        return math.ceil(self.info.samples / self.global_batch)
+
+    def epoch(self, epoch: int, first_step: int = 0) -> Iterator[HostBatch]:
+        """This rank's batches of ``epoch`` from step ``first_step`` on."""
+        plan = self.plan(epoch)
+        if not 0 <= first_step <= plan.steps:
+            raise ValueError(f"first_step={first_step} outside 0..{plan.steps}")
+        if first_step == plan.steps:
+            return
+        dataset = LaneDataset(self.info, plan, plan.rank_lanes(self.rank, self.world),
+                              first_step, self.with_meta)
+        loader = DataLoader(
+            dataset, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch if self.workers else None,
+        )
+        k = max(self.workers, 1)
+        items: list[dict[str, Any]] = []
+        for item in loader:
+            items.append(item)
+            if len(items) < k:
+                continue
+            got = [(int(it["step"]), int(it["worker"])) for it in items]
+            step = got[0][0]
+            if got != [(step, w) for w in range(k)] or step != first_step:
+                raise RuntimeError(f"loader items out of order: expected step {first_step} "
+                                   f"from workers 0..{k - 1}, got {got}")
+            yield _join(items)
+            items, first_step = [], first_step + 1
+        if items or first_step != plan.steps:
+            raise RuntimeError(f"loader stopped at step {first_step} of {plan.steps}")
+
+
+# --------------------------------------------------------------------------- on the device
+
+
+@dataclasses.dataclass
+class DeviceBatch:
+    """A batch on the compute device, images float in 0..1 at the training size."""
+
+    images: torch.Tensor
+    """(n, 1, s, s) float32."""
+    target: torch.Tensor
+    """(n,) int64 (-1 unlabelled)."""
+    boxes: torch.Tensor
+    """(m, 4) float32 xyxy in pixels of the ``s``-pixel frame."""
+    box_index: torch.Tensor
+    """(m,) int64."""
+    valid: torch.Tensor
+    """(n,) bool."""
+    size: int
+    """``s``: the side of ``images``."""
+
+    def boxes_per_image(self) -> list[torch.Tensor]:
+        """The boxes of each image, as (k, 4) tensors."""
+        return [self.boxes[self.box_index == i] for i in range(len(self.images))]
+
+
+def to_device(batch: HostBatch, device: torch.device, size: int | None = None) -> DeviceBatch:
+    """Move a batch to ``device``, make the images float there and resize them.
+
+    Args:
+        batch: From :class:`ShardLoader`.
+        device: The compute device.
+        size: Side to resize to (antialiased bilinear); None keeps the stored size. Boxes
+            are scaled with the images.
+    """
+    nb = device.type == "cuda"
+    images = batch.images.to(device, non_blocking=nb).unsqueeze(1).float().div_(255.0)
+    boxes = batch.boxes.to(device, non_blocking=nb)
+    stored = images.shape[-1]
+    if size is not None and size != stored:
+        images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True,
+                               align_corners=False)
+        boxes = boxes * (size / stored)
+    return DeviceBatch(
+        images=images, target=batch.target.to(device, non_blocking=nb), boxes=boxes,
+        box_index=batch.box_index.to(device, non_blocking=nb),
+        valid=batch.valid.to(device, non_blocking=nb), size=images.shape[-1],
+    )
