@@ -1,0 +1,62 @@
+"""Streaming distributed training on the ingested shards.
+
+Modules, one per stage:
+
+* :mod:`train.config`: ``TrainConfig`` and its component configs, TOML in and out.
+* :mod:`train.data`: the streaming loader (sample order a pure function of seed, epoch, step).
+* :mod:`train.augment`: seeded augmentation of images and boxes, in torch ops on the device.
+* :mod:`train.models`: the CNN classifier and the YOLOv8 detector (no ``torch.distributed``).
+* :mod:`train.distributed`: process groups, DDP / FSDP2, mixed precision.
+* :mod:`train.loop`: ``build_run``, ``train``, ``train_step``, ``evaluate``.
+* :mod:`train.checkpoint`: DCP checkpoints and the single-file export.
+* :mod:`train.metrics`: classifier and detector metrics (numpy).
+* entry points: ``python -m train``, ``train.predict``, ``train.report``, ``train.bench``.
+
+The names below are imported lazily, so ``import train.metrics`` does not import torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "TrainConfig": "train.config",
+    "DataConfig": "train.config",
+    "ModelConfig": "train.config",
+    "OptimConfig": "train.config",
+    "AugmentConfig": "train.config",
+    "ParallelConfig": "train.config",
+    "EvalConfig": "train.config",
+    "load_toml": "train.config",
+    "dump_toml": "train.config",
+    "ShardLoader": "train.data",
+    "EpochPlan": "train.data",
+    "plan_epoch": "train.data",
+    "read_split": "train.data",
+    "to_device": "train.data",
+    "augment": "train.augment",
+    "step_params": "train.augment",
+    "build_run": "train.loop",
+    "train": "train.loop",
+    "train_step": "train.loop",
+    "evaluate": "train.loop",
+    "NonFiniteLossError": "train.loop",
+    "save_checkpoint": "train.checkpoint",
+    "load_checkpoint": "train.checkpoint",
+    "export_model": "train.checkpoint",
+    "load_export": "train.checkpoint",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'train' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

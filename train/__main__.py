@@ -1,0 +1,155 @@
+"""``python -m train``: stream the shards and train the classifier or the detector.
+
+Launch with ``torchrun --nproc_per_node G -m train ...``, with ``srun`` (one task per GPU;
+the SLURM_* variables are mapped by :mod:`train.distributed`) or as a plain single process.
+Exit status: 0 done, 1 stopped by a non-finite loss, 2 bad configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+from train.config import AMP_CHOICES, DETECTORS, STRATEGIES, TASKS, TrainConfig, load_toml, merge
+
+EXIT_NONFINITE = 1
+EXIT_USAGE = 2
+
+# CLI flag -> (table, field) of the config; table None is the top level.
+FLAG_FIELDS: dict[str, tuple[str | None, str]] = {
+    "data": ("data", "path"),
+    "out": (None, "out"),
+    "task": ("model", "task"),
+    "model": ("model", "name"),
+    "weights": ("model", "weights"),
+    "strategy": ("parallel", "strategy"),
+    "amp": ("parallel", "amp"),
+    "epochs": (None, "epochs"),
+    "max_steps": (None, "max_steps"),
+    "batch_size": ("data", "batch_size"),
+    "eval_batch_size": ("data", "eval_batch_size"),
+    "lr": ("optim", "lr"),
+    "workers": ("data", "workers"),
+    "seed": (None, "seed"),
+    "image_size": ("data", "image_size"),
+    "log_every": (None, "log_every"),
+    "ckpt_every": (None, "ckpt_every"),
+    "resume": (None, "resume"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m train",
+        description="Train a pneumonia classifier or a YOLOv8 opacity detector on ingested "
+        "shards, under DDP or FSDP2, single process, torchrun or srun. Settings: defaults < "
+        "RUN/config.toml (with --resume) < --config FILE < flags.",
+    )
+    p.add_argument("--data", type=Path, help="dataset folder from `python -m ingest`")
+    p.add_argument("--out", type=Path, help="run folder (checkpoints, metrics.jsonl, model.pt)")
+    p.add_argument("--config", type=Path, help="TOML file with [data], [model], [optim], ... tables")
+    p.add_argument("--task", choices=TASKS, help="classify (CNN) or detect (YOLOv8); default classify")
+    p.add_argument("--model", help=f"cnn for classify; {', '.join(DETECTORS)} for detect")
+    p.add_argument("--weights", type=Path, help="initial weights (state_dict, model.pt, ultralytics .pt)")
+    p.add_argument("--strategy", choices=STRATEGIES, help="ddp or fsdp (FSDP2); default ddp")
+    p.add_argument("--amp", choices=AMP_CHOICES, help="autocast dtype; default bf16")
+    p.add_argument("--epochs", type=int, help="epochs (the LR schedule spans them); default 10")
+    p.add_argument("--max-steps", type=int,
+                   help="stop after this many steps in all (this invocation only: not taken "
+                   "from RUN/config.toml on --resume)")
+    p.add_argument("--batch-size", type=int, help="GLOBAL batch size over all ranks; default 32")
+    p.add_argument("--eval-batch-size", type=int, help="evaluation batch size per rank; default 32")
+    p.add_argument("--lr", type=float, help="peak learning rate (AdamW); default 1e-3")
+    p.add_argument("--workers", type=int, help="DataLoader workers per rank; default 4")
+    p.add_argument("--seed", type=int, help="seed of weights, sample order, augmentation; default 0")
+    p.add_argument("--image-size", type=int, help="train at this side (multiple of 32), resized on the device")
+    p.add_argument("--log-every", type=int, help="steps between metrics.jsonl lines; default 10")
+    p.add_argument("--ckpt-every", type=int, help="steps between checkpoints; default 500")
+    p.add_argument("--resume", action="store_true", default=None,
+                   help="continue from RUN's latest checkpoint (and RUN/config.toml)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def resolve_config(args: argparse.Namespace) -> TrainConfig:
+    """Merge defaults, RUN/config.toml (on --resume), --config and the flags.
+
+    Raises:
+        ValueError: Invalid TOML, unknown keys or values out of range.
+    """
+    merged: dict[str, Any] = {}
+    if args.resume and args.out is not None and (args.out / "config.toml").is_file():
+        merged = load_toml(args.out / "config.toml")
+        # Where to stop belongs to an invocation, not to the run: a run stopped with
+        # --max-steps resumes to its end unless --max-steps is given again.
+        merged.pop("max_steps", None)
+    if args.config is not None:
+        merged = merge(merged, load_toml(args.config))
+    flags: dict[str, Any] = {}
+    for flag, (table, field) in FLAG_FIELDS.items():
+        value = getattr(args, flag)
+        if value is None:
+            continue
+        value = str(value) if isinstance(value, Path) else value
+        if table is None:
+            flags[field] = value
+        else:
+            flags.setdefault(table, {})[field] = value
+    if "task" in flags.get("model", {}) and "name" not in flags["model"]:
+        # A task given on the command line picks its own default model.
+        if merged.get("model", {}).get("task") != flags["model"]["task"]:
+            merged.get("model", {}).pop("name", None)
+    merged = merge(merged, flags)
+    merged["resume"] = bool(args.resume)
+    cfg = TrainConfig.from_dict(merged)
+    cfg.check_complete()
+    return cfg
+
+
+def setup_logging(rank: int, verbose: bool) -> None:
+    """Rank-prefixed logging: rank 0 at INFO (DEBUG with -v), the others WARNING."""
+    level = (logging.DEBUG if verbose else logging.INFO) if rank == 0 else logging.WARNING
+    logging.basicConfig(
+        level=level, format=f"[rank{rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S", force=True,
+    )
+    for noisy in ("ultralytics", "torch.distributed", "matplotlib"):
+        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse, configure logging, build the run, train; always leave the process group."""
+    args = build_parser().parse_args(argv)
+    from train.distributed import destroy, detect_launch, init_distributed
+
+    try:
+        cfg = resolve_config(args)
+        rank = detect_launch().rank
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    setup_logging(rank, args.verbose)
+    log = logging.getLogger("train")
+    from train.loop import NonFiniteLossError, build_run, train
+
+    try:
+        env = init_distributed()
+        try:
+            run = build_run(cfg, env)
+        except ValueError as exc:
+            log.error("%s", exc)
+            return EXIT_USAGE
+        train(run)
+    except NonFiniteLossError as exc:
+        log.error("%s", exc)
+        return EXIT_NONFINITE
+    finally:
+        destroy()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,173 @@
+"""``python -m train.predict``: predictions of a trained run as an RSNA submission CSV.
+
+``python -m train.predict --data OUT --checkpoint RUN --out submission.csv [--split all]``
+
+Detector runs write the RSNA Pneumonia Detection Challenge format::
+
+    patientId,PredictionString
+    0004cfab-14fd-4e49-80ba-63a80b6bddd6,0.8123 264.0 152.0 213.0 379.0 0.5310 562.0 ...
+
+one row per patient, ``conf x y width height`` per box (x, y top-left) in pixels of the
+*source* DICOM: each box is mapped from the network's input back through the resize and
+the letterbox transform stored with the sample (``ingest.transforms.boxes_from_letterbox``)
+and clipped to the source image. A patient without boxes gets an empty string. Boxes come
+from NMS (the run's IoU threshold) and are kept at or above ``--conf`` (default: the run's
+``eval.conf``).
+
+Classifier runs write ``patientId,probability`` (the probability of pneumonia) instead.
+
+A patient with several images (possible in a hospital export, not in RSNA) gets the union
+of its boxes, or its highest probability. Prediction runs in one process (a GPU if there is
+one); ``--checkpoint`` is the run folder or its ``model.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+import sys
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ingest.transforms import boxes_from_letterbox
+from train.checkpoint import load_export
+from train.data import read_split, to_device
+from train.distributed import DistEnv, autocast_context
+
+__all__ = ["load_model", "main", "predict_rows", "write_csv"]
+
+logger = logging.getLogger(__name__)
+SPLITS = {"train": ("train",), "val": ("val",), "all": ("train", "val")}
+
+
+def load_model(export: dict, device: torch.device) -> nn.Module:
+    """Rebuild the network of an exported run and load its weights (eval mode)."""
+    from train.loop import build_model
+
+    c = export["classifier"]
+    model, _ = build_model(export["task"], export["arch"], width=c["width"], depth=c["depth"],
+                           dropout=c["dropout"])
+    model.load_state_dict(export["state_dict"])
+    return model.to(device).eval()
+
+
+def _source_boxes(dets: np.ndarray, transform: dict) -> list[tuple[float, float, float, float, float]]:
+    """(M, 5) stored-frame ``[x1, y1, x2, y2, conf]`` -> source-pixel (conf, x, y, w, h)."""
+    if len(dets) == 0:
+        return []
+    src = boxes_from_letterbox(dets[:, :4], transform)
+    cols, rows = float(transform["cols"]), float(transform["rows"])
+    src[:, [0, 2]] = src[:, [0, 2]].clip(0, cols)
+    src[:, [1, 3]] = src[:, [1, 3]].clip(0, rows)
+    out = []
+    for (x1, y1, x2, y2), conf in zip(src, dets[:, 4]):
+        if x2 > x1 and y2 > y1:
+            out.append((float(conf), float(x1), float(y1), float(x2 - x1), float(y2 - y1)))
+    return out
+
+
+@torch.no_grad()
+def predict_rows(data: Path, export: dict, *, split: str = "all", batch_size: int = 32,
+                 workers: int = 2, conf: float | None = None, device: torch.device | None = None,
+                 amp: str = "none") -> Iterator[tuple[str, object]]:
+    """Yield (patient id, prediction) per sample: a float probability (classify) or a list
+    of source-pixel ``(conf, x, y, w, h)`` boxes (detect)."""
+    from train.loop import DetectTask, eval_loader
+
+    device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = load_model(export, device)
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=device, backend=None)
+    size = int(export["image_size"])
+    conf = float(export["conf"] if conf is None else conf)
+    detect = export["task"] == "detect"
+    task = None
+    if detect:
+        task = DetectTask(model, stored_size=int(export["stored_size"]), conf=conf,
+                          iou=float(export["iou"]), max_det=int(export["max_det"]))
+    for name in SPLITS[split]:
+        info = read_split(data, name)
+        if not info.samples:
+            continue
+        loader = eval_loader(info, env, batch_size=batch_size, workers=workers, with_meta=True)
+        for batch in loader.epoch(0):
+            dev = to_device(batch, device, size)
+            with autocast_context(amp, device):
+                out = model(dev.images)
+            assert batch.meta is not None
+            if detect:
+                assert task is not None
+                dets = task.detections(out, size, conf=conf)
+                for i, meta in enumerate(batch.meta):
+                    if bool(batch.valid[i]):
+                        yield meta["patient_id"], _source_boxes(dets[i][: task.max_det], meta["transform"])
+            else:
+                probs = torch.sigmoid(out.float()).cpu().numpy()
+                for i, meta in enumerate(batch.meta):
+                    if bool(batch.valid[i]):
+                        yield meta["patient_id"], float(probs[i])
+
+
+def write_csv(path: Path, rows: Iterator[tuple[str, object]], task: str) -> int:
+    """Merge per-patient and write the CSV (through a temporary name); return the rows."""
+    merged: dict[str, object] = {}
+    boxes: dict[str, list] = defaultdict(list)
+    for pid, pred in rows:
+        if task == "detect":
+            boxes[pid].extend(pred)  # type: ignore[arg-type]
+            merged[pid] = None
+        else:
+            merged[pid] = max(float(pred), float(merged.get(pid, 0.0) or 0.0))  # type: ignore[arg-type]
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        if task == "detect":
+            w.writerow(["patientId", "PredictionString"])
+            for pid in sorted(merged):
+                ranked = sorted(boxes[pid], key=lambda b: -b[0])
+                w.writerow([pid, " ".join(f"{c:.4f} {x:.1f} {y:.1f} {bw:.1f} {bh:.1f}" for c, x, y, bw, bh in ranked)])
+        else:
+            w.writerow(["patientId", "probability"])
+            for pid in sorted(merged):
+                w.writerow([pid, f"{merged[pid]:.6f}"])
+    os.replace(tmp, path)
+    return len(merged)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m train.predict", description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, required=True, help="dataset folder from `python -m ingest`")
+    p.add_argument("--checkpoint", type=Path, required=True, help="run folder (or its model.pt)")
+    p.add_argument("--out", type=Path, required=True, help="CSV to write")
+    p.add_argument("--split", choices=tuple(SPLITS), default="all", help="which samples to predict")
+    p.add_argument("--conf", type=float, help="detector: lowest box confidence kept (default: the run's)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
+    p.add_argument("--amp", choices=("bf16", "fp16", "none"), default="none", help="autocast dtype")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    logging.getLogger("ultralytics").setLevel(logging.WARNING)
+    if args.conf is not None and not 0 <= args.conf <= 1:
+        print(f"error: --conf={args.conf}: allowed 0..1", file=sys.stderr)
+        return 2
+    try:
+        export = load_export(args.checkpoint)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    rows = predict_rows(args.data, export, split=args.split, batch_size=args.batch_size,
+                        workers=args.workers, conf=args.conf, amp=args.amp)
+    n = write_csv(args.out, rows, export["task"])
+    logger.info("wrote %d patients to %s (%s)", n, args.out, export["task"])
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
