@@ -42,7 +42,7 @@ def launch(args: list[str], *, nproc: int = 2, module: str = "train",
         cmd = [sys.executable, "-m", module]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd + args, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+                          timeout=timeout, check=False)
 
 
 def ok(proc: subprocess.CompletedProcess) -> None:

@@ -48,7 +48,7 @@ _EXPORTS = {
     "load_export": "train.checkpoint",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = list(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:

@@ -13,7 +13,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from train.config import AMP_CHOICES, DETECTORS, STRATEGIES, TASKS, TrainConfig, load_toml, merge
+from train.config import (
+    AMP_CHOICES,
+    DETECTORS,
+    STRATEGIES,
+    TASKS,
+    TrainConfig,
+    load_toml,
+    merge,
+)
 
 EXIT_NONFINITE = 1
 EXIT_USAGE = 2
@@ -63,7 +71,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="GLOBAL batch size over all ranks; default 32")
     p.add_argument("--eval-batch-size", type=int, help="evaluation batch size per rank; default 32")
     p.add_argument("--lr", type=float, help="peak learning rate (AdamW); default 1e-3")
-    p.add_argument("--workers", type=int, help="DataLoader workers per rank; default 4")
+    p.add_argument("--workers", type=int, help="DataLoader workers per rank; default min(4, CPUs / local ranks)")
     p.add_argument("--seed", type=int, help="seed of weights, sample order, augmentation; default 0")
     p.add_argument("--image-size", type=int, help="train at this side (multiple of 32), resized on the device")
     p.add_argument("--log-every", type=int, help="steps between metrics.jsonl lines; default 10")
@@ -98,10 +106,10 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
             flags[field] = value
         else:
             flags.setdefault(table, {})[field] = value
-    if "task" in flags.get("model", {}) and "name" not in flags["model"]:
-        # A task given on the command line picks its own default model.
-        if merged.get("model", {}).get("task") != flags["model"]["task"]:
-            merged.get("model", {}).pop("name", None)
+    model_flags = flags.get("model", {})
+    if "task" in model_flags and "name" not in model_flags \
+            and merged.get("model", {}).get("task") != model_flags["task"]:
+        merged.get("model", {}).pop("name", None)  # a new task picks its own default model
     merged = merge(merged, flags)
     merged["resume"] = bool(args.resume)
     cfg = TrainConfig.from_dict(merged)

@@ -52,15 +52,15 @@ class AugmentParams:
     def __len__(self) -> int:
         return len(self.flip)
 
-    def to(self, device: torch.device) -> "AugmentParams":
+    def to(self, device: torch.device) -> AugmentParams:
         return AugmentParams(*(getattr(self, f.name).to(device) for f in dataclasses.fields(self)))
 
-    def slice(self, start: int, stop: int) -> "AugmentParams":
+    def slice(self, start: int, stop: int) -> AugmentParams:
         """Parameters of images ``start..stop-1``."""
         return AugmentParams(*(getattr(self, f.name)[start:stop] for f in dataclasses.fields(self)))
 
     @classmethod
-    def identity(cls, n: int) -> "AugmentParams":
+    def identity(cls, n: int) -> AugmentParams:
         """Parameters that change nothing."""
         return cls(torch.zeros(n, dtype=torch.bool), torch.ones(n), torch.zeros(n, 2),
                    torch.zeros(n), torch.ones(n))

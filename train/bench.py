@@ -65,7 +65,13 @@ def _bench_worker(rank: int, world: int, port: int, spec: dict[str, Any], out: s
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     from train.config import TrainConfig
     from train.data import DeviceBatch
-    from train.distributed import autocast_context, destroy, init_distributed, make_grad_scaler, parallelize
+    from train.distributed import (
+        autocast_context,
+        destroy,
+        init_distributed,
+        make_grad_scaler,
+        parallelize,
+    )
     from train.loop import ClassifyTask, DetectTask, build_model, build_optimizer
 
     env = init_distributed(timeout_s=600)

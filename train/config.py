@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import tomllib
+import os
 from pathlib import Path
 from typing import Any
+
+import tomllib
 
 __all__ = [
     "AMP_CHOICES",
@@ -82,8 +84,9 @@ class DataConfig:
     them). Kept fixed when the world size changes, so the sample order does not."""
     eval_batch_size: int = 32
     """Evaluation and prediction batch size per rank."""
-    workers: int = 4
-    """DataLoader worker processes per rank (0: read in the training process)."""
+    workers: int | None = None
+    """DataLoader worker processes per rank (0: read in the training process). Default:
+    up to 4, at most this process's CPUs divided by the ranks on the node."""
     lanes: int | None = None
     """Parallel sample streams of an epoch (see :mod:`train.data`); must divide
     ``batch_size``, and the world size must divide it. Default: the largest divisor of
@@ -100,8 +103,10 @@ class DataConfig:
         self.path = Path(self.path) if self.path is not None else None
         _positive("data.batch_size", self.batch_size)
         _positive("data.eval_batch_size", self.eval_batch_size)
-        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0:
-            raise ValueError(f"data.workers={self.workers!r}: must be an int >= 0")
+        if self.workers is not None and (
+            isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0
+        ):
+            raise ValueError(f"data.workers={self.workers!r}: must be an int >= 0 or unset")
         _positive("data.lanes", self.lanes, allow_none=True)
         if self.lanes is not None and self.batch_size % self.lanes:
             raise ValueError(
@@ -114,6 +119,15 @@ class DataConfig:
             or self.image_size % 32
         ):
             raise ValueError(f"data.image_size={self.image_size!r}: allowed multiples of 32 in 32..4096")
+
+    @property
+    def num_workers(self) -> int:
+        """The workers actually used (``workers`` or its default)."""
+        if self.workers is not None:
+            return self.workers
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
+        return max(1, min(4, cpus // max(1, local_ranks)))
 
     @property
     def num_lanes(self) -> int:
@@ -308,7 +322,7 @@ class TrainConfig:
         return _plain(dataclasses.asdict(self))
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Build from a nested dict (as :func:`load_toml` returns), rejecting unknown keys."""
         top = {f.name: f for f in dataclasses.fields(cls)}
         kwargs: dict[str, Any] = {}

@@ -13,12 +13,14 @@ at the end, ``model.pt``.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import math
 import resource
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -216,6 +218,15 @@ class Meter:
         self.wait = 0.0
         self.start = time.perf_counter()
 
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave the enclosed time (evaluation, checkpoints) out of the throughput."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.start += time.perf_counter() - t0
+
     def add(self, terms: torch.Tensor, images: int, wait: float) -> None:
         self.terms = terms.clone() if self.terms is None else self.terms + terms
         self.steps += 1
@@ -317,23 +328,27 @@ def train(run: Run) -> dict[str, Any]:
             if run.step == run.last_step:
                 break
             if run.step % cfg.ckpt_every == 0 and run.step % steps:
-                paused = time.perf_counter()
-                checkpoint(run)
-                meter.start += time.perf_counter() - paused
+                with meter.paused():
+                    checkpoint(run)
             tick = time.perf_counter()
         bar.close()
-        paused = time.perf_counter()
-        run.guard.check()
-        recompute_bn_stats(run, epoch)
-        run.last_eval = evaluate(run)
-        write_eval(run, epoch, partial=run.step % steps != 0, batches=seen)
-        checkpoint(run)
-        meter.start += time.perf_counter() - paused  # throughput counts training time only
+        with meter.paused():
+            end_epoch(run, epoch, batches=seen)
     if not run.last_eval:  # resumed a finished run: evaluate what is there
         run.last_eval = evaluate(run)
         write_eval(run, max(0, run.step - 1) // steps, partial=False, batches=0)
     export(run)
     return run.last_eval
+
+
+def end_epoch(run: Run, epoch: int, *, batches: int) -> None:
+    """After an epoch (or a stop mid-epoch): check the loss, recompute the BatchNorm
+    statistics, evaluate, record the metrics, checkpoint."""
+    run.guard.check()
+    recompute_bn_stats(run, epoch)
+    run.last_eval = evaluate(run)
+    write_eval(run, epoch, partial=run.step % run.train_loader.steps != 0, batches=batches)
+    checkpoint(run)
 
 
 def _since(t: float) -> float:
@@ -598,7 +613,7 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 
 def lr_factor(step: int, *, total: int, warmup: float, schedule: str, min_ratio: float) -> float:
     """Learning-rate multiplier after ``step`` optimizer steps (linear warm-up, cosine)."""
-    warm = int(round(warmup * total))
+    warm = round(warmup * total)
     if step < warm:
         return 0.01 + 0.99 * step / warm
     if schedule == "constant":
@@ -631,14 +646,14 @@ def build_run(cfg: TrainConfig, env: DistEnv) -> Run:
     pin = env.device.type == "cuda"
     train_loader = ShardLoader(
         train_info, rank=env.rank, world=world, global_batch=cfg.data.batch_size,
-        lanes=cfg.data.num_lanes, workers=cfg.data.workers, seed=cfg.seed, train=True,
+        lanes=cfg.data.num_lanes, workers=cfg.data.num_workers, seed=cfg.seed, train=True,
         window=cfg.data.shuffle_window, prefetch=cfg.data.prefetch, pin_memory=pin,
     )
     val_loader = None
     val_info = read_split(cfg.data.path, "val", manifest=manifest, labels=labels)
     if val_info.samples:
         val_loader = eval_loader(val_info, env, batch_size=cfg.data.eval_batch_size,
-                                 workers=cfg.data.workers, prefetch=cfg.data.prefetch)
+                                 workers=cfg.data.num_workers, prefetch=cfg.data.prefetch)
     else:
         logger.warning("no val split in %s: no evaluation", cfg.data.path)
 
