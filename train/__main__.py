@@ -60,7 +60,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, help="run folder (checkpoints, metrics.jsonl, model.pt)")
     p.add_argument("--config", type=Path, help="TOML file with [data], [model], [optim], ... tables")
     p.add_argument("--task", choices=TASKS, help="classify (CNN) or detect (YOLOv8); default classify")
-    p.add_argument("--model", help=f"cnn for classify; {', '.join(DETECTORS)} for detect")
+    p.add_argument("--model", help=f"cnn for classify; {', '.join(DETECTORS)} for detect "
+                   "(built from the ultralytics yaml, 1 channel, 1 class; anchor-free)")
     p.add_argument("--weights", type=Path, help="initial weights (state_dict, model.pt, ultralytics .pt)")
     p.add_argument("--strategy", choices=STRATEGIES, help="ddp or fsdp (FSDP2); default ddp")
     p.add_argument("--amp", choices=AMP_CHOICES, help="autocast dtype; default bf16")

@@ -171,7 +171,7 @@ def _make_dataset(work: Path, n: int, src_size: int, size: int, shard_size: int)
 
 
 def loader_bench(data: Path | str | None = None, *, n: int = 512, src_size: int = 1024,
-                 size: int = 640, shard_size: int = 128, batch: int = 32, lanes: int = 8,
+                 size: int = 640, shard_size: int = 64, batch: int = 32, lanes: int = 2,
                  dicom_items: int = 64, workdir: Path | str | None = None) -> dict[str, Any]:
     """Samples/s per process: the shard loader vs an on-the-fly DICOM dataset, same run.
 

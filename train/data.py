@@ -633,8 +633,10 @@ class DeviceBatch:
     """``s``: the side of ``images``."""
 
     def boxes_per_image(self) -> list[torch.Tensor]:
-        """The boxes of each image, as (k, 4) tensors."""
-        return [self.boxes[self.box_index == i] for i in range(len(self.images))]
+        """The boxes of each image, as (k, 4) tensors (one host sync for the counts)."""
+        order = torch.argsort(self.box_index, stable=True)
+        counts = torch.bincount(self.box_index, minlength=len(self.images)).tolist()
+        return list(torch.split(self.boxes[order], counts))
 
 
 def to_device(batch: HostBatch, device: torch.device, size: int | None = None) -> DeviceBatch:

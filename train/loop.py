@@ -126,7 +126,11 @@ class ClassifyTask:
 
 
 class DetectTask:
-    """Opacity boxes: the YOLOv8 loss (``v8DetectionLoss``), ultralytics NMS."""
+    """Opacity boxes: the YOLOv8 loss (``v8DetectionLoss``), ultralytics NMS.
+
+    YOLOv8 is anchor-free (each grid cell regresses distances to the box sides, assigned by
+    the task-aligned assigner), so there are no anchors to fit to the RSNA box sizes.
+    """
 
     name = "detect"
     terms = ("loss", "box", "cls", "dfl")
@@ -197,7 +201,7 @@ class LossGuard:
             self.first = torch.full((), -1, dtype=torch.int64, device=terms.device)
             self.values = torch.zeros_like(terms)
         take = ~torch.isfinite(terms).all() & (self.first < 0)
-        self.first = torch.where(take, torch.tensor(step, device=terms.device), self.first)
+        self.first = torch.where(take, torch.full_like(self.first, step), self.first)
         self.values = torch.where(take, terms, self.values)
 
     def check(self) -> None:
