@@ -31,7 +31,7 @@ from torch import nn
 from tqdm import tqdm
 
 from shards.labels import read_labels
-from shards.manifest import LABELS_NAME, read_manifest
+from shards.manifest import LABELS_NAME, MANIFEST_NAME, read_manifest
 from train import metrics as M
 from train.augment import augment, step_params
 from train.checkpoint import (
@@ -634,6 +634,9 @@ def build_run(cfg: TrainConfig, env: DistEnv) -> Run:
     """
     cfg.check_complete()
     assert cfg.data.path is not None and cfg.out is not None
+    if not (cfg.data.path / MANIFEST_NAME).is_file():
+        raise ValueError(f"{cfg.data.path} holds no {MANIFEST_NAME}: not a finished ingest "
+                         "(run `python -m ingest --out DATASET ...` first)")
     manifest = read_manifest(cfg.data.path)
     labels = read_labels(cfg.data.path / LABELS_NAME)
     world = env.world_size
