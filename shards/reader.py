@@ -1,11 +1,18 @@
-"""Streaming shard reader: pairs members per key, never unpickles, checks the shard hash."""
+"""Streaming shard reader: pairs members per key, never unpickles, checks the shard hash.
+
+The reader parses the tar headers itself (ustar, with pax and GNU long names) from one
+sequential pass over the file: each member is read once into its own buffer, the image is a
+view of that buffer (no copy), and the SHA-256 of the whole file is computed on a helper
+thread while the caller works (hashlib releases the GIL), so checking a shard costs little
+more than reading it.
+"""
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import dataclasses
 import hashlib
-import io
-import tarfile
 from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO
@@ -14,7 +21,10 @@ import numpy as np
 
 from shards.format import IMAGE_EXT, META_EXT, FormatError, decode_image, decode_meta, split_member
 
-READ_CHUNK = 1 << 20
+BLOCK = 512
+READ_CHUNK = 4 << 20
+_HASH_QUEUE = 16
+"""Buffers waiting to be hashed before the reader waits for the hashing thread."""
 
 
 class ShardChecksumError(RuntimeError):
@@ -37,30 +47,86 @@ class Sample:
     meta: dict[str, Any]
 
 
-class HashingReader(io.RawIOBase):
-    """A read-only file wrapper that hashes every byte read through it."""
+class _OrderedHasher:
+    """SHA-256 of buffers in submission order, on one helper thread."""
 
-    def __init__(self, raw: BinaryIO) -> None:
-        self._raw = raw
+    def __init__(self) -> None:
         self.sha256 = hashlib.sha256()
         self.bytes = 0
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="shard-sha256")
+        self._pending: collections.deque[concurrent.futures.Future] = collections.deque()
 
-    def readable(self) -> bool:
-        return True
+    def update(self, data: bytes | bytearray | memoryview) -> None:
+        self.bytes += len(data)
+        if len(data) < 65536:  # not worth a hop to the thread; keeps the order too
+            self._drain(0)
+            self.sha256.update(data)
+            return
+        self._pending.append(self._pool.submit(self.sha256.update, data))
+        self._drain(_HASH_QUEUE)
 
-    def readinto(self, buf: Any) -> int:  # type: ignore[override]
-        n = self._raw.readinto(buf)
-        if n:
-            view = memoryview(buf)[:n]
-            self.sha256.update(view)
-            self.bytes += n
-        return n or 0
+    def _drain(self, keep: int) -> None:
+        while len(self._pending) > keep:
+            self._pending.popleft().result()
+
+    def hexdigest(self) -> str:
+        self._drain(0)
+        return self.sha256.hexdigest()
+
+    def close(self) -> None:
+        self._pending.clear()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+
+class _TarStream:
+    """Reads one tar file member by member, feeding every byte read to a hasher."""
+
+    def __init__(self, f: BinaryIO, name: str, hasher: _OrderedHasher) -> None:
+        self._f, self._name, self._hasher = f, name, hasher
+        self.offset = 0
+
+    def read(self, n: int, what: str) -> bytearray:
+        buf = bytearray(n)
+        view = memoryview(buf)
+        got = 0
+        while got < n:
+            k = self._f.readinto(view[got:])
+            if not k:
+                raise FormatError(f"{self._name}: file ends inside {what} (byte {self.offset + got})")
+            got += k
+        self.offset += n
+        self._hasher.update(buf)
+        return buf
 
     def drain(self) -> None:
-        """Read (and hash) whatever is left, e.g. the tar end-of-archive padding."""
-        while chunk := self._raw.read(READ_CHUNK):
-            self.sha256.update(chunk)
-            self.bytes += len(chunk)
+        """Read (and hash) whatever follows the end-of-archive marker."""
+        while chunk := self._f.read(READ_CHUNK):
+            self.offset += len(chunk)
+            self._hasher.update(chunk)
+
+
+def _octal(field: bytes, what: str) -> int:
+    text = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(text, 8) if text else 0
+    except ValueError as exc:
+        raise FormatError(f"bad {what} field {field!r}") from exc
+
+
+def _pax_path(data: bytes) -> str | None:
+    """The ``path`` record of a pax extended header, if any."""
+    pos, path = 0, None
+    while pos < len(data):
+        space = data.find(b" ", pos)
+        if space < 0:
+            break
+        length = int(data[pos:space])
+        record = data[space + 1 : pos + length - 1]
+        k, _, v = record.partition(b"=")
+        if k == b"path":
+            path = v.decode("utf-8")
+        pos += length
+    return path
 
 
 def check_member_name(name: str) -> None:
@@ -70,20 +136,43 @@ def check_member_name(name: str) -> None:
         raise FormatError(f"unsafe member name {name!r}")
 
 
-def iter_members(stream: BinaryIO, shard: str) -> Iterator[tuple[str, str, bytes]]:
+def iter_members(stream: _TarStream, shard: str) -> Iterator[tuple[str, str, bytearray]]:
     """Yield (key, extension, data) for each regular member of a tar stream."""
-    try:
-        with tarfile.open(fileobj=stream, mode="r|") as tar:
-            for info in tar:
-                if not info.isfile():
-                    raise FormatError(f"{shard}: member {info.name!r} is not a regular file")
-                check_member_name(info.name)
-                key, ext = split_member(info.name)
-                f = tar.extractfile(info)
-                assert f is not None
-                yield key, ext, f.read()
-    except tarfile.TarError as exc:
-        raise FormatError(f"{shard}: damaged tar ({exc})") from exc
+    long_name: str | None = None
+    while True:
+        hdr = stream.read(BLOCK, "a tar header")
+        if not any(hdr):
+            return  # end-of-archive marker
+        stored = _octal(hdr[148:156], "checksum")
+        if stored != sum(hdr[:148]) + 256 + sum(hdr[156:]):
+            raise FormatError(f"{shard}: damaged tar header at byte {stream.offset - BLOCK} (bad checksum)")
+        size = _octal(hdr[124:136], "size")
+        kind = hdr[156:157]
+        padded = -(-size // BLOCK) * BLOCK
+        name = long_name or _ustar_name(hdr)
+        long_name = None
+        if kind in (b"x", b"L"):
+            data = stream.read(padded, "a long-name header")[:size]
+            long_name = _pax_path(bytes(data)) if kind == b"x" else data.rstrip(b"\0").decode("utf-8")
+            continue
+        if kind == b"g":
+            stream.read(padded, "a pax global header")
+            continue
+        if kind not in (b"0", b"\0"):
+            raise FormatError(f"{shard}: member {name!r} is not a regular file")
+        check_member_name(name)
+        key, ext = split_member(name)
+        data = stream.read(padded, f"member {name}")
+        yield key, ext, data if padded == size else memoryview(data)[:size]
+
+
+def _ustar_name(hdr: bytearray) -> str:
+    name = bytes(hdr[0:100]).split(b"\0", 1)[0]
+    if hdr[257:262] == b"ustar":
+        prefix = bytes(hdr[345:500]).split(b"\0", 1)[0]
+        if prefix:
+            name = prefix + b"/" + name
+    return name.decode("utf-8")
 
 
 def iter_samples(
@@ -97,48 +186,49 @@ def iter_samples(
 
     Members of one key must be adjacent and complete (``.npy`` and ``.json``). The whole file
     is hashed as it is read; with ``expected_sha256`` a mismatch raises
-    :class:`ShardChecksumError` naming the shard once the last byte has been read.
+    :class:`ShardChecksumError` naming the shard once the last byte has been read. Images are
+    views of the buffers read (no copy) and never unpickled.
 
     Args:
         path: the shard file.
         expected_sha256: hex digest from the manifest, or None to skip the check.
-        size: expected image side, or None to accept any square/rectangle.
+        size: expected image side, or None to accept any 2-D uint8 image.
         decode: parse the ``.npy`` (True) or leave ``image`` as an empty array.
     """
     path = Path(path)
     name = path.name
-    with open(path, "rb", buffering=0) as raw:
-        hashing = HashingReader(raw)
-        stream = io.BufferedReader(hashing, buffer_size=READ_CHUNK)
-        pending: dict[str, bytes] = {}
-        pending_key: str | None = None
-        for key, ext, data in iter_members(stream, name):
-            if pending_key is not None and key != pending_key:
+    hasher = _OrderedHasher()
+    try:
+        with open(path, "rb", buffering=READ_CHUNK) as f:
+            stream = _TarStream(f, name, hasher)
+            pending: dict[str, Any] = {}
+            pending_key: str | None = None
+            for key, ext, data in iter_members(stream, name):
+                if pending_key is not None and key != pending_key:
+                    raise FormatError(f"{name}: sample {pending_key!r} is missing {_missing(pending)}")
+                if ext not in (IMAGE_EXT, META_EXT):
+                    raise FormatError(f"{name}: unexpected member {key}.{ext}")
+                if ext in pending:
+                    raise FormatError(f"{name}: duplicate member {key}.{ext}")
+                pending_key = key
+                pending[ext] = data
+                if len(pending) == 2:
+                    meta = decode_meta(bytes(pending[META_EXT]))
+                    if meta.get("key") != key:
+                        raise FormatError(f"{name}: {key}.json names key {meta.get('key')!r}")
+                    image = decode_image(pending[IMAGE_EXT], size) if decode else np.empty((0, 0), np.uint8)
+                    image.flags.writeable = False  # its bytes may still be being hashed
+                    yield Sample(key, image, meta)
+                    pending, pending_key = {}, None
+            if pending_key is not None:
                 raise FormatError(f"{name}: sample {pending_key!r} is missing {_missing(pending)}")
-            if ext not in (IMAGE_EXT, META_EXT):
-                raise FormatError(f"{name}: unexpected member {key}.{ext}")
-            if ext in pending:
-                raise FormatError(f"{name}: duplicate member {key}.{ext}")
-            pending_key = key
-            pending[ext] = data
-            if len(pending) == 2:
-                meta = decode_meta(pending[META_EXT])
-                image = (
-                    decode_image(pending[IMAGE_EXT], size)
-                    if decode
-                    else np.empty((0, 0), np.uint8)
-                )
-                if meta.get("key") != key:
-                    raise FormatError(f"{name}: {key}.json names key {meta.get('key')!r}")
-                yield Sample(key, image, meta)
-                pending, pending_key = {}, None
-        if pending_key is not None:
-            raise FormatError(f"{name}: sample {pending_key!r} is missing {_missing(pending)}")
-        stream.read()  # let the buffered reader hand through what it already holds
-        hashing.drain()
-    if expected_sha256 is not None and hashing.sha256.hexdigest() != expected_sha256:
-        raise ShardChecksumError(name, expected_sha256, hashing.sha256.hexdigest())
+            stream.drain()
+        actual = hasher.hexdigest()
+    finally:
+        hasher.close()
+    if expected_sha256 is not None and actual != expected_sha256:
+        raise ShardChecksumError(name, expected_sha256, actual)
 
 
-def _missing(pending: dict[str, bytes]) -> str:
+def _missing(pending: dict[str, Any]) -> str:
     return " and ".join(f".{e}" for e in (IMAGE_EXT, META_EXT) if e not in pending)
