@@ -26,7 +26,7 @@ demo: venv
 	    --labels $(DEMO)/rsna/stage_2_train_labels.csv
 	$(PY) -m shards stats $(DEMO)/dataset --png $(DEMO)/stats.png
 	$(PY) -m train --data $(DEMO)/dataset --task classify --out $(DEMO)/run-classify \
-	    --image-size 128 --epochs 2 --batch-size 16
+	    --image-size 128 --epochs 6 --batch-size 16 --lr 2e-3
 	$(PY) -m train.report $(DEMO)/run-classify -o $(DEMO)/run-classify/curves.png
 	@echo "demo done: dataset in $(DEMO)/dataset, training run in $(DEMO)/run-classify"
 
