@@ -12,6 +12,7 @@ from ingest.config import IngestConfig
 log = logging.getLogger("ingest")
 
 EXIT_USAGE = 2
+EXIT_CLUSTER = 1
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
     )
+    from ingest.cluster import ClusterError
     from ingest.pipeline import IngestUsageError, run_ingest  # imports distributed
 
     for noisy in ("distributed", "dask_jobqueue", "bokeh", "tornado"):  # after distributed's own set-up
@@ -77,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     except IngestUsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except ClusterError as exc:  # no workers: wrong partition, account, interface, ...
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_CLUSTER
     for line in summary.lines():
         print(line)
     return 0

@@ -6,8 +6,9 @@ It provides the session-scoped fixture :func:`slurm_cluster`, which brings Slurm
 stops it at the end of the session only if this session started it.
 
 Where Slurm cannot be brought up (not root, no apt-get, install or start failed) the
-tests that need it are skipped with a loud reason, unless ``PNEUMO_REQUIRE_SLURM=1``, in
-which case they fail: CI sets it so that a broken bring-up can never pass as a skip.
+tests that need it are skipped with a loud reason, unless ``PNEUMO_REQUIRE_SLURM=1`` or
+``CI=true`` (set by CI services), in which case they fail: in CI a broken bring-up can never
+pass as a skip.
 """
 
 from __future__ import annotations
@@ -45,14 +46,20 @@ class SlurmInfo:
 
 
 def _require() -> bool:
-    return os.environ.get("PNEUMO_REQUIRE_SLURM", "") == "1"
+    """True under ``PNEUMO_REQUIRE_SLURM=1`` or in CI (``CI=true``, as GitHub Actions, GitLab
+    and most CI services set it): there the Slurm tests must really run.
+    ``PNEUMO_REQUIRE_SLURM=0`` opts out, CI or not."""
+    explicit = os.environ.get("PNEUMO_REQUIRE_SLURM", "")
+    if explicit in {"0", "1"}:
+        return explicit == "1"
+    return os.environ.get("CI", "").strip().lower() in {"true", "1", "yes"}
 
 
 def _unavailable(reason: str) -> None:
     """Skip (or fail, under PNEUMO_REQUIRE_SLURM=1) every test that needs Slurm."""
     message = f"SLURM UNAVAILABLE, SLURM TESTS NOT RUN: {reason}"
     if _require():
-        pytest.fail(f"{message} (PNEUMO_REQUIRE_SLURM=1 makes this a failure)", pytrace=False)
+        pytest.fail(f"{message} (PNEUMO_REQUIRE_SLURM=1 or CI=true makes this a failure)", pytrace=False)
     # A skip reason hides unless -rs is given; a warning always reaches the summary.
     warnings.warn(pytest.PytestWarning(message), stacklevel=2)
     pytest.skip(message)
