@@ -224,6 +224,9 @@ def _run_tasks(cfg: IngestConfig, pending: list[ShardTask], records: dict[str, d
         try:
             for future in as_completed(futures):
                 record = future.result()
+                # Let the scheduler forget the result: a lost worker then costs only its
+                # in-flight shard, not the shards it already finished.
+                future.release()
                 records[record["name"]] = record
                 bar.update(record["samples"] + len(record["rejects"]))
         finally:
