@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from ingest.config import IngestConfig
+from shards.cli import configure_logging
 
 log = logging.getLogger("ingest")
 
@@ -49,16 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
+    configure_logging(args.verbose)
     from ingest.cluster import ClusterError
-    from ingest.pipeline import IngestUsageError, run_ingest  # imports distributed
-
-    for noisy in ("distributed", "dask_jobqueue", "bokeh", "tornado"):  # after distributed's own set-up
-        logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    from ingest.pipeline import IngestUsageError, run_ingest
 
     kwargs = {k: v for k, v in vars(args).items() if k != "verbose"}
     try:

@@ -30,6 +30,7 @@ from ingest import transforms
 from ingest.config import IngestConfig
 from ingest.pipeline import run_ingest
 from ingest.synth import make_dataset
+from shards.cli import configure_logging
 
 
 def naive(files: list[Path], out: Path, size: int) -> float:
@@ -82,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=2, help="runs of each loop; the best is reported")
     p.add_argument("--workdir", type=Path, help="keep data here (default: a temp folder)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    configure_logging(level=logging.WARNING)
     cv2.setNumThreads(1)  # like each ingest worker: the comparison is per process
     cores = os.cpu_count() or 1
     work = args.workdir or Path(tempfile.mkdtemp(prefix="ingest-bench-"))

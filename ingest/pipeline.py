@@ -31,6 +31,7 @@ from shards.manifest import (
     Manifest,
     ShardInfo,
     atomic_write_text,
+    sha256_file,
     write_manifest,
 )
 
@@ -143,16 +144,6 @@ def _reusable(out: Path, task: ShardTask) -> dict[str, Any] | None:
     return record
 
 
-def _sha256_file(path: Path) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def run_ingest(cfg: IngestConfig) -> IngestSummary:
     """Run (or resume) an ingest; see the SPEC for the output it writes.
 
@@ -179,7 +170,7 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
         seed=cfg.seed,
         processing=cfg.processing_params(),
     )
-    labels_sha = _sha256_file(cfg.labels) if cfg.labels else None
+    labels_sha = sha256_file(cfg.labels) if cfg.labels else None
     identity = _identity(cfg, plan, labels_sha)
     if _check_out(cfg, identity):
         summary = _summary_from_manifest(cfg.out, t0)

@@ -33,6 +33,7 @@ from ingest.cluster import open_client
 from ingest.config import IngestConfig
 from ingest.pipeline import run_ingest
 from ingest.synth import make_dataset
+from shards.cli import configure_logging
 
 
 def _cfg(kind: str, workers: int, synth: Any, out: Path, shard_size: int, queue: str | None) -> IngestConfig:
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workdir", type=Path, help="keep data here; worker jobs on other nodes must see it "
                    "(default: a temporary folder under the current one, removed at the end)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    configure_logging(level=logging.WARNING)
     for noisy in ("distributed", "dask_jobqueue", "ingest"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     os.environ.setdefault("PNEUMO_DASHBOARD", ":0")

@@ -17,6 +17,8 @@ import logging
 import sys
 from pathlib import Path
 
+from shards.cli import configure_logging
+
 log = logging.getLogger("shards")
 
 EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
@@ -61,10 +63,6 @@ def build_parser() -> argparse.ArgumentParser:
 def _verify(args: argparse.Namespace) -> int:
     from shards.verify import VerifyConfig, VerifyUsageError, verify
 
-    if args.workers != 1:
-        import distributed  # noqa: F401  (its import installs log handlers; quieten them after it)
-
-        _quieten(args.verbose)
     try:
         cfg = VerifyConfig(out=args.out, deep=args.deep, source=args.source, labels=args.labels,
                            workers=args.workers, progress=args.progress)
@@ -108,20 +106,10 @@ def _show(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _quieten(verbose: bool) -> None:
-    for noisy in ("distributed", "bokeh", "tornado", "matplotlib", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
-
-
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, run the subcommand, return the exit code."""
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.WARNING,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S",
-    )
-    _quieten(args.verbose)
+    configure_logging(args.verbose, level=logging.WARNING)
     handlers = {"verify": _verify, "stats": _stats, "show": _show}
     return handlers[args.command](args)
 

@@ -34,6 +34,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from shards.cli import configure_logging
 from shards.manifest import SHARDS_DIR, read_manifest
 from shards.verify import VerifyConfig, VerifyReport, verify
 
@@ -205,11 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-cluster", action="store_true", help="skip the all-cores Dask run")
     p.add_argument("--workdir", type=Path, help="keep the data here (default: a temporary folder, removed)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    import distributed  # noqa: F401  (its import installs INFO log handlers; quieten them after it)
-
-    for noisy in ("distributed", "bokeh", "tornado"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+    configure_logging(level=logging.WARNING)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="shards-bench-"))
     try:
         t = time.perf_counter()

@@ -54,7 +54,7 @@ from shards.format import (
     split_member,
 )
 from shards.labels import LabelTable, read_labels
-from shards.manifest import LABELS_NAME, MANIFEST_NAME, REJECTS_NAME, SHARDS_DIR, WORK_DIR, Manifest, ShardInfo, read_manifest
+from shards.manifest import LABELS_NAME, MANIFEST_NAME, REJECTS_NAME, SHARDS_DIR, WORK_DIR, Manifest, ShardInfo, read_manifest, sha256_file
 from shards.reader import check_member_name
 
 log = logging.getLogger(__name__)
@@ -652,12 +652,8 @@ def hash_files(root: Path | str, rels: list[str]) -> dict[str, str]:
     """sha256 of each file ``root/rel``; an unreadable file maps to ``"error: ..."``."""
     out: dict[str, str] = {}
     for rel in rels:
-        h = hashlib.sha256()
         try:
-            with open(Path(root) / rel, "rb") as f:
-                while chunk := f.read(CHUNK):
-                    h.update(chunk)
-            out[rel] = h.hexdigest()
+            out[rel] = sha256_file(Path(root) / rel, CHUNK)
         except OSError as exc:
             out[rel] = f"error: {exc.strerror or exc}"
     return out

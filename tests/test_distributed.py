@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from train.distributed import (
     broadcast_buffers,
     destroy,
     detect_launch,
+    free_port,
     init_distributed,
     is_main,
     make_grad_scaler,
@@ -234,15 +234,9 @@ def _worker(rank: int, kind: str, port: int, out_dir: str) -> None:
         destroy()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _spawn(kind: str, out_dir: Path, timeout_s: float = 120.0) -> list[dict[str, Any]]:
     """Run ``_worker`` on WORLD ranks; kill them and fail if they outlive the timeout."""
-    ctx = mp.start_processes(_worker, args=(kind, _free_port(), str(out_dir)), nprocs=WORLD,
+    ctx = mp.start_processes(_worker, args=(kind, free_port(), str(out_dir)), nprocs=WORLD,
                              join=False, start_method="spawn")
     deadline = time.monotonic() + timeout_s
     try:

@@ -9,7 +9,6 @@ import csv
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 
 from train.checkpoint import load_export
 from train.config import TrainConfig, load_toml
+from train.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT = 240
@@ -26,18 +26,12 @@ VAL_SAMPLES = 6  # ingested_small: 24 images, val_fraction 0.25
 TRAIN_STEPS = 5  # 18 train samples (shards 4, 4, 4, 4, 2) / global batch 4
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def launch(args: list[str], *, nproc: int = 2, module: str = "train",
            timeout: int = RUN_TIMEOUT) -> subprocess.CompletedProcess:
     """Run ``python -m <module>`` (through torchrun on loopback when ``nproc`` > 1)."""
     if nproc > 1:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", module]
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", module]
     else:
         cmd = [sys.executable, "-m", module]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}

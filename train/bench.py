@@ -24,7 +24,6 @@ import logging
 import os
 import resource
 import shutil
-import socket
 import tempfile
 import time
 import warnings
@@ -38,12 +37,6 @@ __all__ = ["loader_bench", "main", "model_bench"]
 logger = logging.getLogger(__name__)
 
 WARMUP_STEPS = 2
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _rss_mb() -> float:
@@ -145,11 +138,13 @@ def model_bench(*, task: str, arch: str, strategy: str, amp: str, size: int, bat
     """Run one configuration on ``world`` spawned ranks; return rank 0's measurements."""
     import torch.multiprocessing as mp
 
+    from train.distributed import free_port
+
     spec = {"task": task, "arch": arch, "strategy": strategy, "amp": amp, "size": size,
             "batch": batch, "batch_small": max(1, batch // 2), "steps": steps}
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "result.json")
-        mp.start_processes(_bench_worker, args=(world, _free_port(), spec, out), nprocs=world,
+        mp.start_processes(_bench_worker, args=(world, free_port(), spec, out), nprocs=world,
                            start_method="spawn")
         return json.loads(Path(out).read_text())
 
