@@ -1,0 +1,489 @@
+"""Scanning one shard for ``python -m shards verify``: hash and parse it in one pass.
+
+:func:`scan_shard` reads a shard's bytes exactly once, hashing them as they arrive and parsing
+the tar headers, member names, key pairing, JSON (and with ``deep`` the images) from the same
+buffer. It never raises for damaged data: everything found is a :class:`Problem` in the
+returned :class:`ShardScan`, for the driver in :mod:`shards.verify` to report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+import re
+import tarfile
+import time
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+from shards.format import (
+    CLASS_NAMES,
+    IMAGE_EXT,
+    META_EXT,
+    META_FIELDS,
+    FormatError,
+    check_key,
+    decode_image,
+    decode_meta,
+    key_for,
+    split_member,
+)
+from shards.manifest import sha256_file
+from shards.reader import check_member_name
+
+log = logging.getLogger(__name__)
+
+CHUNK = 4 << 20
+"""Bytes read (and hashed) per system call while scanning a shard."""
+BLOCK = 512
+"""Tar block size."""
+HEX64 = re.compile(r"^[0-9a-f]{64}$")
+"""A hex SHA-256 digest."""
+_TRANSFORM_FIELDS = ("scale", "pad_x", "pad_y", "rows", "cols", "size")
+
+
+@dataclasses.dataclass(frozen=True)
+class Problem:
+    """One thing found wrong; printed as one line and written to the JSON report."""
+
+    check: str
+    """A key of :data:`CHECKS`."""
+    what: str
+    """What is wrong, in words."""
+    expected: str | None = None
+    """What was expected instead, when there is a single expected value."""
+    shard: str | None = None
+    """The shard file it concerns."""
+    key: str | None = None
+    """The sample key it concerns."""
+    where: str | None = None
+    """Any other location: ``manifest``, ``labels.zarr row 7``, ``source a/b.dcm``."""
+
+    def line(self) -> str:
+        """``<shard> key <key> <where>: <what> (expected <expected>)``."""
+        loc = " ".join(
+            p for p in (self.shard, f"key {self.key}" if self.key else None, self.where) if p
+        )
+        text = f"{loc or 'dataset'}: {self.what}"
+        return text + (f" (expected {self.expected})" if self.expected is not None else "")
+
+
+@dataclasses.dataclass
+class ShardScan:
+    """What scanning one shard found (the result of one task)."""
+
+    name: str
+    bytes: int = 0
+    """Bytes read (the file size, unless it could not be read)."""
+    sha256: str | None = None
+    """Hex sha256 of the bytes read; None if the file could not be opened."""
+    keys: list[str] = dataclasses.field(default_factory=list)
+    """Keys of the samples found, in file order (one per key group)."""
+    complete: bool = False
+    """True when the tar parsed to its end-of-archive marker; False means keys may be missing."""
+    positives: int = 0
+    boxes: int = 0
+    records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    """Each sample's parsed JSON (``keep_records``), for the cross-checks done by the driver."""
+    problems: list[Problem] = dataclasses.field(default_factory=list)
+    seconds: float = 0.0
+
+
+class _HashedChunks:
+    """Reads a file in big chunks, hashing each chunk as it arrives, and hands out byte
+    ranges from them: the file's bytes are read exactly once, whatever is parsed or skipped.
+
+    A memoryview returned by :meth:`take` is valid until the next call.
+    """
+
+    def __init__(self, raw: BinaryIO, chunk: int = CHUNK) -> None:
+        self._raw = raw
+        self._buf = bytearray(chunk)
+        self._mv = memoryview(self._buf)
+        self._pos = self._end = 0
+        self.sha256 = hashlib.sha256()
+        self.total = 0
+
+    @property
+    def offset(self) -> int:
+        """File offset of the next byte to hand out."""
+        return self.total - (self._end - self._pos)
+
+    def _fill(self) -> bool:
+        n = self._raw.readinto(self._mv)
+        if not n:
+            return False
+        self.sha256.update(self._mv[:n])
+        self.total += n
+        self._pos, self._end = 0, n
+        return True
+
+    def take(self, n: int) -> bytes | memoryview:
+        """The next ``n`` bytes (fewer at end of file)."""
+        if self._end - self._pos >= n:
+            view = self._mv[self._pos : self._pos + n]
+            self._pos += n
+            return view
+        parts = [bytes(self._mv[self._pos : self._end])]
+        need = n - (self._end - self._pos)
+        self._pos = self._end
+        while need and self._fill():
+            k = min(need, self._end)
+            parts.append(bytes(self._mv[:k]))
+            self._pos, need = k, need - k
+        return b"".join(parts)
+
+    def skip(self, n: int) -> int:
+        """Skip ``n`` bytes (still hashed); return how many there were."""
+        done = 0
+        while True:
+            k = min(self._end - self._pos, n - done)
+            self._pos += k
+            done += k
+            if done == n or not self._fill():
+                return done
+
+    def drain(self) -> int | None:
+        """Consume the rest of the file; return the offset of its first non-zero byte, if any."""
+        first: int | None = None
+        while True:
+            if first is None and self._pos < self._end:
+                rest = self._mv[self._pos : self._end].tobytes()
+                stripped = rest.lstrip(b"\0")
+                if stripped:
+                    first = self.offset + len(rest) - len(stripped)
+            self._pos = self._end
+            if not self._fill():
+                return first
+
+
+def _padded(size: int) -> int:
+    return -(-size // BLOCK) * BLOCK
+
+
+def _key_from_damaged_header(block: bytes) -> str | None:
+    """Best effort: the key in the name field of a header whose checksum failed."""
+    name = block[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+    try:
+        key, _ = split_member(name)
+        return check_key(key)
+    except FormatError:
+        return None
+
+
+def _pax_records(data: bytes) -> dict[str, str]:
+    """Parse pax extended-header records (``"<len> <key>=<value>\\n"``)."""
+    out: dict[str, str] = {}
+    pos = 0
+    while pos < len(data) and data[pos] != 0:
+        space = data.index(b" ", pos)
+        length = int(data[pos:space])
+        if length <= 0:
+            raise ValueError(f"bad pax record length {length}")
+        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
+        out[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
+class _ShardWalk:
+    """The state of one pass over a shard's tar structure."""
+
+    def __init__(self, scan: ShardScan, chunks: _HashedChunks, *, split: str | None, size: int | None,
+                 deep: bool, keep_records: bool) -> None:
+        self.scan, self.chunks = scan, chunks
+        self.split, self.size, self.deep, self.keep = split, size, deep, keep_records
+        self.cur_key: str | None = None
+        self.cur_exts: set[str] = set()
+        self.cur_meta: dict[str, Any] | None = None
+        self.seen: set[str] = set()
+
+    def problem(self, check: str, what: str, key: str | None = None, expected: str | None = None) -> None:
+        self.scan.problems.append(Problem(check, what, expected, shard=self.scan.name, key=key))
+
+    def run(self) -> None:
+        chunks = self.chunks
+        long_name: str | None = None
+        long_size: int | None = None
+        while True:
+            at = chunks.offset
+            header = bytes(chunks.take(BLOCK))
+            if len(header) < BLOCK:
+                what = ("file ends without the tar end-of-archive marker" if not header
+                        else f"file ends inside the tar header at byte {at}")
+                if self.cur_key is not None and len(self.cur_exts) < 2:
+                    self.problem("tar_truncated", f"{what}, before this sample's other member", key=self.cur_key)
+                    self.cur_key = None
+                    return
+                self._close_sample()
+                after = f" after key {self.scan.keys[-1]}" if self.scan.keys else ""
+                self.problem("tar_truncated", what + after)
+                return
+            try:
+                info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
+            except tarfile.EOFHeaderError:  # an all-zero block: the end-of-archive marker
+                self._close_sample()
+                junk = chunks.drain()
+                if junk is not None:
+                    self.problem("tar_trailer", f"non-zero byte at offset {junk} after the end-of-archive marker")
+                self.scan.complete = True
+                return
+            except tarfile.HeaderError as exc:
+                key = _key_from_damaged_header(header) if long_name is None else None
+                self.problem("tar_header", f"damaged tar header at byte {at} ({exc}); rest of shard not parsed",
+                             key=key)
+                return
+            name = long_name if long_name is not None else info.name
+            size = long_size if long_size is not None else info.size
+            long_name = long_size = None
+            if info.type in (tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME):
+                data = bytes(chunks.take(_padded(size)))[:size]
+                if len(data) < size:
+                    self.problem("tar_truncated", f"file ends inside an extended header at byte {at}")
+                    return
+                try:
+                    if info.type == tarfile.XHDTYPE:
+                        rec = _pax_records(data)
+                        long_name = rec.get("path")
+                        long_size = int(rec["size"]) if "size" in rec else None
+                    else:
+                        long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
+                except (ValueError, KeyError) as exc:
+                    self.problem("tar_header", f"damaged extended header at byte {at} ({exc}); rest not parsed")
+                    return
+                continue
+            if not self._member(name, size, info):
+                return
+
+    def _member(self, name: str, size: int, info: tarfile.TarInfo) -> bool:
+        """Handle one member; False when the file ended inside it."""
+        chunks = self.chunks
+        key: str | None = None
+        ok = info.isreg()
+        if not ok:
+            self.problem("tar_member", f"member {name!r} is not a regular file (type {info.type!r})")
+        try:
+            check_member_name(name)
+            key, ext = split_member(name)
+            check_key(key)
+        except FormatError as exc:
+            if ok:
+                self.problem("member_name", str(exc), key=key)
+            ok = False
+        if ok and ext not in (IMAGE_EXT, META_EXT):
+            self.problem("tar_member", f"unexpected member {name!r}", key=key, expected=f".{IMAGE_EXT} or .{META_EXT}")
+            ok = False
+        if not ok or key is None:
+            return self._skip(_padded(size), key, name)
+        if key != self.cur_key:
+            self._close_sample()
+            self.cur_key, self.cur_exts, self.cur_meta = key, set(), None
+        if ext in self.cur_exts:
+            self.problem("pairing", f"member {name} occurs twice in a row", key=key)
+            return self._skip(_padded(size), key, name)
+        self.cur_exts.add(ext)
+        if ext == IMAGE_EXT and not self.deep:
+            return self._skip(_padded(size), key, name)
+        data = chunks.take(_padded(size))
+        if len(data) < size:
+            self._truncated_in(key, name)
+            return False
+        if ext == META_EXT:
+            self._meta(key, bytes(data[:size]))
+        else:
+            try:
+                decode_image(data[:size], self.size)
+            except FormatError as exc:
+                self.problem("image", str(exc), key=key)
+        if len(data) < _padded(size):
+            self._truncated_in(key, name)
+            return False
+        return True
+
+    def _skip(self, n: int, key: str | None, name: str) -> bool:
+        if self.chunks.skip(n) < n:
+            self._truncated_in(key, name)
+            return False
+        return True
+
+    def _truncated_in(self, key: str | None, name: str) -> None:
+        self.problem("tar_truncated", f"file ends inside member {name}", key=key)
+        self.cur_key = None  # reported; no "missing .json" on top
+
+    def _close_sample(self) -> None:
+        key = self.cur_key
+        if key is None:
+            return
+        self.cur_key = None
+        missing = [f".{e}" for e in (IMAGE_EXT, META_EXT) if e not in self.cur_exts]
+        if missing:
+            self.problem("pairing", f"sample lacks {' and '.join(missing)}", key=key)
+            return
+        if key in self.seen:
+            self.problem("duplicate_key", "key occurs twice in this shard", key=key)
+        self.seen.add(key)
+        self.scan.keys.append(key)
+        meta = self.cur_meta
+        if meta is not None:
+            if meta.get("target") == 1:
+                self.scan.positives += 1
+            boxes = meta.get("boxes")
+            self.scan.boxes += len(boxes) if isinstance(boxes, list) else 0
+        if self.keep:
+            self.scan.records.append(meta if meta is not None else {"key": key})
+
+    def _meta(self, key: str, data: bytes) -> None:
+        try:
+            meta = decode_meta(data)
+        except FormatError as exc:
+            self.problem("meta", str(exc), key=key)
+            return
+        if meta.get("key") != key:
+            self.problem("meta", f"{key}.json names key {meta.get('key')!r}", key=key, expected=key)
+        if self.split is not None and meta.get("split") != self.split:
+            self.problem("meta", f"split {meta.get('split')!r} in a {self.split} shard", key=key, expected=self.split)
+        self.cur_meta = meta
+        if self.deep:
+            for check, what, expected in check_meta(meta, key, self.size):
+                self.problem(check, what, key=key, expected=expected)
+
+
+def scan_shard(
+    path: Path | str,
+    *,
+    split: str | None = None,
+    size: int | None = None,
+    deep: bool = False,
+    keep_records: bool = False,
+) -> ShardScan:
+    """Hash and parse one shard in a single pass over its bytes; never raises for bad data.
+
+    Args:
+        path: the shard file.
+        split: the split the manifest gives the shard (each JSON must agree), or None.
+        size: the image side (deep mode checks every image), or None.
+        deep: decode every image and check every JSON field (:func:`check_meta`).
+        keep_records: return every sample's parsed JSON in :attr:`ShardScan.records`.
+
+    Returns:
+        A :class:`ShardScan` with the sha256, the keys in file order and the problems found.
+    """
+    t0 = time.perf_counter()
+    path = Path(path)
+    scan = ShardScan(name=path.name)
+    try:
+        raw = open(path, "rb", buffering=0)
+    except OSError as exc:
+        scan.problems.append(Problem("shard_unreadable", f"cannot open: {exc.strerror or exc}", shard=path.name))
+        return scan
+    with raw:
+        chunks = _HashedChunks(raw)
+        try:
+            _ShardWalk(scan, chunks, split=split, size=size, deep=deep, keep_records=keep_records).run()
+            chunks.drain()  # a parse stopped early still hashes the whole file
+        except OSError as exc:
+            scan.problems.append(Problem("shard_unreadable", f"read error at byte {chunks.total}: {exc}",
+                                         shard=path.name))
+            scan.complete = False
+        scan.bytes, scan.sha256 = chunks.total, chunks.sha256.hexdigest()
+    scan.seconds = time.perf_counter() - t0
+    return scan
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def check_meta(meta: dict[str, Any], key: str, size: int | None) -> list[tuple[str, str, str | None]]:
+    """Deep checks of one sample's JSON: exact fields, value types, boxes, transform.
+
+    Returns:
+        ``(check, what, expected)`` for each problem found (empty when the JSON is sound).
+    """
+    out: list[tuple[str, str, str | None]] = []
+    fields = set(meta)
+    if fields != set(META_FIELDS):
+        extra, missing = sorted(fields - set(META_FIELDS)), sorted(set(META_FIELDS) - fields)
+        parts = ([f"extra fields {extra}"] if extra else []) + ([f"missing fields {missing}"] if missing else [])
+        what = "; ".join(parts)
+        out.append(("meta_fields", what, f"exactly {list(META_FIELDS)}"))
+    pid = meta.get("patient_id")
+    if not isinstance(pid, str) or not pid:
+        out.append(("meta_value", f"patient_id {pid!r}", "a non-empty string"))
+    elif key_for(pid) != key:
+        out.append(("meta_value", f"patient_id {pid!r} gives key {key_for(pid)!r}", key))
+    src = meta.get("source")
+    if not (isinstance(src, dict) and isinstance(src.get("path"), str) and isinstance(src.get("sha256"), str)
+            and HEX64.match(src["sha256"])):
+        out.append(("meta_value", f"source {src!r}", "{path: str, sha256: 64 hex digits}"))
+    target = meta.get("target")
+    if target not in (-1, 0, 1) or isinstance(target, bool):
+        out.append(("meta_value", f"target {target!r}", "-1, 0 or 1"))
+    cls = meta.get("class")
+    if cls is not None and cls not in CLASS_NAMES:
+        out.append(("meta_value", f"class {cls!r}", f"one of {list(CLASS_NAMES)} or null"))
+    for field in ("view_position", "sex"):
+        if meta.get(field) is not None and not isinstance(meta.get(field), str):
+            out.append(("meta_value", f"{field} {meta.get(field)!r}", "a string or null"))
+    age = meta.get("age")
+    if age is not None and not (isinstance(age, int) and not isinstance(age, bool) and 0 <= age <= 130):
+        out.append(("meta_value", f"age {age!r}", "an integer 0..130 or null"))
+    boxes = meta.get("boxes")
+    if not isinstance(boxes, list):
+        out.append(("meta_value", f"boxes {boxes!r}", "a list of [x1, y1, x2, y2]"))
+    else:
+        if boxes and target != 1:
+            out.append(("meta_value", f"{len(boxes)} box(es) on a sample with target {target!r}", "no boxes"))
+        for b in boxes:
+            if not (isinstance(b, list) and len(b) == 4 and all(_number(v) for v in b)):
+                out.append(("meta_value", f"box {b!r}", "[x1, y1, x2, y2] of finite numbers"))
+            elif size is not None and not (0 <= b[0] < b[2] <= size and 0 <= b[1] < b[3] <= size):
+                out.append(("box_outside", f"box {_fmt_box(b)} is not inside the {size}x{size} image or has no area",
+                            f"0 <= x1 < x2 <= {size}, 0 <= y1 < y2 <= {size}"))
+    out.extend(_check_transform(meta.get("transform"), size))
+    return out
+
+
+def _check_transform(tr: Any, size: int | None) -> list[tuple[str, str, str | None]]:
+    if not (isinstance(tr, dict) and set(tr) == set(_TRANSFORM_FIELDS) and all(_number(tr[f]) for f in tr)):
+        return [("transform", f"transform {tr!r}", f"numbers {list(_TRANSFORM_FIELDS)}")]
+    if size is not None and tr["size"] != size:
+        return [("transform", f"transform size {tr['size']}", f"{size} (the manifest's params.size)")]
+    rows, cols = tr["rows"], tr["cols"]
+    if not (isinstance(rows, int) and isinstance(cols, int) and rows > 0 and cols > 0):
+        return [("transform", f"source geometry rows={rows} cols={cols}", "positive integers")]
+    from ingest.transforms import letterbox_geometry  # the one geometry the ingest used
+
+    geom = letterbox_geometry(rows, cols, int(tr["size"]))
+    same_pad = (tr["pad_x"], tr["pad_y"]) == (geom.pad_x, geom.pad_y)
+    if not (math.isclose(tr["scale"], geom.scale, rel_tol=1e-9) and same_pad):
+        got = f"scale {tr['scale']} pad ({tr['pad_x']}, {tr['pad_y']})"
+        return [("transform", f"{got} for a {cols}x{rows} source",
+                 f"scale {geom.scale} pad ({geom.pad_x}, {geom.pad_y})")]
+    return []
+
+
+def _fmt_box(b: Any) -> str:
+    return "[" + ", ".join(f"{float(v):.2f}" for v in b) + "]"
+
+
+def fmt_boxes(boxes: Any) -> str:
+    arr = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    return "[" + ", ".join(_fmt_box(b) for b in arr) + "]"
+
+
+def hash_files(root: Path | str, rels: list[str]) -> dict[str, str]:
+    """sha256 of each file ``root/rel``; an unreadable file maps to ``"error: ..."``."""
+    out: dict[str, str] = {}
+    for rel in rels:
+        try:
+            out[rel] = sha256_file(Path(root) / rel, CHUNK)
+        except OSError as exc:
+            out[rel] = f"error: {exc.strerror or exc}"
+    return out
+
+
