@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -44,7 +43,7 @@ from shards.format import (
     FormatError,
 )
 from shards.labels import LabelTable, read_labels
-from shards.manifest import LABELS_NAME, MANIFEST_NAME, REJECTS_NAME, SHARDS_DIR, WORK_DIR, Manifest, ShardInfo, read_manifest
+from shards.manifest import LABELS_NAME, MANIFEST_NAME, REJECTS_NAME, SHARDS_DIR, WORK_DIR, Manifest, ShardInfo, read_manifest, sha256_file
 from shards.scan import HEX64, Problem, ShardScan, fmt_boxes, hash_files, scan_shard
 
 log = logging.getLogger(__name__)
@@ -379,7 +378,7 @@ def _read_label_csv(path: Path) -> tuple[dict[str, Any], str]:
         labels, _problems = read_label_csv(path)
     except LabelFileError as exc:
         raise VerifyUsageError(f"--labels: {exc}") from exc
-    return labels, hashlib.sha256(path.read_bytes()).hexdigest()
+    return labels, sha256_file(path)
 
 
 def _check_manifest(m: Manifest, problems: list[Problem]) -> int | None:
