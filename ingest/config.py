@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -89,8 +87,3 @@ class IngestConfig:
             "val_fraction": self.val_fraction,
             "seed": self.seed,
         }
-
-
-def params_hash(params: dict[str, Any]) -> str:
-    """SHA-256 of the canonical JSON of ``params``."""
-    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()

@@ -17,11 +17,11 @@ from distributed import as_completed
 from tqdm import tqdm
 
 from ingest.cluster import open_client
-from ingest.config import IngestConfig, params_hash
-from ingest.labels import LabelFileError, read_labels
+from ingest.config import IngestConfig
 from ingest.plan import Plan, ShardTask, make_plan
 from ingest.worker import DONE_DIR, WORK_DIR, build_shard, label_row
 from shards.format import FORMAT_VERSION
+from shards.label_csv import LabelFileError, read_label_csv
 from shards.labels import LabelTable, write_labels
 from shards.manifest import (
     LABELS_NAME,
@@ -31,6 +31,7 @@ from shards.manifest import (
     Manifest,
     ShardInfo,
     atomic_write_text,
+    params_hash,
     sha256_file,
     write_manifest,
 )
@@ -157,7 +158,7 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
     labels, problems = None, []
     if cfg.labels is not None:
         try:
-            labels, problems = read_labels(cfg.labels, cfg.class_info)
+            labels, problems = read_label_csv(cfg.labels, cfg.class_info)
         except LabelFileError as exc:
             raise IngestUsageError(str(exc)) from exc
     plan = make_plan(

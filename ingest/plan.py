@@ -13,8 +13,8 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-from ingest.labels import LabelProblem, PatientLabel
 from shards.format import key_for, shard_name
+from shards.label_csv import LabelProblem, PatientLabel
 
 DICOM_SUFFIX = ".dcm"
 

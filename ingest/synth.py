@@ -40,10 +40,12 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from tqdm import tqdm
 
-logger = logging.getLogger(__name__)
+from shards.cli import configure_logging
+from shards.format import CLASS_NAMES
+
+log = logging.getLogger(__name__)
 
 __all__ = [
-    "CLASS_NAMES",
     "CR_SOP_CLASS_UID",
     "TRANSFER_SYNTAXES",
     "SynthConfig",
@@ -74,8 +76,6 @@ TRANSFER_SYNTAXES: dict[str, str] = {
 # Lossless compressions that pydicom's own encoders (``Dataset.compress``) produce.
 _POST_COMPRESSED = frozenset({"rle_lossless", "jpeg2000_lossless", "jpegls_lossless"})
 
-CLASS_NAMES = ("Lung Opacity", "No Lung Opacity / Not Normal", "Normal")
-"""RSNA's three detailed classes; the first is the only positive one."""
 
 LABELS_CSV = "stage_2_train_labels.csv"
 CLASS_INFO_CSV = "stage_2_detailed_class_info.csv"
@@ -598,8 +598,10 @@ def make_dataset(
     patient_ids = _patient_ids(rng, cfg.n)
     n_pos = round(cfg.n * cfg.positive_fraction)
     n_not_normal = round((cfg.n - n_pos) * cfg.not_normal_fraction)
+    normal, not_normal, positive = range(len(CLASS_NAMES))  # indices into shards.format.CLASS_NAMES
     classes = np.array(
-        [0] * n_pos + [1] * n_not_normal + [2] * (cfg.n - n_pos - n_not_normal), dtype=np.int64
+        [positive] * n_pos + [not_normal] * n_not_normal + [normal] * (cfg.n - n_pos - n_not_normal),
+        dtype=np.int64,
     )
     classes = classes[rng.permutation(cfg.n)]
     bases = [_render_base(cfg.size, rng) for _ in range(_N_BASES)]
@@ -612,7 +614,7 @@ def make_dataset(
         zip(patient_ids, classes.tolist()), total=cfg.n, desc="synth", unit="img",
         disable=not progress,
     ):
-        target = int(class_id == 0)
+        target = int(class_id == positive)
         # AP films are more common among the sick (as in RSNA); ages like RSNA's 1-92.
         view = "AP" if rng.random() < (0.7 if target else 0.38) else "PA"
         sex = "M" if rng.random() < 0.57 else "F"
@@ -640,11 +642,11 @@ def make_dataset(
         n_boxes=sum(len(r.boxes) for r in records), class_counts=class_counts,
         records=tuple(records),
     )
-    logger.info(
+    log.info(
         "synth: wrote %d images %dx%d to %s (%d positive with %d boxes, %d not normal, "
         "%d normal) in %.1f s",
         summary.n_images, cfg.size, cfg.size, out, summary.n_positive, summary.n_boxes,
-        class_counts[CLASS_NAMES[1]], class_counts[CLASS_NAMES[2]],
+        class_counts[CLASS_NAMES[not_normal]], class_counts[CLASS_NAMES[normal]],
         time.perf_counter() - started,
     )
     return summary
@@ -689,17 +691,14 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
     args = _parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    configure_logging(level=logging.WARNING if args.quiet else logging.INFO, dask=False)
     try:
         summary = make_dataset(
             args.out, args.n, seed=args.seed, size=args.size,
             positive_fraction=args.positive_fraction, quality=args.quality,
         )
     except ValueError as exc:
-        logger.error("%s", exc)
+        log.error("%s", exc)
         return 2
     print(summary.out)  # CLI output: the data set's folder, for scripts to pick up
     return 0

@@ -1,50 +1,17 @@
 """Pure numpy/OpenCV image and box transforms of the ingest (image in, image out).
 
-The geometry that maps a source image into the square training image (``letterbox``) is the
-same one that maps boxes (``boxes_to_letterbox``) and maps predictions back
-(``boxes_from_letterbox``): one :class:`Letterbox` value, stored with every sample.
+:func:`letterbox` resizes pixels by a :class:`shards.geometry.Letterbox`, the geometry every
+sample records (it lives in ``shards/`` because verify and training read it too).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
 import cv2
 import numpy as np
 
-
-@dataclasses.dataclass(frozen=True)
-class Letterbox:
-    """Resize-and-pad of a ``rows`` x ``cols`` source into a ``size`` x ``size`` square.
-
-    A source pixel coordinate ``x`` maps to ``x * scale + pad_x`` (``y`` likewise with
-    ``pad_y``); the inverse is ``(x' - pad_x) / scale``.
-    """
-
-    scale: float
-    pad_x: int
-    pad_y: int
-    rows: int
-    cols: int
-    size: int
-
-    @property
-    def new_shape(self) -> tuple[int, int]:
-        """(height, width) of the resized image before padding."""
-        return (max(1, round(self.rows * self.scale)), max(1, round(self.cols * self.scale)))
-
-    def to_json(self) -> dict[str, float | int]:
-        return dataclasses.asdict(self)
-
-
-def letterbox_geometry(rows: int, cols: int, size: int) -> Letterbox:
-    """The letterbox that fits ``rows`` x ``cols`` into ``size`` keeping the aspect ratio."""
-    if rows <= 0 or cols <= 0 or size <= 0:
-        raise ValueError(f"bad geometry rows={rows} cols={cols} size={size}")
-    scale = size / max(rows, cols)
-    new_h, new_w = max(1, round(rows * scale)), max(1, round(cols * scale))
-    return Letterbox(scale, (size - new_w) // 2, (size - new_h) // 2, rows, cols, size)
+from shards.geometry import Letterbox
 
 
 def letterbox(image: np.ndarray, geom: Letterbox) -> np.ndarray:
@@ -67,22 +34,6 @@ def clip_boxes_xyxy(boxes: np.ndarray, rows: int, cols: int) -> np.ndarray:
     out[:, [0, 2]] = out[:, [0, 2]].clip(0, cols)
     out[:, [1, 3]] = out[:, [1, 3]].clip(0, rows)
     return out
-
-
-def boxes_to_letterbox(boxes_xyxy: np.ndarray, geom: Letterbox) -> np.ndarray:
-    """Map (N, 4) source-pixel xyxy boxes into letterboxed pixels (float32)."""
-    b = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
-    out = b * geom.scale + np.array([geom.pad_x, geom.pad_y, geom.pad_x, geom.pad_y])
-    return out.clip(0, geom.size).astype(np.float32)
-
-
-def boxes_from_letterbox(boxes_xyxy: np.ndarray, geom: Letterbox | dict) -> np.ndarray:
-    """Map (N, 4) letterboxed xyxy boxes back to source pixels (float64)."""
-    if isinstance(geom, dict):
-        geom = Letterbox(**geom)
-    b = np.asarray(boxes_xyxy, dtype=np.float64).reshape(-1, 4)
-    pad = np.array([geom.pad_x, geom.pad_y, geom.pad_x, geom.pad_y], dtype=np.float64)
-    return (b - pad) / geom.scale
 
 
 @functools.lru_cache(maxsize=8)

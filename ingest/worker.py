@@ -21,9 +21,10 @@ import numpy as np
 
 from ingest import transforms
 from ingest.dicom import DicomRejected, decode_dicom
-from ingest.labels import LabelProblem
 from ingest.plan import PlannedSample, Reject, ShardTask
 from shards.format import CLASS_NAMES
+from shards.geometry import boxes_to_letterbox, letterbox_geometry
+from shards.label_csv import LabelProblem
 from shards.manifest import SHARDS_DIR, WORK_DIR, atomic_write_text
 from shards.writer import ShardWriter
 
@@ -53,7 +54,7 @@ def process_sample(data: bytes, sample: PlannedSample, processing: dict) -> Proc
     decoded = decode_dicom(data)
     rows, cols = decoded.pixels.shape
     image = transforms.clahe(decoded.pixels, processing["clahe_clip"], processing["clahe_grid"])
-    geom = transforms.letterbox_geometry(rows, cols, processing["size"])
+    geom = letterbox_geometry(rows, cols, processing["size"])
     image = transforms.letterbox(image, geom)
 
     problems: list[LabelProblem] = []
@@ -66,7 +67,7 @@ def process_sample(data: bytes, sample: PlannedSample, processing: dict) -> Proc
             continue
         if not np.array_equal(clipped, src):
             problems.append(LabelProblem("box_clipped", f"box {[x, y, w, h]} clipped to the {cols}x{rows} image", sample.patient_id, sample.path))
-        boxes_out.append([float(v) for v in transforms.boxes_to_letterbox(clipped, geom)[0]])
+        boxes_out.append([float(v) for v in boxes_to_letterbox(clipped, geom)[0]])
 
     meta = {
         "key": sample.key,

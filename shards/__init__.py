@@ -1,15 +1,19 @@
 """The dataset format and its tools: tar shards of ``<key>.npy`` + ``<key>.json`` samples,
 ``labels.zarr``, ``manifest.json`` and ``rejects.jsonl``.
 
-Modules: :mod:`shards.format` (member names, encode/decode, never pickled),
+This is the bottom layer: ``ingest/`` (which builds datasets) and ``train/`` (which reads them)
+stand on it and never on each other. Modules: :mod:`shards.format` (member names,
+encode/decode, never pickled), :mod:`shards.geometry` (the letterbox every sample records),
 :mod:`shards.writer` (deterministic shard writer), :mod:`shards.reader` (streaming reader that
-checks the shard's sha256), :mod:`shards.manifest`, :mod:`shards.labels`, and
-:mod:`shards.verify` (integrity checks). ``python -m shards`` runs verify / stats / show;
+checks the shard's sha256), :mod:`shards.manifest` (with ``params_hash``), :mod:`shards.labels`
+(``labels.zarr``), :mod:`shards.label_csv` (RSNA's label CSVs), and :mod:`shards.verify`
+(integrity checks). ``python -m shards`` runs verify / stats / show;
 :mod:`shards.stats` and :mod:`shards.show` need matplotlib and are not imported here.
 """
 
 from shards.format import (
     CLASS_NAMES,
+    POSITIVE_CLASS,
     FORMAT_VERSION,
     IMAGE_EXT,
     META_EXT,
@@ -25,6 +29,8 @@ from shards.format import (
     shard_name,
     split_member,
 )
+from shards.geometry import Letterbox, boxes_from_letterbox, boxes_to_letterbox, letterbox_geometry
+from shards.label_csv import LabelFileError, read_label_csv
 from shards.labels import LabelTable, read_labels, write_labels
 from shards.manifest import (
     LABELS_NAME,
@@ -33,6 +39,7 @@ from shards.manifest import (
     SHARDS_DIR,
     Manifest,
     ShardInfo,
+    params_hash,
     read_manifest,
     write_manifest,
 )
@@ -52,6 +59,7 @@ from shards.writer import ShardWriter, WrittenShard
 __all__ = [
     "CHECKS",
     "CLASS_NAMES",
+    "POSITIVE_CLASS",
     "FORMAT_VERSION",
     "IMAGE_EXT",
     "LABELS_NAME",
@@ -62,7 +70,9 @@ __all__ = [
     "SHARDS_DIR",
     "SPLITS",
     "FormatError",
+    "LabelFileError",
     "LabelTable",
+    "Letterbox",
     "Manifest",
     "Problem",
     "Sample",
@@ -74,6 +84,8 @@ __all__ = [
     "VerifyReport",
     "VerifyUsageError",
     "WrittenShard",
+    "boxes_from_letterbox",
+    "boxes_to_letterbox",
     "check_key",
     "check_member_name",
     "decode_image",
@@ -82,6 +94,9 @@ __all__ = [
     "encode_meta",
     "iter_samples",
     "key_for",
+    "letterbox_geometry",
+    "params_hash",
+    "read_label_csv",
     "read_labels",
     "read_manifest",
     "scan_shard",

@@ -13,8 +13,8 @@ Section ``verify`` (side by side in one run, over the same shard files, page cac
     samples/s (target >= 1000 per process);
 (d) quick verify on all cores (Dask LocalCluster, one task per shard): first task to last.
 
-Section ``loader`` (needs the ``train`` extra): the training loader's samples/s per process
-from these shards against an on-the-fly DICOM ``Dataset`` over the same source files.
+The training loader's own benchmark is ``python -m train.bench --loader-only`` (it belongs to
+the ``train`` layer).
 
 Sections are functions ``(BenchData, args) -> Section`` listed in :data:`SECTIONS`; add one
 there to extend the bench.
@@ -170,29 +170,8 @@ def verify_section(data: BenchData, args: argparse.Namespace) -> Section:
     return sec
 
 
-def loader_section(data: BenchData, args: argparse.Namespace) -> Section:
-    """The training loader from shards vs an on-the-fly DICOM dataset (needs ``.[train]``)."""
-    from train.bench import loader_bench
-
-    r = max((loader_bench(data.out) for _ in range(args.repeat)), key=lambda r: r["shard_samples_per_s"])
-    sec = Section(
-        f"loader: {r['shard_samples']} train samples of {r['size']}x{r['size']} in {r['shards']} shards, "
-        f"global batch {r['batch']}, {r['lanes']} lanes; one process each, page cache warm",
-        ["loader", "samples/s per process", "target"],
-    )
-    sec.rows += [
-        ["(a) shards: ShardLoader (tar parse + sha256 of every byte + JSON + batch)",
-         f"{r['shard_samples_per_s']:.0f}", ">= 2000"],
-        ["(b) DICOM Dataset: read + decode + CLAHE + letterbox per item",
-         f"{r['dicom_samples_per_s']:.0f}", ""],
-        ["(a) / (b)", f"{r['speedup']:.1f}x", ">= 20x"],
-    ]
-    return sec
-
-
 SECTIONS: dict[str, Callable[[BenchData, argparse.Namespace], Section]] = {
     "verify": verify_section,
-    "loader": loader_section,
 }
 """Bench sections by name, run in this order."""
 

@@ -27,6 +27,8 @@ MEMBER_EXTS = (IMAGE_EXT, META_EXT)
 SPLITS = ("train", "val")
 CLASS_NAMES = ("Normal", "No Lung Opacity / Not Normal", "Lung Opacity")
 """RSNA's detailed classes; a sample's ``class_id`` indexes this tuple (-1: unknown)."""
+POSITIVE_CLASS = CLASS_NAMES[2]
+"""The one class with ``Target=1`` (and boxes)."""
 
 TAR_MTIME = 0
 TAR_MODE = 0o644

@@ -113,6 +113,11 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def params_hash(params: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of ``params``: the manifest's ``params_hash``."""
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
+
+
 def sha256_file(path: Path | str, chunk: int = 4 << 20) -> str:
     """Hex SHA-256 of a file, read in ``chunk``-byte pieces."""
     h = hashlib.sha256()

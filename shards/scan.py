@@ -32,6 +32,7 @@ from shards.format import (
     key_for,
     split_member,
 )
+from shards.geometry import TRANSFORM_FIELDS, letterbox_geometry
 from shards.manifest import sha256_file
 from shards.reader import check_member_name
 
@@ -43,7 +44,6 @@ BLOCK = 512
 """Tar block size."""
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 """A hex SHA-256 digest."""
-_TRANSFORM_FIELDS = ("scale", "pad_x", "pad_y", "rows", "cols", "size")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -449,15 +449,13 @@ def check_meta(meta: dict[str, Any], key: str, size: int | None) -> list[tuple[s
 
 
 def _check_transform(tr: Any, size: int | None) -> list[tuple[str, str, str | None]]:
-    if not (isinstance(tr, dict) and set(tr) == set(_TRANSFORM_FIELDS) and all(_number(tr[f]) for f in tr)):
-        return [("transform", f"transform {tr!r}", f"numbers {list(_TRANSFORM_FIELDS)}")]
+    if not (isinstance(tr, dict) and set(tr) == set(TRANSFORM_FIELDS) and all(_number(tr[f]) for f in tr)):
+        return [("transform", f"transform {tr!r}", f"numbers {list(TRANSFORM_FIELDS)}")]
     if size is not None and tr["size"] != size:
         return [("transform", f"transform size {tr['size']}", f"{size} (the manifest's params.size)")]
     rows, cols = tr["rows"], tr["cols"]
     if not (isinstance(rows, int) and isinstance(cols, int) and rows > 0 and cols > 0):
         return [("transform", f"source geometry rows={rows} cols={cols}", "positive integers")]
-    from ingest.transforms import letterbox_geometry  # the one geometry the ingest used
-
     geom = letterbox_geometry(rows, cols, int(tr["size"]))
     same_pad = (tr["pad_x"], tr["pad_y"]) == (geom.pad_x, geom.pad_y)
     if not (math.isclose(tr["scale"], geom.scale, rel_tol=1e-9) and same_pad):

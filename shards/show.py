@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from shards.format import FormatError
+from shards.geometry import boxes_from_letterbox
 from shards.labels import read_labels
 from shards.manifest import LABELS_NAME, SHARDS_DIR, Manifest, read_manifest
 from shards.reader import Sample, ShardChecksumError, iter_samples
@@ -162,8 +163,9 @@ def _draw_sample(ax: Any, s: Sample) -> None:
 
 
 def _draw_source(ax: Any, s: Sample, source: Path) -> None:
+    # The one upward import of shards/: the source is shown as the ingest decoded it, so it
+    # takes the ingest's own decoder (lazily: only --source needs it, and it needs pydicom).
     from ingest.dicom import DicomRejected, decode_dicom
-    from ingest.transforms import boxes_from_letterbox
 
     src = s.meta.get("source") or {}
     rel = str(src.get("path"))

@@ -42,8 +42,20 @@ from shards.format import (
     SPLITS,
     FormatError,
 )
+from shards.label_csv import LabelFileError, PatientLabel, read_label_csv
 from shards.labels import LabelTable, read_labels
-from shards.manifest import LABELS_NAME, MANIFEST_NAME, REJECTS_NAME, SHARDS_DIR, WORK_DIR, Manifest, ShardInfo, read_manifest, sha256_file
+from shards.manifest import (
+    LABELS_NAME,
+    MANIFEST_NAME,
+    REJECTS_NAME,
+    SHARDS_DIR,
+    WORK_DIR,
+    Manifest,
+    ShardInfo,
+    params_hash,
+    read_manifest,
+    sha256_file,
+)
 from shards.scan import HEX64, Problem, ShardScan, fmt_boxes, hash_files, scan_shard
 
 log = logging.getLogger(__name__)
@@ -258,7 +270,7 @@ def verify(cfg: VerifyConfig) -> VerifyReport:
         raise VerifyUsageError(f"{out} holds no dataset (no {MANIFEST_NAME}, {SHARDS_DIR}/ or {LABELS_NAME})")
     if cfg.source is not None and not cfg.source.is_dir():
         raise VerifyUsageError(f"--source {cfg.source} is not a folder")
-    patient_labels = _read_label_csv(cfg.labels) if cfg.labels is not None else None
+    patient_labels = _load_label_csv(cfg.labels) if cfg.labels is not None else None
     workers = cfg.workers or os.cpu_count() or 1
     report = VerifyReport(out=out, mode=cfg.mode, problems=[], workers=workers)
     problems = report.problems
@@ -371,9 +383,7 @@ def _done(report: VerifyReport, t0: float) -> VerifyReport:
     return report
 
 
-def _read_label_csv(path: Path) -> tuple[dict[str, Any], str]:
-    from ingest.labels import LabelFileError, read_labels as read_label_csv
-
+def _load_label_csv(path: Path) -> tuple[dict[str, PatientLabel], str]:
     try:
         labels, _problems = read_label_csv(path)
     except LabelFileError as exc:
@@ -386,8 +396,6 @@ def _check_manifest(m: Manifest, problems: list[Problem]) -> int | None:
 
     def bad(check: str, what: str, expected: str | None = None, shard: str | None = None) -> None:
         problems.append(Problem(check, what, expected, shard=shard, where=None if shard else "manifest"))
-
-    from ingest.config import params_hash  # the very function the ingest hashed with
 
     size: int | None = None
     for field in ("size", "clahe_clip", "clahe_grid"):

@@ -17,8 +17,8 @@ from ingest.__main__ import main as ingest_main
 from ingest.config import IngestConfig
 from ingest.pipeline import run_ingest
 from ingest.plan import assign_splits
-from ingest.transforms import boxes_from_letterbox
 from shards.format import META_FIELDS
+from shards.geometry import boxes_from_letterbox
 from shards.labels import read_labels
 from shards.manifest import read_manifest
 from shards.reader import iter_samples

@@ -14,7 +14,6 @@ import pytest
 from pydicom import uid as dicom_uid
 
 from ingest.synth import (
-    CLASS_NAMES,
     CR_SOP_CLASS_UID,
     TRANSFER_SYNTAXES,
     SynthConfig,
@@ -24,6 +23,7 @@ from ingest.synth import (
     synthetic_chest,
     write_dicom,
 )
+from shards.format import CLASS_NAMES
 
 REPO = Path(__file__).resolve().parents[1]
 PID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}")

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from ingest import transforms as T
+from shards.geometry import boxes_from_letterbox, boxes_to_letterbox, letterbox_geometry
 
 
 @pytest.mark.parametrize(
@@ -18,7 +19,7 @@ from ingest import transforms as T
     ],
 )
 def test_letterbox_geometry(rows, cols, size, scale, pad_x, pad_y, new_shape) -> None:
-    g = T.letterbox_geometry(rows, cols, size)
+    g = letterbox_geometry(rows, cols, size)
     assert (g.scale, g.pad_x, g.pad_y, g.new_shape) == (pytest.approx(scale), pad_x, pad_y, new_shape)
 
 
@@ -27,10 +28,10 @@ def test_letterbox_pixels_follow_the_same_geometry_as_boxes() -> None:
     # must lie inside the box mapped by boxes_to_letterbox.
     img = np.zeros((200, 400), np.uint8)
     img[50:110, 240:320] = 255
-    g = T.letterbox_geometry(200, 400, 100)
+    g = letterbox_geometry(200, 400, 100)
     out = T.letterbox(img, g)
     assert out.shape == (100, 100) and g.pad_y == 25
-    x1, y1, x2, y2 = T.boxes_to_letterbox(np.array([[240, 50, 320, 110]]), g)[0]
+    x1, y1, x2, y2 = boxes_to_letterbox(np.array([[240, 50, 320, 110]]), g)[0]
     ys, xs = np.nonzero(out > 128)
     assert (x1, y1, x2, y2) == (60, 37.5, 80, 52.5)
     assert xs.min() >= np.floor(x1) and xs.max() < np.ceil(x2)
@@ -44,8 +45,8 @@ def test_boxes_round_trip_to_source_pixels(rows: int, cols: int) -> None:
     xy = rng.uniform(0, [cols, rows], size=(20, 2))
     wh = rng.uniform(1, 200, size=(20, 2))
     src = T.clip_boxes_xyxy(np.hstack([xy, xy + wh]), rows, cols)
-    g = T.letterbox_geometry(rows, cols, 640)
-    back = T.boxes_from_letterbox(T.boxes_to_letterbox(src, g), g.to_json())
+    g = letterbox_geometry(rows, cols, 640)
+    back = boxes_from_letterbox(boxes_to_letterbox(src, g), g.to_json())
     np.testing.assert_allclose(back, src, atol=2e-3)  # float32 storage of 640-px coordinates
 
 

@@ -13,7 +13,9 @@ already on the device (no loader: this measures the model and the parallelism), 
   or the free RAM shared by the ranks (CPU). Marked "est.": no batch is run to failure.
 
 :func:`loader_bench` compares the streaming shard loader with an on-the-fly DICOM dataset,
-both per process; ``--loader`` runs it too.
+both per process, on ``--loader-n`` synthetic 1024 px DICOMs ingested at 640 px; ``--loader``
+runs it too, ``--loader-only`` runs it alone (``--repeat`` times on the same data, the best
+reported).
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ from typing import Any
 
 import torch
 
+from shards.cli import configure_logging
+
 __all__ = ["loader_bench", "main", "model_bench"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 WARMUP_STEPS = 2
 
@@ -52,7 +56,7 @@ def _bench_worker(rank: int, world: int, port: int, spec: dict[str, Any], out: s
     """One rank of one configuration: train on synthetic batches, write results (rank 0)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    logging.basicConfig(level=logging.WARNING)
+    configure_logging(level=logging.WARNING, dask=False)
     # The detector's outputs are views; nothing here modifies them in place.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
@@ -277,8 +281,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--strategies", default="ddp,fsdp")
     p.add_argument("--amps", default=None, help="default: none,bf16 on CPU; none,bf16,fp16 on GPU")
     p.add_argument("--loader", action="store_true", help="also run loader_bench (synthetic 640 px data)")
+    p.add_argument("--loader-only", action="store_true", help="run loader_bench alone")
+    p.add_argument("--loader-n", type=int, default=512, help="synthetic DICOMs the loader bench ingests")
+    p.add_argument("--repeat", type=int, default=3, help="loader bench runs on the same data; the best is reported")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
+    configure_logging(level=logging.WARNING, dask=False)
+    if args.loader_only:
+        print(_loader_table(args.loader_n, args.repeat))
+        return 0
     amps = (args.amps or ("none,bf16,fp16" if torch.cuda.is_available() else "none,bf16")).split(",")
     where = f"{torch.cuda.get_device_name()} x{args.world}" if torch.cuda.is_available() else \
         f"CPU, {os.cpu_count()} cores, {args.world} gloo ranks"
@@ -294,14 +304,26 @@ def main(argv: list[str] | None = None) -> int:
                                         world=args.world))
     print(_table(rows))
     if args.loader:
-        r = loader_bench()
-        print(f"\nloader bench: {r['shard_samples']} samples of {r['size']}x{r['size']} in "
-              f"{r['shards']} shards, batch {r['batch']}, {r['lanes']} lanes, one process each\n")
-        print("| loader | samples/s per process |\n|---|---:|")
-        print(f"| shards (ShardLoader, sha256 checked) | {r['shard_samples_per_s']:.0f} |")
-        print(f"| DICOM on the fly (decode + CLAHE + letterbox) | {r['dicom_samples_per_s']:.1f} |")
-        print(f"\nspeedup {r['speedup']:.0f}x (targets: >= 2000 samples/s per process, >= 20x)")
+        print("\n" + _loader_table(args.loader_n, args.repeat))
     return 0
+
+
+def _loader_table(n: int, repeat: int) -> str:
+    """Run :func:`loader_bench` ``repeat`` times on one synthetic dataset; the best as markdown."""
+    with tempfile.TemporaryDirectory(prefix="loader-bench-") as tmp:
+        data = _make_dataset(Path(tmp), n, src_size=1024, size=640, shard_size=64)
+        r = max((loader_bench(data) for _ in range(repeat)), key=lambda r: r["shard_samples_per_s"])
+    return "\n".join([
+        f"loader bench: {r['shard_samples']} train samples of {r['size']}x{r['size']} in {r['shards']} shards, "
+        f"global batch {r['batch']}, {r['lanes']} lanes; one process each, page cache warm, best of {repeat}",
+        "",
+        "| loader | samples/s per process | target |",
+        "|---|---:|---:|",
+        f"| (a) shards: ShardLoader (tar parse + sha256 of every byte + JSON + batch) "
+        f"| {r['shard_samples_per_s']:.0f} | >= 2000 |",
+        f"| (b) DICOM Dataset: read + decode + CLAHE + letterbox per item | {r['dicom_samples_per_s']:.0f} | |",
+        f"| (a) / (b) | {r['speedup']:.1f}x | >= 20x |",
+    ])
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ Detector runs write the RSNA Pneumonia Detection Challenge format::
 
 one row per patient, ``conf x y width height`` per box (x, y top-left) in pixels of the
 *source* DICOM: each box is mapped from the network's input back through the resize and
-the letterbox transform stored with the sample (``ingest.transforms.boxes_from_letterbox``)
+the letterbox transform stored with the sample (``shards.geometry.boxes_from_letterbox``)
 and clipped to the source image. A patient without boxes gets an empty string. Boxes come
 from NMS (the run's IoU threshold) and are kept at or above ``--conf`` (default: the run's
 ``eval.conf``).
@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ingest.transforms import boxes_from_letterbox
+from shards.geometry import boxes_from_letterbox
 from train.checkpoint import load_export
 from train.data import read_split, to_device
 from train.distributed import DistEnv, autocast_context

@@ -1,4 +1,9 @@
-"""Parsing RSNA label files into per-patient labels, reporting every problem found.
+"""Reading RSNA's label CSVs (``stage_2_train_labels.csv``, the class file) into per-patient
+labels, reporting every problem found. (``labels.zarr``, the dataset's own label table, is
+:mod:`shards.labels`.)
+
+The ingest builds its samples from these labels and ``python -m shards verify --labels``
+accounts for them with the same reader, so it lives in the format layer.
 
 A file that cannot be parsed at all raises :class:`LabelFileError` (the run stops before any
 work). Problems in single rows become :class:`LabelProblem` values and the run goes on.
@@ -11,7 +16,7 @@ import dataclasses
 import math
 from pathlib import Path
 
-from shards.format import CLASS_NAMES
+from shards.format import CLASS_NAMES, POSITIVE_CLASS
 
 LABEL_COLUMNS = ("patientId", "x", "y", "width", "height", "Target")
 CLASS_COLUMNS = ("patientId", "class")
@@ -71,7 +76,7 @@ def _num(value: str | None) -> float | None:
     return x
 
 
-def read_labels(
+def read_label_csv(
     labels: Path, class_info: Path | None = None
 ) -> tuple[dict[str, PatientLabel], list[LabelProblem]]:
     """Parse ``stage_2_train_labels.csv`` (and optionally the class file).
@@ -140,7 +145,7 @@ def read_labels(
             if label.class_name not in (None, name):
                 problem("conflicting_class", f"classes {label.class_name!r} and {name!r}", pid, line, csrc)
                 continue
-            if (name == "Lung Opacity") != (label.target == 1):
+            if (name == POSITIVE_CLASS) != (label.target == 1):
                 problem("class_target_mismatch", f"class {name!r} with Target={label.target}", pid, line, csrc)
             label.class_name = name
     return out, problems
