@@ -9,19 +9,24 @@ from collections.abc import Iterator
 
 from distributed import Client, LocalCluster
 
+from ingest.cluster_base import ClusterError, dashboard_address, log_dashboard
 from ingest.config import IngestConfig
+
+__all__ = ["ClusterError", "open_client"]
 
 log = logging.getLogger(__name__)
 
 
-class ClusterError(RuntimeError):
-    """The cluster could not be started or got no workers in time."""
-
-
 @contextlib.contextmanager
 def open_client(cfg: IngestConfig) -> Iterator[Client]:
-    """Start the configured cluster, yield a connected client, and tear both down."""
+    """Start the configured cluster, yield a connected client, and tear both down.
+
+    Raises:
+        ClusterError: ``--cluster slurm`` got no workers (see :func:`ingest.slurm.open_slurm_client`).
+    """
     if cfg.cluster == "slurm":
+        # Imported here: dask_jobqueue writes a config template into ~/.config/dask on first
+        # import, which a local run has no business doing.
         from ingest.slurm import open_slurm_client
 
         with open_slurm_client(cfg) as client:
@@ -32,12 +37,13 @@ def open_client(cfg: IngestConfig) -> Iterator[Client]:
         n_workers=workers,
         threads_per_worker=1,
         processes=True,
-        dashboard_address=os.environ.get("PNEUMO_DASHBOARD", ":8787"),
+        dashboard_address=dashboard_address(),
         silence_logs=logging.WARNING,
     )
     try:
         with Client(cluster) as client:
-            log.info("local Dask cluster: %d worker process(es); dashboard %s", workers, client.dashboard_link)
+            log.info("local Dask cluster: %d worker process(es)", workers)
+            log_dashboard(client)
             yield client
     finally:
         cluster.close()

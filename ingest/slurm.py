@@ -14,22 +14,32 @@ Life of a run (:func:`open_slurm_client`):
 1. render the worker job script, log it, and ask Slurm whether it would accept it
    (``sbatch --test-only``): a wrong partition, account, memory or walltime fails here,
    in a second, with Slurm's own words;
-2. start the scheduler in this process and submit ``K`` jobs (``scale(jobs=K)``);
+2. make TLS credentials for this run (``Security.temporary()``: one self-signed key and
+   certificate, in memory), start the scheduler in this process on ``tls://`` and submit
+   ``K`` jobs (``scale(jobs=K)``). dask-jobqueue writes the workers' copy of the credentials
+   into a private folder on the shared filesystem (:func:`credentials_dir`) and the job script
+   names those files (``--tls-ca-file``/``--tls-cert``/``--tls-key``), never their contents;
+   a client without them is refused by the scheduler and by every worker. The dashboard
+   listens on loopback only (:func:`~ingest.cluster_base.dashboard_address`);
 3. wait, at most ``worker_timeout`` seconds, for the first worker; when none comes, raise
-   :class:`~ingest.cluster.ClusterError` naming each job's state and reason (``PENDING
+   :class:`~ingest.cluster_base.ClusterError` naming each job's state and reason (``PENDING
    (Priority)``, ``FAILED`` + the last line of its log) -- at once if every job has ended;
 4. ``adapt(minimum_jobs=K, maximum_jobs=K)``: a worker job that is cancelled, fails or
    hits its walltime is replaced ``lost-worker-timeout`` after its worker vanished (dask's
    default is 15 s; :data:`LOST_WORKER_TIMEOUT` unless the config sets another value).
    Its in-flight shard goes back to the queue (the pipeline writes every shard under a
    temporary name, so a half-written shard never counts). Workers leave on their own
-   shortly before the walltime (``--lifetime``, see :func:`lifetime_args`).
+   shortly before the walltime (``--lifetime``, see :func:`lifetime_args`). A job that ends
+   before its worker ever connected (cancelled while ``PENDING``, failed at start) is one
+   dask never hears of; :class:`UnstartedJobReplacer` finds it with ``squeue`` and has adapt
+   replace it the same way.
 5. On exit (also on SIGTERM, as ``scancel`` or the walltime sends to a driver job) the
-   cluster is closed, which cancels the worker jobs.
+   cluster is closed, which cancels the worker jobs, and the credentials folder is deleted.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import os
@@ -49,10 +59,13 @@ import dask
 # Importing dask_jobqueue registers the jobqueue.* config defaults that _conf() reads.
 from dask_jobqueue import SLURMCluster
 from dask_jobqueue.slurm import SLURMJob
-from distributed import Client
+from distributed import Client, Scheduler
+from distributed.diagnostics.plugin import SchedulerPlugin
+from distributed.security import Security
 
-from ingest.cluster import ClusterError
+from ingest.cluster_base import ClusterError, dashboard_address, log_dashboard
 from ingest.config import IngestConfig
+from shards.manifest import WORK_DIR
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +78,15 @@ LOST_WORKER_KEY = "distributed.deploy.lost-worker-timeout"
 LOST_WORKER_TIMEOUT = "5s"
 """Used instead of dask's default 15 s: how long a vanished worker's job is kept before adapt replaces it."""
 _DASK_DEFAULT_LOST_WORKER_TIMEOUT = "15s"
-PLACEHOLDER_SCHEDULER = "tcp://SCHEDULER-ADDRESS:PORT"
+PLACEHOLDER_SCHEDULER = "tls://SCHEDULER-ADDRESS:PORT"
 """Stands for the scheduler's address in a ``--dry-run`` script (known once the driver runs)."""
+CREDENTIALS_PREFIX = "tls-"
+PLACEHOLDER_CREDENTIALS = f"{CREDENTIALS_PREFIX}XXXXXXXX"
+"""Stands for the run's credentials folder in a ``--dry-run`` script (made when the driver runs)."""
 POLL_S = 2.0
+JOB_POLL_S = 5.0
+"""Seconds between the ``squeue`` calls that look for worker jobs which ended before their worker connected."""
+_PEM_BLOCK = re.compile(r"-----BEGIN ([A-Z0-9 ]+)-----.*?-----END \1-----", re.DOTALL)
 ACTIVE_STATES = frozenset({"PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING"})
 
 
@@ -142,12 +161,48 @@ def job_script(cfg: IngestConfig, scheduler: str = PLACEHOLDER_SCHEDULER) -> str
     """
     log_dir = _conf("log-directory")
     created = _missing_parents(Path(log_dir)) if log_dir else []
+    folder = credentials_base(cfg) / PLACEHOLDER_CREDENTIALS
+    security = Security(  # the worker's part only: file names, as dask-jobqueue writes them
+        require_encryption=True,
+        tls_ca_file=str(folder / ".dask-jobqueue.worker.ca_file.XXXXXXXX"),
+        tls_worker_cert=str(folder / ".dask-jobqueue.worker.cert.XXXXXXXX"),
+        tls_worker_key=str(folder / ".dask-jobqueue.worker.key.XXXXXXXX"),
+    )
     try:
-        return SLURMJob(scheduler=scheduler, name="dry-run", **cluster_kwargs(cfg)).job_script()
+        job = SLURMJob(scheduler=scheduler, name="dry-run", protocol="tls://", security=security, **cluster_kwargs(cfg))
+        return redact(job.job_script())
     finally:
         for path in created:  # SLURMJob makes the log folder; a dry run leaves no trace
             with contextlib.suppress(OSError):
                 path.rmdir()
+
+
+def redact(text: str) -> str:
+    """``text`` with every PEM block (private key, certificate) replaced by ``<... redacted>``.
+
+    The job scripts name credential *files*; this keeps a key that reached a script by another
+    route (a config that passes key material inline) out of logs and ``--dry-run`` output.
+    """
+    return _PEM_BLOCK.sub(lambda m: f"<{m.group(1).lower()} redacted>", text)
+
+
+def credentials_base(cfg: IngestConfig) -> Path:
+    """The shared folder in which each run makes its private credentials folder.
+
+    ``jobqueue.slurm.shared-temp-directory`` when the config sets one, else ``OUT/.ingest``:
+    the worker jobs already read and write ``OUT``, so it is on a filesystem they share.
+    """
+    configured = _conf("shared-temp-directory")
+    if configured:
+        return Path(os.path.expandvars(os.path.expanduser(str(configured))))
+    return cfg.out / WORK_DIR
+
+
+def credentials_dir(cfg: IngestConfig) -> Path:
+    """Make this run's credentials folder (mode 0700, under :func:`credentials_base`)."""
+    base = credentials_base(cfg)
+    base.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=CREDENTIALS_PREFIX, dir=base))
 
 
 def _missing_parents(path: Path) -> list[Path]:
@@ -185,6 +240,11 @@ def preflight(script: str) -> None:
 
 def job_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
     """``{job id: (state, reason)}`` from ``squeue --states=all``; jobs Slurm forgot are left out."""
+    return _squeue(job_ids) or {}
+
+
+def _squeue(job_ids: list[str]) -> dict[str, tuple[str, str]] | None:
+    """As :func:`job_states`, but None when ``squeue`` could not answer (then no job counts as gone)."""
     if not job_ids:
         return {}
     try:
@@ -194,7 +254,12 @@ def job_states(job_ids: list[str]) -> dict[str, tuple[str, str]]:
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         log.debug("squeue failed: %s", exc)
-        return {}
+        return None
+    if proc.returncode != 0:
+        if "Invalid job id" in proc.stderr:  # asked about one job only, and Slurm forgot it
+            return {}
+        log.debug("squeue failed: %s", proc.stderr.strip())
+        return None
     out = {}
     for line in proc.stdout.splitlines():
         parts = line.strip().split("|")
@@ -273,6 +338,97 @@ def wait_for_first_worker(client: Client, cluster: Any, jobs: int, timeout_s: fl
             raise ClusterError(f"no Dask worker connected: {why}: {describe_jobs(ids, jobs, cluster.scheduler_address)}")
 
 
+class UnstartedJobReplacer(SchedulerPlugin):
+    """Has adapt replace worker jobs that ended before their worker connected.
+
+    dask replaces a job when the scheduler sees its worker vanish; a job cancelled while still
+    ``PENDING`` (or failing before its worker starts) never had a worker, stays in the
+    cluster's plan, and would hold its place forever. This plugin records the name of every
+    worker that connects (it runs inside the scheduler, in this process); a thread asks
+    ``squeue`` every :data:`JOB_POLL_S` seconds about the cluster's jobs, and for a job that
+    has ended without a worker drops it from ``cluster.workers``, as dask does for a lost
+    worker, so adapt submits its replacement on its next tick.
+
+    Jobs that fail at start are replaced at most ``jobs`` times in a row (until a worker
+    connects), so a broken node or venv does not turn into a submission loop; jobs that were
+    cancelled are always replaced.
+    """
+
+    name = "pneumo-unstarted-job-replacer"
+
+    def __init__(self, cluster: Any, jobs: int, poll_s: float = JOB_POLL_S) -> None:
+        self.cluster = cluster
+        self.jobs = jobs
+        self.poll_s = poll_s
+        self.connected: set[str] = set()
+        self.start_failures = 0
+        self.replaced: list[str] = []
+        """Job ids replaced so far, in order."""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def add_worker(self, scheduler: Scheduler, worker: str) -> None:
+        self.connected.add(str(scheduler.workers[worker].name))
+        self.start_failures = 0
+
+    def _worker_names(self, name: str) -> set[str]:
+        """The names the workers of job ``name`` register under (``name-0``... with processes > 1)."""
+        spec = self.cluster.worker_spec.get(name, {})
+        return {f"{name}{suffix}" for suffix in spec.get("group", [""])}
+
+    def _ever_connected(self, name: str) -> bool:
+        return bool(self._worker_names(name) & self.connected)
+
+    def check(self) -> None:
+        """One look at Slurm: schedule the replacement of every ended job that never had a worker."""
+        jobs = {name: job for name, job in list(self.cluster.workers.items()) if getattr(job, "job_id", None)}
+        states = _squeue(sorted({str(job.job_id) for job in jobs.values()}))
+        if states is None:
+            return
+        for name, job in jobs.items():
+            state, reason = states.get(str(job.job_id), ("GONE", "no longer known to Slurm"))
+            if state in ACTIVE_STATES or self._ever_connected(name):
+                continue  # still queued or running, or dask's lost-worker path replaces it
+            tail = None if state == "CANCELLED" else _stderr_tail(str(job.job_id))
+            detail = f"; {tail}" if tail else ""
+            self.cluster.loop.add_callback(self._forget, name, job, f"{state} ({reason}){detail}")
+
+    def _forget(self, name: str, job: Any, why: str) -> None:
+        """On the cluster's event loop: drop ``job`` so that adapt submits a new one in its place."""
+        if self.cluster.workers.get(name) is not job or self._ever_connected(name):
+            return
+        if not why.startswith("CANCELLED"):
+            self.start_failures += 1
+            if self.start_failures > self.jobs:
+                if self.start_failures == self.jobs + 1:
+                    log.error("worker job %s ended %s before its worker connected; %d jobs in a row did, "
+                              "so no more are submitted until a worker connects: check the job log",
+                              job.job_id, why, self.start_failures)
+                return
+        del self.cluster.workers[name]
+        self.replaced.append(str(job.job_id))
+        asyncio.ensure_future(job.close())  # scancel of an ended job; errors are suppressed there
+        log.warning("worker job %s ended %s before its worker connected; submitting a replacement", job.job_id, why)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.poll_s):
+            try:
+                self.check()
+            except Exception:  # never let a failed look end the watching; the next one may work
+                log.debug("checking worker jobs failed", exc_info=True)
+
+    @contextlib.contextmanager
+    def watching(self) -> Iterator[UnstartedJobReplacer]:
+        """Run :meth:`check` every ``poll_s`` seconds on a daemon thread until the block ends."""
+        self._thread = threading.Thread(target=self._run, name="pneumo-job-watch", daemon=True)
+        self._thread.start()
+        try:
+            yield self
+        finally:
+            self._stop.set()
+            self._thread.join(timeout=60)
+
+
 @contextlib.contextmanager
 def _cancel_jobs_on_sigterm() -> Iterator[None]:
     """Turn SIGTERM (scancel, walltime of a driver job) into SystemExit so the cluster closes
@@ -293,7 +449,7 @@ def _cancel_jobs_on_sigterm() -> Iterator[None]:
 
 @contextlib.contextmanager
 def open_slurm_client(cfg: IngestConfig) -> Iterator[Client]:
-    """Start a SLURMCluster with ``cfg.jobs`` worker jobs kept running; yield a client.
+    """Start a SLURMCluster with ``cfg.jobs`` worker jobs kept running, over TLS; yield a client.
 
     Raises:
         ClusterError: Slurm rejects the job, the scheduler cannot start (bad interface), or
@@ -302,30 +458,45 @@ def open_slurm_client(cfg: IngestConfig) -> Iterator[Client]:
     kwargs = cluster_kwargs(cfg)
     preflight(job_script(cfg))
     options = dict(_conf("scheduler-options") or {})
-    options.setdefault("dashboard_address", os.environ.get("PNEUMO_DASHBOARD", ":8787"))
+    options.setdefault("dashboard_address", dashboard_address())
     overrides = {}
     if str(dask.config.get(LOST_WORKER_KEY)) == _DASK_DEFAULT_LOST_WORKER_TIMEOUT:
         overrides[LOST_WORKER_KEY] = LOST_WORKER_TIMEOUT
-    with dask.config.set(overrides), _cancel_jobs_on_sigterm():
-        try:
-            cluster = SLURMCluster(scheduler_options=options, **kwargs)
-        except (RuntimeError, ValueError, OSError) as exc:
-            raise ClusterError(f"the Dask scheduler for --cluster slurm did not start: {exc}") from exc
-        try:
-            log.info("Slurm worker job script (one per job):\n%s", cluster.job_script())
-            with Client(cluster) as client:
-                t0 = time.monotonic()
-                cluster.scale(jobs=cfg.jobs)
-                log.info("SLURMCluster: %d worker job(s) submitted; scheduler %s; dashboard %s",
-                         cfg.jobs, cluster.scheduler_address, client.dashboard_link)
-                waited = wait_for_first_worker(client, cluster, cfg.jobs, cfg.worker_timeout)
-                log.info("first worker connected after %.1f s; jobs %s", waited, " ".join(_job_ids(cluster)))
-                # Keep K jobs: a cancelled, failed or timed-out job is resubmitted.
-                cluster.adapt(minimum_jobs=cfg.jobs, maximum_jobs=cfg.jobs)
-                try:
-                    yield client
-                finally:
-                    log.info("SLURMCluster: done %.1f s after submitting; cancelling worker jobs %s",
-                             time.monotonic() - t0, " ".join(_job_ids(cluster)))
-        finally:
-            cluster.close()
+    credentials = credentials_dir(cfg)
+    try:
+        with dask.config.set(overrides), _cancel_jobs_on_sigterm():
+            try:
+                cluster = SLURMCluster(scheduler_options=options, security=Security.temporary(),
+                                       shared_temp_directory=str(credentials), **kwargs)
+            except (RuntimeError, ValueError, OSError) as exc:
+                raise ClusterError(f"the Dask scheduler for --cluster slurm did not start: {exc}") from exc
+            try:
+                yield from _run_cluster(cluster, cfg, credentials)
+            finally:
+                cluster.close()
+    finally:
+        shutil.rmtree(credentials, ignore_errors=True)
+
+
+def _run_cluster(cluster: Any, cfg: IngestConfig, credentials: Path) -> Iterator[Client]:
+    """Submit the jobs, wait for the first worker, keep ``cfg.jobs`` jobs, and yield a client."""
+    replacer = UnstartedJobReplacer(cluster, cfg.jobs)
+    # A plain dict insert, safe from this thread; done before any job exists, so no worker goes unseen.
+    cluster.scheduler.add_plugin(replacer)
+    log.info("Slurm worker job script (one per job):\n%s", redact(cluster.job_script()))
+    with Client(cluster) as client:
+        t0 = time.monotonic()
+        cluster.scale(jobs=cfg.jobs)
+        log.info("SLURMCluster: %d worker job(s) submitted; scheduler %s (TLS with credentials made for this "
+                 "run, in %s until it ends)", cfg.jobs, cluster.scheduler_address, credentials)
+        log_dashboard(client)
+        waited = wait_for_first_worker(client, cluster, cfg.jobs, cfg.worker_timeout)
+        log.info("first worker connected after %.1f s; jobs %s", waited, " ".join(_job_ids(cluster)))
+        # Keep K jobs: a cancelled, failed or timed-out job is resubmitted.
+        cluster.adapt(minimum_jobs=cfg.jobs, maximum_jobs=cfg.jobs)
+        with replacer.watching():
+            try:
+                yield client
+            finally:
+                log.info("SLURMCluster: done %.1f s after submitting; cancelling worker jobs %s",
+                         time.monotonic() - t0, " ".join(_job_ids(cluster)))

@@ -2,15 +2,22 @@
 
 The job-script test only renders text and needs no scheduler; the others are marked
 ``slurm`` and use the session fixture ``slurm_cluster`` from ``tests/slurm_fixture.py``.
+The last one runs the ingest's own ``open_slurm_client`` (TLS with credentials made for the
+run) and knocks on its scheduler and a worker without those credentials.
 """
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import re
+import ssl
+import stat
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -19,6 +26,11 @@ import dask
 import pytest
 from dask_jobqueue import SLURMCluster
 from distributed import Client
+from distributed.comm import connect
+from distributed.security import Security
+
+from ingest.config import IngestConfig
+from ingest.slurm import open_slurm_client, redact
 
 if TYPE_CHECKING:  # a runtime import would load the plugin before pytest can rewrite it
     from tests.slurm_fixture import SlurmInfo
@@ -199,3 +211,92 @@ def test_slurm_cluster_workers_run_in_separate_jobs_and_are_replaced(
     # Closing the cluster cancels its jobs.
     for job_id in live:
         _wait_until(lambda j=job_id: _job_ended(j), JOB_TIMEOUT_S, f"job {job_id} to end")
+
+
+def _identity(address: str, **connection_args: Any) -> dict[str, Any]:
+    """Open a comm to ``address`` and ask who is there: what any client does first."""
+
+    async def ask() -> dict[str, Any]:
+        comm = await connect(address, timeout=5, **connection_args)
+        try:
+            await comm.write({"op": "identity"})
+            return await comm.read()
+        finally:
+            await comm.close()
+
+    return asyncio.run(ask())
+
+
+def _batch_script(job_id: str) -> str:
+    """The script Slurm keeps for a job in its spool (what any admin or later ``scontrol`` reads)."""
+    return subprocess.run(["scontrol", "write", "batch_script", job_id, "-"], capture_output=True, text=True,
+                          timeout=30, check=True).stdout
+
+
+def _listening_on(port: int) -> set[str]:
+    """IPv4 addresses with a listening TCP socket on ``port`` (from ``/proc/net/tcp``)."""
+    hosts = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state = line.split()[1], line.split()[3]
+        host_hex, port_hex = local.split(":")
+        if state == "0A" and int(port_hex, 16) == port:  # 0A: LISTEN
+            hosts.add(".".join(str(b) for b in reversed(bytes.fromhex(host_hex))))
+    return hosts
+
+
+def test_redact_hides_pem_blocks() -> None:
+    key = Security.temporary().tls_worker_key.strip()
+    text = f"dask_worker --tls-key {key} --name w"
+    assert redact(text) == "dask_worker --tls-key <private key redacted> --name w"
+
+
+@pytest.mark.slurm
+def test_ingest_cluster_speaks_tls_and_refuses_clients_without_the_run_credentials(
+    slurm_cluster: SlurmInfo, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    cfg = IngestConfig(dicom_dir=tmp_path, out=out, cluster="slurm", jobs=1, worker_timeout=WORKER_TIMEOUT_S)
+    config = {f"jobqueue.slurm.{key}": value for key, value in {
+        "name": f"pneumo-t-{uuid.uuid4().hex[:8]}", "queue": slurm_cluster.partition, "cores": 1, "memory": "1GB",
+        "walltime": "00:10:00", "interface": "lo", "local-directory": str(tmp_path / "local"),
+        "log-directory": str(tmp_path / "logs")}.items()}
+    other_run = Security.temporary()
+    with (dask.config.set(config), caplog.at_level(logging.INFO, logger="ingest"),
+          open_slurm_client(cfg) as client):
+        scheduler = client.scheduler.address
+        workers = client.scheduler_info()["workers"]
+        assert scheduler.startswith("tls://") and workers and all(w.startswith("tls://") for w in workers), workers
+        assert client.submit(lambda: 6 * 7, pure=False).result(timeout=30) == 42
+        assert _listening_on(client.scheduler_info()["services"]["dashboard"]) == {"127.0.0.1"}
+
+        # The workers' copy of the credentials: one private folder on the shared filesystem.
+        (folder,) = (out / ".ingest").glob("tls-*")
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700
+        files = sorted(folder.iterdir())
+        assert len(files) == 3 and all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in files), files
+        # What Slurm keeps of the job names those files and holds no key.
+        (job_id,) = {str(spec.job_id) for spec in client.cluster.workers.values()}
+        script = _batch_script(job_id)
+        assert f"--tls-key {folder}/" in script and "PRIVATE KEY" not in script, script
+
+        ca_only = ssl.create_default_context(cadata=client.security.tls_ca_file)
+        ca_only.check_hostname = False
+        outsiders = {
+            "plain TCP": (scheduler.replace("tls://", "tcp://", 1), {}),
+            "TLS trusting the run's CA, no client certificate": (scheduler, {"ssl_context": ca_only}),
+            "TLS with another run's credentials": (scheduler, other_run.get_connection_args("client")),
+            "a worker, with another run's credentials": (next(iter(workers)), other_run.get_connection_args("client")),
+        }
+        for who, (address, args) in outsiders.items():
+            with pytest.raises(OSError):  # CommClosedError and its Fatal kind are OSErrors
+                _identity(address, **args)
+                pytest.fail(f"{who} got in")
+        # The run's own credentials do get in: the refusals above are about credentials.
+        assert _identity(scheduler, **client.security.get_connection_args("client"))["type"] == "Scheduler"
+
+    logged = caplog.text
+    assert f"scheduler {scheduler} (TLS" in logged and "--protocol tls://" in logged
+    assert "PRIVATE KEY" not in logged
+    assert "dashboard: http://localhost:" in logged and "ssh -L" in logged
+    assert not folder.exists(), "the credentials folder is deleted when the run ends"

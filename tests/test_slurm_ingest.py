@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -163,6 +164,11 @@ def test_dry_run_prints_the_job_script_and_starts_nothing(
     assert printed.startswith("#!/usr/bin/env bash")
     for line in ("#SBATCH -p cpu", "#SBATCH -A rad", "#SBATCH -t 00:20:00", "#SBATCH --cpus-per-task=1"):
         assert line in printed.splitlines()
+    # TLS: the workers get credential file names (made when the driver runs), never a key.
+    credentials = out / ".ingest" / slurm.PLACEHOLDER_CREDENTIALS
+    for part in ("tls://SCHEDULER-ADDRESS:PORT", "--protocol tls://", f"--tls-key {credentials}/"):
+        assert part in printed, part
+    assert "PRIVATE KEY" not in printed
     assert not out.exists()
 
 
@@ -218,10 +224,15 @@ def _assert_identical(out: Path, reference: Path) -> None:
     assert not differ, f"files differ from the LocalCluster run: {differ}"
 
 
-def _jobs_named(name: str) -> set[str]:
-    proc = subprocess.run(["squeue", "--noheader", f"--name={name}", "--format=%i"],
+def _states_named(name: str) -> dict[str, str]:
+    """``{job id: state}`` of the jobs called ``name`` that Slurm still lists."""
+    proc = subprocess.run(["squeue", "--noheader", f"--name={name}", "--format=%i %T"],
                           capture_output=True, text=True, timeout=30, check=True)
-    return set(proc.stdout.split())
+    return dict(line.split() for line in proc.stdout.splitlines() if line.strip())
+
+
+def _jobs_named(name: str) -> set[str]:
+    return set(_states_named(name))
 
 
 def _no_jobs_left(name: str, timeout_s: float = 30) -> bool:
@@ -232,6 +243,23 @@ def _no_jobs_left(name: str, timeout_s: float = 30) -> bool:
             return False
         time.sleep(0.5)
     return True
+
+
+def _run_watched(cmd: list[str], env: dict[str, str], watch: Callable[[], None]) -> subprocess.CompletedProcess[str]:
+    """Run ``cmd``, calling ``watch()`` every 0.3 s while it runs; kill it if the test fails or it overruns."""
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    try:
+        while proc.poll() is None:
+            assert time.monotonic() < deadline, "the run did not finish in time"
+            watch()
+            time.sleep(0.3)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
 
 
 def _unique_name() -> str:
@@ -263,30 +291,23 @@ def test_cancelled_worker_job_is_replaced_and_output_is_identical(
     out = tmp_path / "ds"
     # 7 shards at >= 1.5 s each on 2 workers: both are mid-shard when the first one is done.
     env = _env(config, PNEUMO_INGEST_TEST_DELAY_S="1.5")
-    proc = subprocess.Popen(_ingest_cmd(synth_small, out, "--jobs", "2"), env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     seen: set[str] = set()
     victim = None
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    try:
-        while proc.poll() is None:
-            assert time.monotonic() < deadline, "the run did not finish in time"
-            seen |= _jobs_named(name)
-            done = list((out / ".ingest" / "done").glob("*.json")) if (out / ".ingest" / "done").is_dir() else []
-            if victim is None and done:
-                victim = min(seen, key=int)
-                subprocess.run(["scancel", victim], check=True, timeout=30)
-                assert len(done) < 7, "cancelled too late to hit a shard in flight"
-            time.sleep(0.3)
-        stdout, stderr = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 0, stderr[-3000:]
+
+    def cancel_one_mid_shard() -> None:
+        nonlocal victim
+        seen.update(_jobs_named(name))
+        done = list((out / ".ingest" / "done").glob("*.json")) if (out / ".ingest" / "done").is_dir() else []
+        if victim is None and done:
+            victim = min(seen, key=int)
+            subprocess.run(["scancel", victim], check=True, timeout=30)
+            assert len(done) < 7, "cancelled too late to hit a shard in flight"
+
+    proc = _run_watched(_ingest_cmd(synth_small, out, "--jobs", "2"), env, cancel_one_mid_shard)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert victim is not None, "no shard finished while the run was watched"
     assert len(seen) >= 3, f"expected a replacement job besides the two first ones, saw {sorted(seen)}"
-    assert "shards: 7 built" in stdout
+    assert "shards: 7 built" in proc.stdout
     _assert_identical(out, ingested_small)
     assert _no_jobs_left(name), "worker jobs are cancelled when the run ends"
 
@@ -335,3 +356,51 @@ def test_slurm_bench_runs_and_finds_identical_bytes(
     assert rc == 0, printed
     assert "| SLURMCluster (K jobs) | 1 |" in printed and "| LocalCluster (K processes) | 1 |" in printed
     assert "same shard bytes on every cluster: yes" in printed
+
+
+def _sbatch_filler(partition: str, name: str, cpus: int) -> str:
+    """A sleeping job that holds ``cpus`` CPUs of the test node; returns its id."""
+    return subprocess.run(["sbatch", "--parsable", "-p", partition, "-J", name, "-c", str(cpus), "--mem=100M",
+                           "-o", "/dev/null", "--wrap", "sleep 600"],
+                          capture_output=True, text=True, timeout=30, check=True).stdout.strip()
+
+
+@pytest.mark.slurm
+def test_worker_job_cancelled_while_pending_is_replaced_and_output_is_identical(
+    slurm_cluster: SlurmInfo, synth_small: Any, ingested_small: Path, tmp_path: Path
+) -> None:
+    name = _unique_name()
+    config = _dask_config(tmp_path / "dask", slurm_cluster.partition, name)
+    out = tmp_path / "ds"
+    # Fill the node but one core: the first worker job runs, the second waits (PENDING, Resources).
+    filler = _sbatch_filler(slurm_cluster.partition, f"{name}-filler", slurm_cluster.cores - 1)
+    env = _env(config, PNEUMO_INGEST_TEST_DELAY_S="2")  # 7 shards on the one worker: >= 14 s
+    seen: dict[str, set[str]] = {}
+    victim = None
+
+    def cancel_the_pending_job_then_free_the_node() -> None:
+        nonlocal victim, filler
+        now = _states_named(name)
+        for job, state in now.items():
+            seen.setdefault(job, set()).add(state)
+        if victim is None and sorted(now.values()) == ["PENDING", "RUNNING"]:
+            victim = next(job for job, state in now.items() if state == "PENDING")
+            subprocess.run(["scancel", victim], check=True, timeout=30)
+        if victim and filler and len(seen) > 2:  # the replacement is queued: let it run
+            subprocess.run(["scancel", filler], check=True, timeout=30)
+            filler = None
+
+    try:
+        proc = _run_watched(_ingest_cmd(synth_small, out, "--jobs", "2"), env,
+                            cancel_the_pending_job_then_free_the_node)
+    finally:
+        if filler:
+            subprocess.run(["scancel", filler], check=False, timeout=30)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert victim is not None, f"no worker job was seen pending beside a running one: {seen}"
+    replacements = sorted(set(seen) - set(sorted(seen, key=int)[:2]), key=int)
+    assert replacements and "RUNNING" in seen[replacements[0]], f"no replacement job ran: {seen}"
+    assert f"worker job {victim} ended CANCELLED" in proc.stderr and "submitting a replacement" in proc.stderr
+    assert "shards: 7 built" in proc.stdout
+    _assert_identical(out, ingested_small)
+    assert _no_jobs_left(name), "worker jobs are cancelled when the run ends"
