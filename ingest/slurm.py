@@ -80,6 +80,8 @@ LOST_WORKER_TIMEOUT = "5s"
 _DASK_DEFAULT_LOST_WORKER_TIMEOUT = "15s"
 PLACEHOLDER_SCHEDULER = "tls://SCHEDULER-ADDRESS:PORT"
 """Stands for the scheduler's address in a ``--dry-run`` script (known once the driver runs)."""
+WORKER_HTTP_ADDRESS = "127.0.0.1:0"
+"""Where each worker's HTTP server listens: loopback of its node, any free port."""
 CREDENTIALS_PREFIX = "tls-"
 PLACEHOLDER_CREDENTIALS = f"{CREDENTIALS_PREFIX}XXXXXXXX"
 """Stands for the run's credentials folder in a ``--dry-run`` script (made when the driver runs)."""
@@ -148,6 +150,9 @@ def cluster_kwargs(cfg: IngestConfig) -> dict[str, Any]:
     extra = list(_conf("worker-extra-args") or [])
     if not any(a.startswith("--lifetime") for a in map(str, extra)):
         extra += lifetime_args(walltime)
+    if "--dashboard-address" not in map(str, extra):
+        # Each worker serves HTTP (metrics, health), by default on every interface of its node.
+        extra += ["--dashboard-address", WORKER_HTTP_ADDRESS]
     kw["worker_extra_args"] = extra
     return kw
 

@@ -98,7 +98,8 @@ def test_cluster_kwargs_fill_only_what_the_config_leaves_unset(tmp_path: Path) -
                           "jobqueue.slurm.processes": None, "jobqueue.slurm.walltime": "00:30:00"}):
         kw = slurm.cluster_kwargs(_cfg(tmp_path))
     assert kw == {"cores": 1, "processes": 1, "memory": "2GB",
-                  "worker_extra_args": ["--lifetime", "1620s", "--lifetime-stagger", "90s"]}
+                  "worker_extra_args": ["--lifetime", "1620s", "--lifetime-stagger", "90s",
+                                        "--dashboard-address", "127.0.0.1:0"]}
 
     config = {"jobqueue.slurm.cores": 8, "jobqueue.slurm.memory": "32GB", "jobqueue.slurm.processes": None,
               "jobqueue.slurm.queue": "cpu", "jobqueue.slurm.worker-extra-args": ["--lifetime", "50m"]}
@@ -106,7 +107,7 @@ def test_cluster_kwargs_fill_only_what_the_config_leaves_unset(tmp_path: Path) -
         kw = slurm.cluster_kwargs(_cfg(tmp_path, queue="big", account="rad", walltime="02:00:00"))
     # cores and memory come from the config through dask-jobqueue itself; one process per core
     assert kw == {"processes": 8, "queue": "big", "account": "rad", "walltime": "02:00:00",
-                  "worker_extra_args": ["--lifetime", "50m"]}
+                  "worker_extra_args": ["--lifetime", "50m", "--dashboard-address", "127.0.0.1:0"]}
 
 
 def test_job_script_renders_config_and_cli_overrides(tmp_path: Path) -> None:
