@@ -21,6 +21,7 @@ from shards.format import (
     SPLITS,
     FormatError,
     check_key,
+    check_member_name,
     decode_image,
     decode_meta,
     encode_image,
@@ -43,7 +44,7 @@ from shards.manifest import (
     read_manifest,
     write_manifest,
 )
-from shards.reader import Sample, ShardChecksumError, check_member_name, iter_samples
+from shards.reader import Sample, ShardChecksumError, iter_samples
 from shards.verify import (
     CHECKS,
     Problem,

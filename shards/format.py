@@ -12,6 +12,7 @@ import functools
 import io
 import json
 import re
+from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -72,6 +73,13 @@ def split_member(name: str) -> tuple[str, str]:
     if not dot:
         raise FormatError(f"member {name!r} has no extension")
     return key, ext
+
+
+def check_member_name(name: str) -> None:
+    """Raise :class:`FormatError` for a name that could escape an extraction directory."""
+    p = PurePosixPath(name)
+    if p.is_absolute() or ".." in p.parts or "/" in name or "\\" in name:
+        raise FormatError(f"unsafe member name {name!r}")
 
 
 def encode_image(image: np.ndarray) -> bytes:

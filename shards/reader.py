@@ -1,9 +1,9 @@
 """Streaming shard reader: pairs members per key, never unpickles, checks the shard hash.
 
-The reader parses the tar headers itself (ustar, with pax and GNU long names) in one
-sequential pass over the file: each member is read once into its own buffer and hashed as it
-arrives (the SHA-256 of the whole file, on a helper thread), and the image is a read-only view
-of that buffer (no copy).
+The tar structure is parsed by :class:`shards.tar.TarParser` in one sequential pass over the
+file: each member is read once into its own buffer and hashed as it arrives (the SHA-256 of
+the whole file, on a helper thread), and the image is a read-only view of that buffer (no
+copy).
 """
 
 from __future__ import annotations
@@ -13,15 +13,16 @@ import hashlib
 import queue
 import threading
 from collections.abc import Iterator
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 
-from shards.format import IMAGE_EXT, META_EXT, FormatError, decode_image, decode_meta, split_member
+from shards.format import IMAGE_EXT, META_EXT, FormatError, check_member_name, decode_image, decode_meta, split_member
+from shards.tar import TarParser
 
-BLOCK = 512
 READ_CHUNK = 4 << 20
+"""Bytes per read of the buffered file (and per read after the end-of-archive marker)."""
 
 
 class ShardChecksumError(RuntimeError):
@@ -80,102 +81,35 @@ class _ThreadedSha256:
     close = hexdigest
 
 
-class _TarStream:
-    """Reads one tar file member by member, feeding every byte read to a hasher."""
+class _OwnBuffers:
+    """A :class:`shards.tar.ByteSource` that reads each request into a buffer of its own (so an
+    image can stay a view of it) and hands every buffer to the hasher as it arrives."""
 
-    def __init__(self, f: BinaryIO, name: str) -> None:
-        self._f, self._name = f, name
+    def __init__(self, f: BinaryIO) -> None:
+        self._f = f
         self.sha256 = _ThreadedSha256()
         self.offset = 0
 
-    def read(self, n: int, what: str) -> bytearray:
+    def read(self, n: int) -> bytearray:
         buf = bytearray(n)
         view = memoryview(buf)
         got = 0
-        while got < n:
-            k = self._f.readinto(view[got:])
-            if not k:
-                raise FormatError(f"{self._name}: file ends inside {what} (byte {self.offset + got})")
+        while got < n and (k := self._f.readinto(view[got:])):
             got += k
-        self.offset += n
+        self.offset += got
+        if got < n:
+            buf = buf[:got]  # the end of the file: the parser reports where
         self.sha256.update(buf)
         return buf
+
+    def skip(self, n: int) -> int:
+        return len(self.read(n))
 
     def drain(self) -> None:
         """Read (and hash) whatever follows the end-of-archive marker."""
         while chunk := self._f.read(READ_CHUNK):
             self.offset += len(chunk)
             self.sha256.update(chunk)
-
-
-def _octal(field: bytes, what: str) -> int:
-    text = field.split(b"\0", 1)[0].strip()
-    try:
-        return int(text, 8) if text else 0
-    except ValueError as exc:
-        raise FormatError(f"bad {what} field {field!r}") from exc
-
-
-def _pax_path(data: bytes) -> str | None:
-    """The ``path`` record of a pax extended header, if any."""
-    pos, path = 0, None
-    while pos < len(data):
-        space = data.find(b" ", pos)
-        if space < 0:
-            break
-        length = int(data[pos:space])
-        record = data[space + 1 : pos + length - 1]
-        k, _, v = record.partition(b"=")
-        if k == b"path":
-            path = v.decode("utf-8")
-        pos += length
-    return path
-
-
-def check_member_name(name: str) -> None:
-    """Raise :class:`FormatError` for a name that could escape an extraction directory."""
-    p = PurePosixPath(name)
-    if p.is_absolute() or ".." in p.parts or "/" in name or "\\" in name:
-        raise FormatError(f"unsafe member name {name!r}")
-
-
-def iter_members(stream: _TarStream, shard: str) -> Iterator[tuple[str, str, bytearray]]:
-    """Yield (key, extension, data) for each regular member of a tar stream."""
-    long_name: str | None = None
-    while True:
-        hdr = stream.read(BLOCK, "a tar header")
-        if not any(hdr):
-            return  # end-of-archive marker
-        stored = _octal(hdr[148:156], "checksum")
-        if stored != sum(hdr[:148]) + 256 + sum(hdr[156:]):
-            raise FormatError(f"{shard}: damaged tar header at byte {stream.offset - BLOCK} (bad checksum)")
-        size = _octal(hdr[124:136], "size")
-        kind = hdr[156:157]
-        padded = -(-size // BLOCK) * BLOCK
-        name = long_name or _ustar_name(hdr)
-        long_name = None
-        if kind in (b"x", b"L"):
-            data = stream.read(padded, "a long-name header")[:size]
-            long_name = _pax_path(bytes(data)) if kind == b"x" else data.rstrip(b"\0").decode("utf-8")
-            continue
-        if kind == b"g":
-            stream.read(padded, "a pax global header")
-            continue
-        if kind not in (b"0", b"\0"):
-            raise FormatError(f"{shard}: member {name!r} is not a regular file")
-        check_member_name(name)
-        key, ext = split_member(name)
-        data = stream.read(padded, f"member {name}")
-        yield key, ext, data if padded == size else memoryview(data)[:size]
-
-
-def _ustar_name(hdr: bytearray) -> str:
-    name = bytes(hdr[0:100]).split(b"\0", 1)[0]
-    if hdr[257:262] == b"ustar":
-        prefix = bytes(hdr[345:500]).split(b"\0", 1)[0]
-        if prefix:
-            name = prefix + b"/" + name
-    return name.decode("utf-8")
 
 
 def iter_samples(
@@ -201,11 +135,11 @@ def iter_samples(
     path = Path(path)
     name = path.name
     with open(path, "rb", buffering=READ_CHUNK) as f:
-        stream = _TarStream(f, name)
+        stream = _OwnBuffers(f)
         try:
             pending: dict[str, Any] = {}
             pending_key: str | None = None
-            for key, ext, data in iter_members(stream, name):
+            for key, ext, data in _sample_members(TarParser(stream, name), name):
                 if pending_key is not None and key != pending_key:
                     raise FormatError(f"{name}: sample {pending_key!r} is missing {_missing(pending)}")
                 if ext not in (IMAGE_EXT, META_EXT):
@@ -230,6 +164,16 @@ def iter_samples(
     actual = stream.sha256.hexdigest()
     if expected_sha256 is not None and actual != expected_sha256:
         raise ShardChecksumError(name, expected_sha256, actual)
+
+
+def _sample_members(parser: TarParser, shard: str) -> Iterator[tuple[str, str, bytearray | memoryview]]:
+    """(key, extension, data) of each member; anything but a regular file of a safe name raises."""
+    for member in parser.members():
+        if not member.is_file:
+            raise FormatError(f"{shard}: member {member.name!r} is not a regular file")
+        check_member_name(member.name)
+        key, ext = split_member(member.name)
+        yield key, ext, parser.read_data(member)
 
 
 def _missing(pending: dict[str, Any]) -> str:

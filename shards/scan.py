@@ -13,7 +13,6 @@ import hashlib
 import logging
 import math
 import re
-import tarfile
 import time
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -27,6 +26,7 @@ from shards.format import (
     META_FIELDS,
     FormatError,
     check_key,
+    check_member_name,
     decode_image,
     decode_meta,
     key_for,
@@ -34,14 +34,12 @@ from shards.format import (
 )
 from shards.geometry import TRANSFORM_FIELDS, letterbox_geometry
 from shards.manifest import sha256_file
-from shards.reader import check_member_name
+from shards.tar import TarHeaderError, TarMember, TarParser, TarTruncatedError
 
 log = logging.getLogger(__name__)
 
 CHUNK = 4 << 20
 """Bytes read (and hashed) per system call while scanning a shard."""
-BLOCK = 512
-"""Tar block size."""
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 """A hex SHA-256 digest."""
 
@@ -94,10 +92,11 @@ class ShardScan:
 
 
 class _HashedChunks:
-    """Reads a file in big chunks, hashing each chunk as it arrives, and hands out byte
-    ranges from them: the file's bytes are read exactly once, whatever is parsed or skipped.
+    """A :class:`shards.tar.ByteSource` that reads a file in big chunks, hashing each chunk as
+    it arrives, and hands out byte ranges from them: the file's bytes are read exactly once,
+    whatever is parsed or skipped.
 
-    A memoryview returned by :meth:`take` is valid until the next call.
+    A memoryview returned by :meth:`read` is valid until the next call.
     """
 
     def __init__(self, raw: BinaryIO, chunk: int = CHUNK) -> None:
@@ -122,7 +121,7 @@ class _HashedChunks:
         self._pos, self._end = 0, n
         return True
 
-    def take(self, n: int) -> bytes | memoryview:
+    def read(self, n: int) -> bytes | memoryview:
         """The next ``n`` bytes (fewer at end of file)."""
         if self._end - self._pos >= n:
             view = self._mv[self._pos : self._pos + n]
@@ -161,33 +160,12 @@ class _HashedChunks:
                 return first
 
 
-def _padded(size: int) -> int:
-    return -(-size // BLOCK) * BLOCK
-
-
-def _key_from_damaged_header(block: bytes) -> str | None:
-    """Best effort: the key in the name field of a header whose checksum failed."""
-    name = block[:100].split(b"\0", 1)[0].decode("utf-8", "replace")
+def _key_of(name: str | None) -> str | None:
+    """Best effort: the sample key in a member name (None when there is none)."""
     try:
-        key, _ = split_member(name)
-        return check_key(key)
+        return check_key(split_member(name)[0]) if name is not None else None
     except FormatError:
         return None
-
-
-def _pax_records(data: bytes) -> dict[str, str]:
-    """Parse pax extended-header records (``"<len> <key>=<value>\\n"``)."""
-    out: dict[str, str] = {}
-    pos = 0
-    while pos < len(data) and data[pos] != 0:
-        space = data.index(b" ", pos)
-        length = int(data[pos:space])
-        if length <= 0:
-            raise ValueError(f"bad pax record length {length}")
-        key, _, value = data[space + 1 : pos + length - 1].partition(b"=")
-        out[key.decode("utf-8")] = value.decode("utf-8", "surrogateescape")
-        pos += length
-    return out
 
 
 class _ShardWalk:
@@ -206,66 +184,40 @@ class _ShardWalk:
         self.scan.problems.append(Problem(check, what, expected, shard=self.scan.name, key=key))
 
     def run(self) -> None:
-        chunks = self.chunks
-        long_name: str | None = None
-        long_size: int | None = None
-        while True:
-            at = chunks.offset
-            header = bytes(chunks.take(BLOCK))
-            if len(header) < BLOCK:
-                what = ("file ends without the tar end-of-archive marker" if not header
-                        else f"file ends inside the tar header at byte {at}")
-                if self.cur_key is not None and len(self.cur_exts) < 2:
-                    self.problem("tar_truncated", f"{what}, before this sample's other member", key=self.cur_key)
-                    self.cur_key = None
-                    return
-                self._close_sample()
-                after = f" after key {self.scan.keys[-1]}" if self.scan.keys else ""
-                self.problem("tar_truncated", what + after)
-                return
-            try:
-                info = tarfile.TarInfo.frombuf(header, "utf-8", "surrogateescape")
-            except tarfile.EOFHeaderError:  # an all-zero block: the end-of-archive marker
-                self._close_sample()
-                junk = chunks.drain()
-                if junk is not None:
-                    self.problem("tar_trailer", f"non-zero byte at offset {junk} after the end-of-archive marker")
-                self.scan.complete = True
-                return
-            except tarfile.HeaderError as exc:
-                key = _key_from_damaged_header(header) if long_name is None else None
-                self.problem("tar_header", f"damaged tar header at byte {at} ({exc}); rest of shard not parsed",
-                             key=key)
-                return
-            name = long_name if long_name is not None else info.name
-            size = long_size if long_size is not None else info.size
-            long_name = long_size = None
-            if info.type in (tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME):
-                data = bytes(chunks.take(_padded(size)))[:size]
-                if len(data) < size:
-                    self.problem("tar_truncated", f"file ends inside an extended header at byte {at}")
-                    return
-                try:
-                    if info.type == tarfile.XHDTYPE:
-                        rec = _pax_records(data)
-                        long_name = rec.get("path")
-                        long_size = int(rec["size"]) if "size" in rec else None
-                    else:
-                        long_name = data.split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-                except (ValueError, KeyError) as exc:
-                    self.problem("tar_header", f"damaged extended header at byte {at} ({exc}); rest not parsed")
-                    return
-                continue
-            if not self._member(name, size, info):
-                return
+        parser = TarParser(self.chunks, self.scan.name)
+        try:
+            for member in parser.members():
+                self._member(member, parser)
+        except TarTruncatedError as exc:
+            self._truncated(exc)
+            return
+        except TarHeaderError as exc:
+            self.problem("tar_header", f"{exc.what}; rest of shard not parsed", key=_key_of(exc.name))
+            return
+        self._close_sample()
+        junk = self.chunks.drain()
+        if junk is not None:
+            self.problem("tar_trailer", f"non-zero byte at offset {junk} after the end-of-archive marker")
+        self.scan.complete = True
 
-    def _member(self, name: str, size: int, info: tarfile.TarInfo) -> bool:
-        """Handle one member; False when the file ended inside it."""
-        chunks = self.chunks
+    def _truncated(self, exc: TarTruncatedError) -> None:
+        if exc.member is not None:
+            self.problem("tar_truncated", exc.what, key=_key_of(exc.member))
+        elif self.cur_key is not None and len(self.cur_exts) < 2:
+            self.problem("tar_truncated", f"{exc.what}, before this sample's other member", key=self.cur_key)
+        else:
+            self._close_sample()
+            after = f" after key {self.scan.keys[-1]}" if self.scan.keys else ""
+            self.problem("tar_truncated", exc.what + after)
+        self.cur_key = None  # reported; no "missing .json" on top
+
+    def _member(self, member: TarMember, parser: TarParser) -> None:
+        """Check one member; read its data when there is something to check in it."""
+        name = member.name
         key: str | None = None
-        ok = info.isreg()
+        ok = member.is_file
         if not ok:
-            self.problem("tar_member", f"member {name!r} is not a regular file (type {info.type!r})")
+            self.problem("tar_member", f"member {name!r} is not a regular file (type {member.type!r})")
         try:
             check_member_name(name)
             key, ext = split_member(name)
@@ -278,41 +230,22 @@ class _ShardWalk:
             self.problem("tar_member", f"unexpected member {name!r}", key=key, expected=f".{IMAGE_EXT} or .{META_EXT}")
             ok = False
         if not ok or key is None:
-            return self._skip(_padded(size), key, name)
+            return
         if key != self.cur_key:
             self._close_sample()
             self.cur_key, self.cur_exts, self.cur_meta = key, set(), None
         if ext in self.cur_exts:
             self.problem("pairing", f"member {name} occurs twice in a row", key=key)
-            return self._skip(_padded(size), key, name)
+            return
         self.cur_exts.add(ext)
-        if ext == IMAGE_EXT and not self.deep:
-            return self._skip(_padded(size), key, name)
-        data = chunks.take(_padded(size))
-        if len(data) < size:
-            self._truncated_in(key, name)
-            return False
         if ext == META_EXT:
-            self._meta(key, bytes(data[:size]))
-        else:
+            self._meta(key, bytes(parser.read_data(member)))
+        elif self.deep:
+            data = parser.read_data(member)  # a truncation raises here, not as an image problem
             try:
-                decode_image(data[:size], self.size)
+                decode_image(data, self.size)
             except FormatError as exc:
                 self.problem("image", str(exc), key=key)
-        if len(data) < _padded(size):
-            self._truncated_in(key, name)
-            return False
-        return True
-
-    def _skip(self, n: int, key: str | None, name: str) -> bool:
-        if self.chunks.skip(n) < n:
-            self._truncated_in(key, name)
-            return False
-        return True
-
-    def _truncated_in(self, key: str | None, name: str) -> None:
-        self.problem("tar_truncated", f"file ends inside member {name}", key=key)
-        self.cur_key = None  # reported; no "missing .json" on top
 
     def _close_sample(self) -> None:
         key = self.cur_key

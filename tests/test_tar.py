@@ -1,0 +1,168 @@
+"""The one tar parser (shards.tar) on its own, and through both of its readers: the loader's
+iter_samples (raises) and verify's scan_shard (reports)."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from shards.format import FormatError, encode_image
+from shards.reader import iter_samples
+from shards.scan import scan_shard
+from shards.tar import BLOCK, TarHeaderError, TarParser, TarTruncatedError, padded
+
+LONG = "k" * 120  # member names longer than the 100 bytes of a ustar name field
+
+
+class _Bytes:
+    """A ByteSource over bytes in memory."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data, self.offset = data, 0
+
+    def read(self, n: int) -> bytes:
+        out = self._data[self.offset : self.offset + n]
+        self.offset += len(out)
+        return out
+
+    def skip(self, n: int) -> int:
+        return len(self.read(n))
+
+
+def _sample(key: str) -> list[tuple[str, bytes]]:
+    meta = {"key": key, "split": "train", "target": 0, "boxes": []}
+    return [(f"{key}.npy", encode_image(np.full((8, 8), 7, np.uint8))), (f"{key}.json", json.dumps(meta).encode())]
+
+
+def _tar(members: list[tuple[str, bytes]], fmt: int = tarfile.PAX_FORMAT) -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=fmt) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def _offsets(data: bytes) -> list[tarfile.TarInfo]:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return tar.getmembers()
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT], ids=["pax", "gnu"])
+def test_long_names_are_read_whole(fmt: int) -> None:
+    members = _sample("a") + _sample(LONG)
+    data = _tar(members, fmt)
+    parser = TarParser(_Bytes(data), "s.tar")
+    got = [(m.name, m.size, bytes(parser.read_data(m))) for m in parser.members()]
+    assert got == [(n, len(d), d) for n, d in members]
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT], ids=["pax", "gnu"])
+def test_both_readers_take_long_names(tmp_path: Path, fmt: int) -> None:
+    path = tmp_path / "s.tar"
+    path.write_bytes(_tar(_sample("a") + _sample(LONG), fmt))
+    assert [s.key for s in iter_samples(path, size=8)] == ["a", LONG]
+    scan = scan_shard(path, split="train", size=8)
+    assert scan.keys == ["a", LONG] and scan.complete and not scan.problems
+
+
+def test_unread_members_are_skipped_and_offsets_match_tarfile() -> None:
+    data = _tar(_sample("a") + _sample(LONG))
+    source = _Bytes(data)
+    members = list(TarParser(source, "s.tar").members())
+    assert [m.offset for m in members] == [i.offset for i in _offsets(data)]
+    last = _offsets(data)[-1]
+    assert source.offset == last.offset_data + padded(last.size) + BLOCK  # its data skipped, then the end marker
+
+
+def _damage(data: bytes, how: str) -> bytes:
+    second = _offsets(data)[1]  # a.json
+    if how == "checksum":
+        b = bytearray(data)
+        b[second.offset + 140] ^= 0xFF  # the mtime field: the stored checksum no longer holds
+        return bytes(b)
+    if how == "in-header":
+        return data[: second.offset + 100]
+    if how == "in-member":
+        return data[: second.offset_data + 10]
+    if how == "in-padding":
+        return data[: second.offset_data + second.size + 1]
+    if how == "no-end-marker":
+        return data[: second.offset_data + BLOCK]
+    raise AssertionError(how)
+
+
+DAMAGE = [  # (damage, error, member named by the error, scan check, key the scan names)
+    ("checksum", TarHeaderError, None, "tar_header", "a"),
+    ("in-header", TarTruncatedError, None, "tar_truncated", "a"),
+    ("in-member", TarTruncatedError, "a.json", "tar_truncated", "a"),
+    ("in-padding", TarTruncatedError, "a.json", "tar_truncated", "a"),
+    ("no-end-marker", TarTruncatedError, None, "tar_truncated", None),
+]
+
+
+@pytest.mark.parametrize("how, error, member, check, key", DAMAGE, ids=[d[0] for d in DAMAGE])
+def test_damage_raises_in_the_parser(how: str, error: type, member: str | None, check: str, key: str | None) -> None:
+    data = _damage(_tar(_sample("a")), how)
+    parser = TarParser(_Bytes(data), "s.tar")
+    with pytest.raises(error) as err:
+        for m in parser.members():
+            parser.read_data(m)
+    assert err.value.shard == "s.tar" and str(err.value).startswith("s.tar: ")
+    assert getattr(err.value, "member", None) == member
+    if how == "checksum":
+        assert err.value.name == "a.json" and "bad checksum" in err.value.what
+    if how == "in-member":  # skipping the member finds the same truncation
+        with pytest.raises(error):
+            list(TarParser(_Bytes(data), "s.tar").members())
+
+
+@pytest.mark.parametrize("how, error, member, check, key", DAMAGE, ids=[d[0] for d in DAMAGE])
+def test_damage_through_both_readers(tmp_path: Path, how: str, error: type, member: str | None, check: str,
+                                     key: str | None) -> None:
+    path = tmp_path / "s.tar"
+    path.write_bytes(_damage(_tar(_sample("a")), how))
+    with pytest.raises(FormatError, match="s.tar: "):
+        list(iter_samples(path, size=8))
+    scan = scan_shard(path, split="train", size=8)
+    assert [(p.check, p.key) for p in scan.problems] == [(check, key)]
+    assert not scan.complete
+
+
+@pytest.mark.parametrize("record, reason", [
+    (b"99 path=a.npy\n", "bad record length 99"),
+    (b"x path=a.npy\n", "invalid literal"),
+    (b"12 pathanpy\n", "has no '='"),
+    (b"11 size=-1\n", "size '-1'"),
+], ids=["length-past-end", "length-not-a-number", "no-equals", "negative-size"])
+def test_damaged_pax_records_are_header_errors(record: bytes, reason: str) -> None:
+    info = tarfile.TarInfo("././@PaxHeader")
+    info.type, info.size = tarfile.XHDTYPE, len(record)
+    header = info.tobuf(tarfile.USTAR_FORMAT)
+    data = header + record.ljust(BLOCK, b"\0") + _tar(_sample("a"))
+    with pytest.raises(TarHeaderError, match="damaged pax header at byte 0") as err:
+        list(TarParser(_Bytes(data), "s.tar").members())
+    assert reason in err.value.what
+
+
+def test_read_data_only_for_the_member_just_yielded() -> None:
+    parser = TarParser(_Bytes(_tar(_sample("a"))), "s.tar")
+    members = parser.members()
+    first = next(members)
+    parser.read_data(first)
+    with pytest.raises(ValueError, match="read already"):
+        parser.read_data(first)
+
+
+def test_loader_images_are_views_of_the_member_buffer(tmp_path: Path) -> None:
+    path = tmp_path / "s.tar"
+    path.write_bytes(_tar(_sample("a")))
+    (sample,) = iter_samples(path, size=8)
+    assert not sample.image.flags.owndata and not sample.image.flags.writeable
+    assert int(sample.image.sum()) == 7 * 64
