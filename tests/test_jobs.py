@@ -322,8 +322,6 @@ def test_train_sbatch_starts_two_ranks_in_one_process_group(
 def test_train_sbatch_runs_a_few_cpu_steps_to_completion(
     slurm_cluster: SlurmInfo, ingested_small: Path, tmp_path: Path
 ) -> None:
-    if not (REPO / "train" / "__main__.py").exists():
-        pytest.skip("train/__main__.py (the trainer CLI) does not exist yet: python -m train cannot run")
     run, log = tmp_path / "run", tmp_path / "train.out"
     env = _submit_env(DATA=str(ingested_small), RUN=str(run), LAUNCH="torchrun", PROCS_PER_NODE="2", TASK="classify",
                       TRAIN_ARGS="--strategy ddp --amp none --max-steps 3 --batch-size 4 --image-size 64 --workers 0")

@@ -1,0 +1,33 @@
+"""Promises of the project's own metadata (pyproject.toml)."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from importlib import metadata
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _floor(spec: str | None) -> tuple[int, ...]:
+    """The lowest Python a ``Requires-Python`` spec allows (only ``>=X.Y`` bounds are read)."""
+    found = re.search(r">=\s*(\d+(?:\.\d+)*)", spec or "")
+    return tuple(int(p) for p in found.group(1).split(".")) if found else (0,)
+
+
+def test_requires_python_is_no_lower_than_any_dependency_needs() -> None:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    ours = _floor(project["requires-python"])
+    deps = [*project["dependencies"], *(d for extra in project["optional-dependencies"].values() for d in extra)]
+    assert deps, "no dependencies read from pyproject.toml"
+    higher = {}
+    for dep in deps:
+        name = re.split(r"[\s<>=!~\[;]", dep, maxsplit=1)[0]
+        try:
+            theirs = _floor(metadata.metadata(name)["Requires-Python"])
+        except metadata.PackageNotFoundError:
+            continue  # an extra that is not installed here
+        if theirs > ours:
+            higher[name] = ".".join(map(str, theirs))
+    assert not higher, f"requires-python {project['requires-python']!r}, but these need more: {higher}"
