@@ -4,10 +4,12 @@
 This is the bottom layer: ``ingest/`` (which builds datasets) and ``train/`` (which reads them)
 stand on it and never on each other. Modules: :mod:`shards.format` (member names,
 encode/decode, never pickled), :mod:`shards.geometry` (the letterbox every sample records),
-:mod:`shards.writer` (deterministic shard writer), :mod:`shards.reader` (streaming reader that
-checks the shard's sha256), :mod:`shards.manifest` (with ``params_hash``), :mod:`shards.labels`
-(``labels.zarr``), :mod:`shards.label_csv` (RSNA's label CSVs), and :mod:`shards.verify`
-(integrity checks). ``python -m shards`` runs verify / stats / show;
+:mod:`shards.writer` (deterministic shard writer), :mod:`shards.tar` (the one tar parser),
+:mod:`shards.reader` (streaming reader that checks the shard's sha256), :mod:`shards.manifest`
+(with ``params_hash``), :mod:`shards.labels` (``labels.zarr``), :mod:`shards.label_csv`
+(RSNA's label CSVs), and the integrity checks: :mod:`shards.verify` (the driver),
+:mod:`shards.scan` (one shard in one pass), :mod:`shards.crosschecks` (dataset-level checks)
+and :mod:`shards.report` (the check table and the report). ``python -m shards`` runs verify / stats / show;
 :mod:`shards.stats` and :mod:`shards.show` need matplotlib and are not imported here.
 """
 
@@ -45,16 +47,9 @@ from shards.manifest import (
     write_manifest,
 )
 from shards.reader import Sample, ShardChecksumError, iter_samples
-from shards.verify import (
-    CHECKS,
-    Problem,
-    ShardScan,
-    VerifyConfig,
-    VerifyReport,
-    VerifyUsageError,
-    scan_shard,
-    verify,
-)
+from shards.report import CHECKS, Problem, VerifyReport
+from shards.scan import ShardScan, scan_shard
+from shards.verify import VerifyConfig, VerifyUsageError, verify
 from shards.writer import ShardWriter, WrittenShard
 
 __all__ = [

@@ -36,7 +36,8 @@ from pathlib import Path
 
 from shards.cli import configure_logging
 from shards.manifest import SHARDS_DIR, read_manifest
-from shards.verify import VerifyConfig, VerifyReport, verify
+from shards.report import VerifyReport
+from shards.verify import VerifyConfig, verify
 
 log = logging.getLogger(__name__)
 

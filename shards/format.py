@@ -26,6 +26,7 @@ MEMBER_EXTS = (IMAGE_EXT, META_EXT)
 """Member suffixes of one sample, in the order they are written."""
 
 SPLITS = ("train", "val")
+"""The dataset's splits, in manifest order."""
 CLASS_NAMES = ("Normal", "No Lung Opacity / Not Normal", "Lung Opacity")
 """RSNA's detailed classes; a sample's ``class_id`` indexes this tuple (-1: unknown)."""
 POSITIVE_CLASS = CLASS_NAMES[2]
@@ -65,6 +66,10 @@ def shard_name(split: str, index: int) -> str:
     if split not in SPLITS:
         raise ValueError(f"split {split!r} is not one of {SPLITS}")
     return f"{split}-{index:06d}.tar"
+
+
+SHARD_NAME = re.compile(rf"^({'|'.join(SPLITS)})-(\d{{6}})\.tar$")
+"""A shard file name as :func:`shard_name` makes it; groups: split, index."""
 
 
 def split_member(name: str) -> tuple[str, str]:

@@ -34,6 +34,7 @@ from shards.format import (
 )
 from shards.geometry import TRANSFORM_FIELDS, letterbox_geometry
 from shards.manifest import sha256_file
+from shards.report import Problem
 from shards.tar import TarHeaderError, TarMember, TarParser, TarTruncatedError
 
 log = logging.getLogger(__name__)
@@ -42,32 +43,6 @@ CHUNK = 4 << 20
 """Bytes read (and hashed) per system call while scanning a shard."""
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 """A hex SHA-256 digest."""
-
-
-@dataclasses.dataclass(frozen=True)
-class Problem:
-    """One thing found wrong; printed as one line and written to the JSON report."""
-
-    check: str
-    """A key of :data:`CHECKS`."""
-    what: str
-    """What is wrong, in words."""
-    expected: str | None = None
-    """What was expected instead, when there is a single expected value."""
-    shard: str | None = None
-    """The shard file it concerns."""
-    key: str | None = None
-    """The sample key it concerns."""
-    where: str | None = None
-    """Any other location: ``manifest``, ``labels.zarr row 7``, ``source a/b.dcm``."""
-
-    def line(self) -> str:
-        """``<shard> key <key> <where>: <what> (expected <expected>)``."""
-        loc = " ".join(
-            p for p in (self.shard, f"key {self.key}" if self.key else None, self.where) if p
-        )
-        text = f"{loc or 'dataset'}: {self.what}"
-        return text + (f" (expected {self.expected})" if self.expected is not None else "")
 
 
 @dataclasses.dataclass

@@ -18,7 +18,9 @@ from shards.__main__ import main as shards_main
 from shards.labels import LabelTable, read_labels, write_labels
 from shards.manifest import read_manifest
 from shards.reader import ShardChecksumError, iter_samples
-from shards.verify import CHECKS, VerifyConfig, VerifyUsageError, scan_shard, verify
+from shards.report import CHECKS, Problem
+from shards.scan import scan_shard
+from shards.verify import VerifyConfig, VerifyUsageError, verify
 from shards.writer import ShardWriter
 
 ANY = "*"
@@ -330,9 +332,9 @@ def test_corruption_matrix(case: Case, work: Built, capsys: pytest.CaptureFixtur
     for check, shard, key in case.expect:
         shard = shard.format(**names) if shard else None
         key = key.format(**names) if key else None
-        assert any(_matches(p, check, shard, key) for p in problems), (check, shard, key, out)
-        line = next(x for x in out.splitlines() if (shard or "") in x and (key or "") in x)
-        assert line
+        found = next((p for p in problems if _matches(p, check, shard, key)), None)
+        assert found is not None, (check, shard, key, out)
+        assert Problem(**found).line() in out.splitlines()  # printed as one line naming its shard and key
     assert {p["check"] for p in problems} == {c for c, _, _ in case.expect}, out
     assert all(p["check"] in CHECKS for p in problems)
 
