@@ -1,0 +1,49 @@
+"""Building a dataset: DICOM files -> CLAHE'd, letterboxed uint8 images in tar shards, on Dask.
+
+Modules, one per stage:
+
+* :mod:`ingest.config`: ``IngestConfig``, the one config of a run (CLI flags map onto it).
+* :mod:`ingest.plan`: discovery of the input files, patient-level split, the shard plan.
+* :mod:`ingest.dicom`: strict decoding of one DICOM to uint8 pixels (or a reject reason).
+* :mod:`ingest.transforms`: CLAHE and the letterbox resize (the geometry is
+  :mod:`shards.geometry`).
+* :mod:`ingest.worker`: one shard task: decode, transform, write the shard.
+* :mod:`ingest.pipeline`: ``run_ingest``, the driver: plan, Dask tasks, labels, manifest last.
+* :mod:`ingest.cluster`, :mod:`ingest.slurm`, :mod:`ingest.cluster_base`: the Dask cluster
+  (a ``LocalCluster`` or Slurm worker jobs).
+* :mod:`ingest.synth`: RSNA-like synthetic DICOMs and label CSVs, for demos and tests.
+* entry points: ``python -m ingest``, ``ingest.synth``, ``ingest.bench``, ``ingest.slurm_bench``.
+
+The dataset format itself (and the label CSV reader verify shares) is :mod:`shards`; ingest
+stands on it and never on :mod:`train`. The names below are imported lazily, so
+``import ingest.dicom`` does not import Dask.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "IngestConfig": "ingest.config",
+    "IngestSummary": "ingest.pipeline",
+    "IngestUsageError": "ingest.pipeline",
+    "run_ingest": "ingest.pipeline",
+    "ClusterError": "ingest.cluster_base",
+    "DicomRejected": "ingest.dicom",
+    "decode_dicom": "ingest.dicom",
+    "make_dataset": "ingest.synth",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ingest' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -20,7 +20,7 @@ from ingest.cluster import open_client
 from ingest.config import IngestConfig
 from ingest.plan import Plan, ShardTask, make_plan
 from ingest.worker import DONE_DIR, WORK_DIR, build_shard, label_row
-from shards.format import FORMAT_VERSION
+from shards.format import FORMAT_VERSION, SPLITS
 from shards.label_csv import LabelFileError, read_label_csv
 from shards.labels import LabelTable, write_labels
 from shards.manifest import (
@@ -241,7 +241,7 @@ def _finish(
     shards: list[ShardInfo] = []
     rejects = [r.to_json() for r in plan.rejects]
     problems = [p.to_json() for p in plan.problems]
-    counts: dict[str, Any] = {s: {"samples": 0, "positives": 0, "boxes": 0, "shards": 0} for s in ("train", "val")}
+    counts: dict[str, Any] = {s: {"samples": 0, "positives": 0, "boxes": 0, "shards": 0} for s in SPLITS}
     for index, task in enumerate(plan.tasks):
         rec = records[task.name]
         shards.append(
@@ -267,8 +267,8 @@ def _finish(
     problems_by = collections.Counter(p["reason"] for p in problems)
     counts.update(
         samples=len(rows),
-        positives=sum(counts[s]["positives"] for s in ("train", "val")),
-        boxes=sum(counts[s]["boxes"] for s in ("train", "val")),
+        positives=sum(counts[s]["positives"] for s in SPLITS),
+        boxes=sum(counts[s]["boxes"] for s in SPLITS),
         inputs=len(plan.inputs),
         rejects=len(rejects),
         rejects_by_reason=dict(sorted(rejects_by.items())),

@@ -13,7 +13,7 @@ import os
 from collections import defaultdict
 from pathlib import Path
 
-from shards.format import key_for, shard_name
+from shards.format import SPLITS, key_for, shard_name
 from shards.label_csv import LabelProblem, PatientLabel
 
 DICOM_SUFFIX = ".dcm"
@@ -187,7 +187,7 @@ def make_plan(
     targets = {pid: (labels[pid].target if labels is not None else -1) for pid in chosen}
     split_of = assign_splits(targets, val_fraction, seed)
     tasks: list[ShardTask] = []
-    for split in ("train", "val"):
+    for split in SPLITS:
         pids = sorted((p for p in chosen if split_of[p] == split), key=lambda p: (unit_hash(seed + 1, p), p))
         for index, start in enumerate(range(0, len(pids), shard_size)):
             samples = []

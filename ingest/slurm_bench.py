@@ -19,7 +19,6 @@ gets 1 core and 2 GB. ``--queue`` overrides the partition.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import shutil
@@ -34,6 +33,7 @@ from ingest.config import IngestConfig
 from ingest.pipeline import run_ingest
 from ingest.synth import make_dataset
 from shards.cli import configure_logging
+from shards.manifest import read_manifest
 
 
 def _cfg(kind: str, workers: int, synth: Any, out: Path, shard_size: int, queue: str | None) -> IngestConfig:
@@ -62,13 +62,13 @@ def ingest_once(cfg: IngestConfig) -> dict[str, Any]:
     summary = run_ingest(cfg)
     wall = time.perf_counter() - t0
     recs = summary.records
-    manifest = json.loads((cfg.out / "manifest.json").read_text())
+    manifest = read_manifest(cfg.out)
     return {
         "wall": wall,
         "span": max(r["finished"] for r in recs) - min(r["started"] for r in recs),
         "busy": sum(r["seconds"] for r in recs),
         "samples": summary.counts["samples"],
-        "hashes": [s["sha256"] for s in manifest["shards"]],
+        "hashes": [s.sha256 for s in manifest.shards],
     }
 
 

@@ -35,7 +35,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from shards.cli import configure_logging
-from shards.manifest import SHARDS_DIR, read_manifest
+from shards.manifest import READ_CHUNK, SHARDS_DIR, read_manifest
 from shards.report import VerifyReport
 from shards.verify import VerifyConfig, verify
 
@@ -109,7 +109,7 @@ def time_sha256sum(files: list[Path], repeat: int) -> float:
 def time_hashlib(files: list[Path], repeat: int) -> float:
     """Best wall seconds of Python's hashlib.sha256 over the files in 4 MB reads: the hash alone."""
     best = float("inf")
-    buf = memoryview(bytearray(4 << 20))
+    buf = memoryview(bytearray(READ_CHUNK))
     for _ in range(repeat):
         t = time.perf_counter()
         for f in files:

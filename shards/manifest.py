@@ -17,6 +17,8 @@ LABELS_NAME = "labels.zarr"
 REJECTS_NAME = "rejects.jsonl"
 WORK_DIR = ".ingest"
 """Scratch folder of an unfinished ingest (removed when ``manifest.json`` is written)."""
+READ_CHUNK = 4 << 20
+"""Bytes per read when a whole file is read and hashed (shards, source files)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -118,7 +120,7 @@ def params_hash(params: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
 
 
-def sha256_file(path: Path | str, chunk: int = 4 << 20) -> str:
+def sha256_file(path: Path | str, chunk: int = READ_CHUNK) -> str:
     """Hex SHA-256 of a file, read in ``chunk``-byte pieces."""
     h = hashlib.sha256()
     with open(path, "rb") as f:

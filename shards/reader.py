@@ -19,10 +19,9 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from shards.format import IMAGE_EXT, META_EXT, FormatError, check_member_name, decode_image, decode_meta, split_member
+from shards.manifest import READ_CHUNK
 from shards.tar import TarParser
 
-READ_CHUNK = 4 << 20
-"""Bytes per read of the buffered file (and per read after the end-of-archive marker)."""
 
 
 class ShardChecksumError(RuntimeError):

@@ -33,14 +33,12 @@ from shards.format import (
     split_member,
 )
 from shards.geometry import TRANSFORM_FIELDS, letterbox_geometry
-from shards.manifest import sha256_file
+from shards.manifest import READ_CHUNK, sha256_file
 from shards.report import Problem
 from shards.tar import TarHeaderError, TarMember, TarParser, TarTruncatedError
 
 log = logging.getLogger(__name__)
 
-CHUNK = 4 << 20
-"""Bytes read (and hashed) per system call while scanning a shard."""
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 """A hex SHA-256 digest."""
 
@@ -74,7 +72,7 @@ class _HashedChunks:
     A memoryview returned by :meth:`read` is valid until the next call.
     """
 
-    def __init__(self, raw: BinaryIO, chunk: int = CHUNK) -> None:
+    def __init__(self, raw: BinaryIO, chunk: int = READ_CHUNK) -> None:
         self._raw = raw
         self._buf = bytearray(chunk)
         self._mv = memoryview(self._buf)
@@ -387,7 +385,7 @@ def hash_files(root: Path | str, rels: list[str]) -> dict[str, str]:
     out: dict[str, str] = {}
     for rel in rels:
         try:
-            out[rel] = sha256_file(Path(root) / rel, CHUNK)
+            out[rel] = sha256_file(Path(root) / rel)
         except OSError as exc:
             out[rel] = f"error: {exc.strerror or exc}"
     return out

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from shards.format import SPLITS
 from shards.geometry import boxes_from_letterbox
 from train.checkpoint import load_export
 from train.data import read_split, to_device
@@ -44,7 +45,8 @@ from train.distributed import DistEnv, autocast_context
 __all__ = ["load_model", "main", "predict_rows", "write_csv"]
 
 logger = logging.getLogger(__name__)
-SPLITS = {"train": ("train",), "val": ("val",), "all": ("train", "val")}
+SPLIT_CHOICES = {**{s: (s,) for s in SPLITS}, "all": SPLITS}
+"""``--split`` values and the splits each one reads."""
 
 
 def load_model(export: dict, device: torch.device) -> nn.Module:
@@ -91,7 +93,7 @@ def predict_rows(data: Path, export: dict, *, split: str = "all", batch_size: in
     if detect:
         task = DetectTask(model, stored_size=int(export["stored_size"]), conf=conf,
                           iou=float(export["iou"]), max_det=int(export["max_det"]))
-    for name in SPLITS[split]:
+    for name in SPLIT_CHOICES[split]:
         info = read_split(data, name)
         if not info.samples:
             continue
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--data", type=Path, required=True, help="dataset folder from `python -m ingest`")
     p.add_argument("--checkpoint", type=Path, required=True, help="run folder (or its model.pt)")
     p.add_argument("--out", type=Path, required=True, help="CSV to write")
-    p.add_argument("--split", choices=tuple(SPLITS), default="all", help="which samples to predict")
+    p.add_argument("--split", choices=tuple(SPLIT_CHOICES), default="all", help="which samples to predict")
     p.add_argument("--conf", type=float, help="detector: lowest box confidence kept (default: the run's)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
