@@ -289,6 +289,23 @@ def test_config_round_trips_through_toml(tmp_path: Path):
     assert again.data.num_lanes == 12 and DataConfig(batch_size=64).num_lanes == 16
 
 
+@pytest.mark.parametrize("name", [
+    "tab\there", "new\nline\r", "bell\x07 escape\x1b del\x7f nul\x00", 'quote" back\\slash',
+    "triple\"\"\" ''' quotes", "unicode \u00e9 \u2713 \U0001f600", "\u2028 line separator",
+])
+def test_config_toml_round_trips_control_characters_in_paths(tmp_path: Path, name: str):
+    cfg = TrainConfig.from_dict({
+        "out": str(tmp_path / name / "run"), "data": {"path": f"/data/{name}"},
+        "model": {"task": "detect", "weights": f"{name}.pt", "trust_weights": True},
+    })
+    text = dump_toml(cfg)
+    # TOML allows a raw tab in a string; every other control character must be escaped
+    assert not any(ord(c) < 0x20 and c not in "\t\n" or c == "\x7f" for c in text)
+    path = tmp_path / "config.toml"
+    path.write_text(text, encoding="utf-8")
+    assert TrainConfig.from_dict(load_toml(path)) == cfg
+
+
 @pytest.mark.parametrize(("data", "message"), [
     ({"epoch": 3}, "unknown config key 'epoch'"),
     ({"data": {"batchsize": 3}}, r"unknown key\(s\) \['batchsize'\] in \[data\]"),

@@ -180,7 +180,7 @@ def test_report_draws_the_curves(ingested_small: Path, runs_dir: Path, tmp_path:
 
 
 def test_non_finite_loss_names_the_step_and_terms():
-    from train.loop import LossGuard, NonFiniteLossError
+    from train.state import LossGuard, NonFiniteLossError
 
     guard = LossGuard(("loss", "box", "cls", "dfl"))
     guard.update(1, torch.tensor([1.0, 0.5, 0.3, 0.2]))

@@ -7,7 +7,10 @@ Modules, one per stage:
 * :mod:`train.augment`: seeded augmentation of images and boxes, in torch ops on the device.
 * :mod:`train.models`: the CNN classifier and the YOLOv8 detector (no ``torch.distributed``).
 * :mod:`train.distributed`: process groups, DDP / FSDP2, mixed precision.
-* :mod:`train.loop`: ``build_run``, ``train``, ``train_step``, ``evaluate``.
+* :mod:`train.tasks`: what the classifier and the detector differ in (loss, predictions, metrics).
+* :mod:`train.state`: what a run holds (``Run``), the loss guard, the metrics writer.
+* :mod:`train.build`: ``build_run`` (dataset, loaders, model, optimizer, resume), ``build_model``.
+* :mod:`train.loop`: ``train``, ``train_step``, ``evaluate``, checkpoint and export calls.
 * :mod:`train.checkpoint`: DCP checkpoints and the single-file export.
 * :mod:`train.metrics`: classifier and detector metrics (numpy).
 * entry points: ``python -m train``, ``train.predict``, ``train.report``, ``train.bench``.
@@ -37,11 +40,11 @@ _EXPORTS = {
     "to_device": "train.data",
     "augment": "train.augment",
     "step_params": "train.augment",
-    "build_run": "train.loop",
+    "build_run": "train.build",
     "train": "train.loop",
     "train_step": "train.loop",
     "evaluate": "train.loop",
-    "NonFiniteLossError": "train.loop",
+    "NonFiniteLossError": "train.state",
     "save_checkpoint": "train.checkpoint",
     "load_checkpoint": "train.checkpoint",
     "export_model": "train.checkpoint",

@@ -33,6 +33,7 @@ FLAG_FIELDS: dict[str, tuple[str | None, str]] = {
     "task": ("model", "task"),
     "model": ("model", "name"),
     "weights": ("model", "weights"),
+    "trust_weights": ("model", "trust_weights"),
     "strategy": ("parallel", "strategy"),
     "amp": ("parallel", "amp"),
     "epochs": (None, "epochs"),
@@ -63,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help=f"cnn for classify; {', '.join(DETECTORS)} for detect "
                    "(built from the ultralytics yaml, 1 channel, 1 class; anchor-free)")
     p.add_argument("--weights", type=Path, help="initial weights (state_dict, model.pt, ultralytics .pt)")
+    p.add_argument("--trust-weights", action="store_true", default=None,
+                   help="allow a full unpickle of --weights (it can run code from the file); "
+                   "needed for an ultralytics .pt. Only for files you trust")
     p.add_argument("--strategy", choices=STRATEGIES, help="ddp or fsdp (FSDP2); default ddp")
     p.add_argument("--amp", choices=AMP_CHOICES, help="autocast dtype; default bf16")
     p.add_argument("--epochs", type=int, help="epochs (the LR schedule spans them); default 10")
@@ -142,13 +146,15 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     setup_logging(rank, args.verbose)
     log = logging.getLogger("train")
-    from train.loop import NonFiniteLossError, build_run, train
+    from train.build import build_run
+    from train.loop import train
+    from train.state import NonFiniteLossError
 
     try:
         env = init_distributed()
         try:
             run = build_run(cfg, env)
-        except ValueError as exc:
+        except (ValueError, FileNotFoundError) as exc:
             log.error("%s", exc)
             return EXIT_USAGE
         train(run)

@@ -69,7 +69,8 @@ def _bench_worker(rank: int, world: int, port: int, spec: dict[str, Any], out: s
         make_grad_scaler,
         parallelize,
     )
-    from train.loop import ClassifyTask, DetectTask, build_model, build_optimizer
+    from train.build import build_model, build_optimizer
+    from train.tasks import ClassifyTask, DetectTask
 
     env = init_distributed(timeout_s=600)
     try:

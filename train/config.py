@@ -21,11 +21,11 @@ configuration is written to ``RUN/config.toml`` by :func:`dump_toml`.
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from pathlib import Path
 from typing import Any
 
+import tomli_w
 import tomllib
 
 __all__ = [
@@ -46,10 +46,13 @@ __all__ = [
 ]
 
 TASKS = ("classify", "detect")
-DETECTORS = ("yolov8n", "yolov8s", "yolov8m")
+DETECTORS = ("yolov8n", "yolov8s", "yolov8m", "yolov8l", "yolov8x")
+"""YOLOv8 scales the detector can be built at (:func:`train.models.build_detector`)."""
 CLASSIFIERS = ("cnn",)
 STRATEGIES = ("ddp", "fsdp")
+"""Data parallelism: DDP, or FSDP2 (``fully_shard``); see :func:`train.distributed.parallelize`."""
 AMP_CHOICES = ("bf16", "fp16", "none")
+"""Autocast dtypes (``none``: fp32); see :func:`train.distributed.autocast_context`."""
 SCHEDULES = ("cosine", "constant")
 DEFAULT_MAX_LANES = 16
 """Default lanes: the largest divisor of the global batch up to this (world sizes that
@@ -169,10 +172,13 @@ class ModelConfig:
     task: str = "classify"
     """``classify`` (pneumonia yes/no, the CNN) or ``detect`` (opacity boxes, YOLOv8)."""
     name: str | None = None
-    """``cnn`` for classify; ``yolov8n``/``yolov8s``/``yolov8m`` for detect (default n)."""
+    """``cnn`` for classify; one of :data:`DETECTORS` for detect (default ``yolov8n``)."""
     weights: Path | None = None
     """Initial weights (a state_dict, this project's ``model.pt``, or an ultralytics .pt
     for the detector: a 3-channel stem is summed to 1 channel, the 80-class head skipped)."""
+    trust_weights: bool = False
+    """Allow a full unpickle of ``weights`` (which can run code from the file): needed
+    for an ultralytics .pt, which pickles the model object. Only for files you trust."""
     width: int = 32
     """Classifier: channels of the stem (stages double it, up to 256)."""
     depth: int = 4
@@ -187,6 +193,8 @@ class ModelConfig:
         allowed = CLASSIFIERS if self.task == "classify" else DETECTORS
         _choice(f"model.name (task {self.task})", self.name, allowed)
         self.weights = Path(self.weights) if self.weights is not None else None
+        if not isinstance(self.trust_weights, bool):
+            raise ValueError(f"model.trust_weights={self.trust_weights!r}: must be true or false")
         _positive("model.width", self.width)
         _positive("model.depth", self.depth)
         _fraction("model.dropout", self.dropout, 0.0, 0.99)
@@ -383,26 +391,9 @@ def load_toml(path: Path | str) -> dict[str, Any]:
     """
     path = Path(path)
     try:
-        return tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text(encoding="utf-8"))  # TOML is UTF-8 by definition
     except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{path}: invalid TOML ({exc})") from exc
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if not math.isfinite(value):
-            raise ValueError(f"cannot write {value} to TOML")
-        return repr(value)
-    if isinstance(value, str):
-        escaped = value.replace("\\", "\\\\").replace('"', '\\"')
-        return f'"{escaped}"'
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise ValueError(f"cannot write {type(value).__name__} {value!r} to TOML")
 
 
 def dump_toml(config: TrainConfig) -> str:
@@ -410,9 +401,5 @@ def dump_toml(config: TrainConfig) -> str:
 
     Unset (None) fields are left out, so they come back as their defaults (None).
     """
-    data = config.to_dict()
-    lines = [f"{k} = {_toml_value(v)}" for k, v in data.items() if not isinstance(v, dict)]
-    for key, table in data.items():
-        if isinstance(table, dict):
-            lines += ["", f"[{key}]"] + [f"{k} = {_toml_value(v)}" for k, v in table.items()]
-    return "\n".join(lines) + "\n"
+    # tomli-w escapes every control character in strings (a path may hold any of them).
+    return tomli_w.dumps(config.to_dict())

@@ -31,9 +31,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from train.config import AMP_CHOICES, STRATEGIES
+
 __all__ = [
-    "AMP_CHOICES",
-    "STRATEGIES",
     "DistEnv",
     "LaunchSpec",
     "all_gather_object",
@@ -54,8 +54,6 @@ logger = logging.getLogger(__name__)
 
 Amp = Literal["bf16", "fp16", "none"]
 Strategy = Literal["ddp", "fsdp"]
-AMP_CHOICES: tuple[str, ...] = ("bf16", "fp16", "none")
-STRATEGIES: tuple[str, ...] = ("ddp", "fsdp")
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 #: Slurm-derived rendezvous ports: ``base + job_id % span``, below Linux's ephemeral range.

@@ -1,9 +1,11 @@
-"""The training loop: :func:`build_run` puts a run together, :func:`train` runs it,
-:func:`train_step` is one optimizer step and :func:`evaluate` one pass over ``val``.
+"""The training loop: :func:`train` runs a built :class:`~train.state.Run` (see
+:mod:`train.build`), :func:`train_step` is one optimizer step and :func:`evaluate` one pass
+over ``val``.
 
 Both tasks share the loop; what differs (loss, what a prediction is, which metrics) is in
-a small :class:`Task` object. Checkpointing, evaluation and metric writing are named calls
-from :func:`train`.
+:mod:`train.tasks`. Checkpointing, evaluation and metric writing are named calls from
+:func:`train` and :func:`train_epoch`: :func:`checkpoint`, :func:`end_epoch`,
+:func:`log_train`, :func:`write_eval`, :func:`export`.
 
 Outputs in the run folder: ``metrics.jsonl`` (one line per logging step: losses, learning
 rate, images/s, the fraction of step time spent waiting for data, peak memory; one per
@@ -13,296 +15,41 @@ at the end, ``model.pt``.
 
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
 import logging
-import math
 import resource
 import time
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from shards.labels import read_labels
-from shards.manifest import LABELS_NAME, MANIFEST_NAME, read_manifest
-from train import metrics as M
 from train.augment import augment, step_params
-from train.checkpoint import (
-    EXPORT_NAME,
-    export_model,
-    latest_checkpoint,
-    load_checkpoint,
-    save_checkpoint,
-)
-from train.config import TrainConfig, dump_toml
-from train.data import DeviceBatch, HostBatch, ShardLoader, read_split, to_device
+from train.checkpoint import EXPORT_NAME, export_model, save_checkpoint
+from train.data import HostBatch, to_device
 from train.distributed import (
-    DistEnv,
     all_gather_object,
     all_reduce_sum,
     autocast_context,
     broadcast_buffers,
-    make_grad_scaler,
-    parallelize,
 )
-from train.models import (
-    ClassifierConfig,
-    DetectionLoss,
-    PneumoniaCNN,
-    build_detector,
-    detector_blocks,
-    postprocess_detections,
-)
+from train.state import EVAL_NAME, Meter, Run, jsonable
 
 __all__ = [
-    "ClassifyTask",
-    "DetectTask",
-    "NonFiniteLossError",
-    "Run",
-    "build_model",
-    "build_run",
+    "checkpoint",
+    "end_epoch",
     "evaluate",
+    "export",
+    "recompute_bn_stats",
     "train",
+    "train_epoch",
     "train_step",
+    "write_eval",
 ]
 
-logger = logging.getLogger(__name__)
-
-METRICS_NAME = "metrics.jsonl"
-EVAL_NAME = "eval.json"
-CONFIG_NAME = "config.toml"
-RSNA_CONF_GRID = tuple(round(c, 2) for c in np.arange(0.05, 0.96, 0.05))
-"""Confidence thresholds tried for the best RSNA score on val."""
-MAP_CONF = 0.001
-"""Lowest confidence kept for mAP@0.5 (the usual COCO-style setting)."""
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss became nan or inf; the run stops."""
-
-    def __init__(self, step: int, terms: dict[str, float]) -> None:
-        shown = ", ".join(f"{k}={v:.6g}" for k, v in terms.items())
-        super().__init__(f"non-finite loss at step {step}: {shown}")
-        self.step, self.terms = step, terms
-
-
-# --------------------------------------------------------------------------- tasks
-
-
-class ClassifyTask:
-    """Pneumonia yes/no: binary cross-entropy on one logit; unlabelled samples masked."""
-
-    name = "classify"
-    terms = ("loss",)
-
-    def __init__(self, threshold: float) -> None:
-        self.threshold = threshold
-
-    def loss(self, model: nn.Module, out: torch.Tensor, batch: DeviceBatch) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        labelled = batch.target >= 0
-        bce = F.binary_cross_entropy_with_logits(
-            out.float(), batch.target.clamp(min=0).float(), reduction="none"
-        )
-        total = (bce * labelled).sum() / labelled.sum().clamp(min=1)
-        return total, [total.detach()]
-
-    def predict(self, out: torch.Tensor, batch: DeviceBatch, host: HostBatch) -> list[tuple]:
-        probs = torch.sigmoid(out.float()).cpu().numpy()
-        return [(int(host.index[i]), float(probs[i]), int(host.target[i]))
-                for i in range(len(host)) if bool(host.valid[i])]
-
-    def metrics(self, records: list[tuple]) -> dict[str, Any]:
-        probs = np.array([r[1] for r in records])
-        targets = np.array([r[2] for r in records])
-        labelled = targets >= 0
-        return M.classification_metrics(probs[labelled], targets[labelled], self.threshold)
-
-
-class DetectTask:
-    """Opacity boxes: the YOLOv8 loss (``v8DetectionLoss``), ultralytics NMS.
-
-    YOLOv8 is anchor-free (each grid cell regresses distances to the box sides, assigned by
-    the task-aligned assigner), so there are no anchors to fit to the RSNA box sizes.
-    """
-
-    name = "detect"
-    terms = ("loss", "box", "cls", "dfl")
-
-    def __init__(self, model: nn.Module, *, stored_size: int, conf: float, iou: float,
-                 max_det: int) -> None:
-        self.criterion = DetectionLoss(model)
-        self.stored_size, self.conf, self.iou, self.max_det = stored_size, conf, iou, max_det
-
-    def loss(self, model: nn.Module, out: Any, batch: DeviceBatch) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        total, terms = self.criterion(out, batch.boxes_per_image(), image_size=batch.size)
-        return total, [total.detach(), terms["box"], terms["cls"], terms["dfl"]]
-
-    def detections(self, out: Any, size: int, *, conf: float) -> list[np.ndarray]:
-        """Per image (M, 5) ``[x1, y1, x2, y2, conf]`` in stored-image pixels."""
-        dets = postprocess_detections(out, conf=conf, iou=self.iou, max_det=max(self.max_det, 100))
-        scale = self.stored_size / size
-        for d in dets:
-            d[:, :4] *= scale
-        return dets
-
-    def predict(self, out: Any, batch: DeviceBatch, host: HostBatch) -> list[tuple]:
-        dets = self.detections(out, batch.size, conf=MAP_CONF)
-        truths = [host.boxes[host.box_index == i].numpy() for i in range(len(host))]
-        return [(int(host.index[i]), dets[i], truths[i], int(host.target[i]))
-                for i in range(len(host)) if bool(host.valid[i])]
-
-    def metrics(self, records: list[tuple]) -> dict[str, Any]:
-        dets = [r[1] for r in records]
-        truths = [r[2] for r in records]
-        top = [d[: self.max_det] for d in dets]
-        out: dict[str, Any] = {"map50": M.average_precision_50(top, truths)}
-        out["rsna"] = M.rsna_score([d[d[:, 4] >= self.conf] for d in top], truths)
-        best = max(RSNA_CONF_GRID, key=lambda c: _nan_low(M.rsna_score([d[d[:, 4] >= c] for d in top], truths)))
-        out["rsna_best"] = M.rsna_score([d[d[:, 4] >= best] for d in top], truths)
-        out["rsna_best_conf"] = best
-        out["conf"] = self.conf
-        targets = np.array([r[3] for r in records])
-        score = np.array([float(d[:, 4].max()) if len(d) else 0.0 for d in dets])
-        labelled = targets >= 0
-        out["image_auc"] = M.roc_auc(score[labelled], targets[labelled])
-        out["boxes_true"] = int(sum(len(t) for t in truths))
-        return out
-
-
-def _nan_low(x: float) -> float:
-    return -1.0 if math.isnan(x) else x
-
-
-# --------------------------------------------------------------------------- run state
-
-
-class LossGuard:
-    """Remembers the first step whose (rank-averaged) loss terms were not finite.
-
-    Updated every step on the device without a host sync; :meth:`check` (at logging,
-    checkpoint and evaluation time) raises :class:`NonFiniteLossError` on every rank at
-    once, since every rank holds the same all-reduced values.
-    """
-
-    def __init__(self, names: tuple[str, ...]) -> None:
-        self.names = names
-        self.first: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
-
-    def update(self, step: int, terms: torch.Tensor) -> None:
-        if self.first is None:
-            self.first = torch.full((), -1, dtype=torch.int64, device=terms.device)
-            self.values = torch.zeros_like(terms)
-        take = ~torch.isfinite(terms).all() & (self.first < 0)
-        self.first = torch.where(take, torch.full_like(self.first, step), self.first)
-        self.values = torch.where(take, terms, self.values)
-
-    def check(self) -> None:
-        if self.first is not None and int(self.first) >= 0:
-            assert self.values is not None
-            raise NonFiniteLossError(int(self.first), dict(zip(self.names, self.values.tolist())))
-
-
-class Meter:
-    """Sums over a logging window: loss terms, steps, images, time, time waiting for data."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self.terms: torch.Tensor | None = None
-        self.steps = self.images = 0
-        self.wait = 0.0
-        self.start = time.perf_counter()
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """Leave the enclosed time (evaluation, checkpoints) out of the throughput."""
-        t0 = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.start += time.perf_counter() - t0
-
-    def add(self, terms: torch.Tensor, images: int, wait: float) -> None:
-        self.terms = terms.clone() if self.terms is None else self.terms + terms
-        self.steps += 1
-        self.images += images
-        self.wait += wait
-
-
-class MetricsWriter:
-    """Appends JSON lines to ``metrics.jsonl`` (rank 0 only; nan/inf written as null)."""
-
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
-
-    def write(self, record: dict[str, Any]) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(_jsonable(record), allow_nan=False) + "\n")
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (float, np.floating)):
-        return float(value) if math.isfinite(value) else None
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
-
-
-@dataclasses.dataclass(kw_only=True)
-class Run:
-    """Everything a training run holds; built by :func:`build_run`."""
-
-    cfg: TrainConfig
-    env: DistEnv
-    model: nn.Module
-    """The wrapped model (DDP, FSDP2 or plain)."""
-    optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
-    scaler: torch.amp.GradScaler
-    task: ClassifyTask | DetectTask
-    train_loader: ShardLoader
-    val_loader: ShardLoader | None
-    image_size: int
-    """Side the network sees."""
-    stored_size: int
-    """Side of the images in the shards."""
-    writer: MetricsWriter
-    guard: LossGuard
-    step: int = 0
-    """Optimizer steps done."""
-    last_eval: dict[str, Any] = dataclasses.field(default_factory=dict)
-
-    @property
-    def out(self) -> Path:
-        assert self.cfg.out is not None
-        return self.cfg.out
-
-    @property
-    def total_steps(self) -> int:
-        """Steps of the whole schedule (all epochs)."""
-        return self.cfg.epochs * self.train_loader.steps
-
-    @property
-    def last_step(self) -> int:
-        """Where this invocation stops (``max_steps`` or the end of the last epoch)."""
-        return min(self.total_steps, self.cfg.max_steps or self.total_steps)
-
-
-# --------------------------------------------------------------------------- the loop
+log = logging.getLogger(__name__)
 
 
 def train(run: Run) -> dict[str, Any]:
@@ -312,37 +59,50 @@ def train(run: Run) -> dict[str, Any]:
     Returns:
         The last evaluation's metrics.
     """
-    cfg, steps = run.cfg, run.train_loader.steps
-    logger.info("training %s from step %d to %d (%d steps/epoch, global batch %d, %d ranks)",
-                run.task.name, run.step, run.last_step, steps, cfg.data.batch_size, run.env.world_size)
+    log.info("training %s from step %d to %d (%d steps/epoch, global batch %d, %d ranks)",
+             run.task.name, run.step, run.last_step, run.train_loader.steps,
+             run.cfg.data.batch_size, run.env.world_size)
     meter = Meter()
     while run.step < run.last_step:
-        epoch, first = divmod(run.step, steps)
-        bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-                   disable=not run.env.is_main, dynamic_ncols=True, leave=False)
-        seen, tick = 0, time.perf_counter()
-        for batch in run.train_loader.epoch(epoch, first):
-            wait = time.perf_counter() - tick
-            terms = train_step(run, batch, epoch)
-            meter.add(terms, len(batch) * run.env.world_size, wait)
-            seen += 1
-            bar.update()
-            if run.step % cfg.log_every == 0 or run.step == run.last_step:
-                log_train(run, meter, epoch, bar)
-            if run.step == run.last_step:
-                break
-            if run.step % cfg.ckpt_every == 0 and run.step % steps:
-                with meter.paused():
-                    checkpoint(run)
-            tick = time.perf_counter()
-        bar.close()
+        epoch, first = divmod(run.step, run.train_loader.steps)
+        batches = train_epoch(run, meter, epoch, first)
         with meter.paused():
-            end_epoch(run, epoch, batches=seen)
+            end_epoch(run, epoch, batches=batches)
     if not run.last_eval:  # resumed a finished run: evaluate what is there
         run.last_eval = evaluate(run)
-        write_eval(run, max(0, run.step - 1) // steps, partial=False, batches=0)
+        write_eval(run, max(0, run.step - 1) // run.train_loader.steps, partial=False, batches=0)
     export(run)
     return run.last_eval
+
+
+def train_epoch(run: Run, meter: Meter, epoch: int, first: int) -> int:
+    """Steps from batch ``first`` of ``epoch`` to the epoch's end or ``run.last_step``,
+    writing a metrics line every ``log_every`` steps and checkpointing every ``ckpt_every``
+    steps inside the epoch (the epoch's end is checkpointed by :func:`end_epoch`).
+
+    Returns:
+        The batches this rank took.
+    """
+    cfg, steps = run.cfg, run.train_loader.steps
+    bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+               disable=not run.env.is_main, dynamic_ncols=True, leave=False)
+    seen, tick = 0, time.perf_counter()
+    for batch in run.train_loader.epoch(epoch, first):
+        wait = time.perf_counter() - tick
+        terms = train_step(run, batch, epoch)
+        meter.add(terms, len(batch) * run.env.world_size, wait)
+        seen += 1
+        bar.update()
+        if run.step % cfg.log_every == 0 or run.step == run.last_step:
+            log_train(run, meter, epoch, bar)
+        if run.step == run.last_step:
+            break
+        if run.step % cfg.ckpt_every == 0 and run.step % steps:
+            with meter.paused():
+                checkpoint(run)
+        tick = time.perf_counter()
+    bar.close()
+    return seen
 
 
 def end_epoch(run: Run, epoch: int, *, batches: int) -> None:
@@ -414,7 +174,7 @@ def log_train(run: Run, meter: Meter, epoch: int, bar: tqdm) -> None:
     }
     run.writer.write(record)
     bar.set_postfix(loss=f"{terms[0]:.4f}", ips=f"{record['images_per_s']:.0f}")
-    logger.debug("step %d loss %.4f", run.step, terms[0])
+    log.debug("step %d loss %.4f", run.step, terms[0])
     meter.reset()
 
 
@@ -516,23 +276,13 @@ def write_eval(run: Run, epoch: int, *, partial: bool, batches: int) -> None:
               "train_batches_per_rank": per_rank, **run.last_eval}
     run.writer.write(record)
     if run.env.is_main:
-        text = json.dumps(_jsonable(record), indent=2, allow_nan=False) + "\n"
+        text = json.dumps(jsonable(record), indent=2, allow_nan=False) + "\n"
         (run.out / EVAL_NAME).write_text(text)
         keys = ("accuracy", "roc_auc", "sensitivity", "specificity", "f1", "baseline_accuracy") \
             if run.task.name == "classify" else ("map50", "rsna", "rsna_best", "rsna_best_conf", "image_auc")
         shown = " ".join(f"{k}={run.last_eval.get(k, float('nan')):.4f}" for k in keys)
-        logger.info("eval epoch %d step %d: %s (%d samples)", epoch + 1, run.step, shown,
+        log.info("eval epoch %d step %d: %s (%d samples)", epoch + 1, run.step, shown,
                     run.last_eval["samples"])
-
-
-def train_state(run: Run) -> dict[str, Any]:
-    """The plain values saved with a checkpoint."""
-    return {
-        "step": run.step, "epoch": run.step // run.train_loader.steps,
-        "global_batch": run.cfg.data.batch_size, "lanes": run.cfg.data.num_lanes,
-        "seed": run.cfg.seed, "steps_per_epoch": run.train_loader.steps,
-        "world_size": run.env.world_size,
-    }
 
 
 def checkpoint(run: Run) -> None:
@@ -540,26 +290,8 @@ def checkpoint(run: Run) -> None:
     run.guard.check()
     _sync_buffers(run)
     save_checkpoint(run.out, step=run.step, model=run.model, optimizer=run.optimizer,
-                    scheduler=run.scheduler, scaler=run.scaler, train_state=train_state(run),
+                    scheduler=run.scheduler, scaler=run.scaler, train_state=run.train_state(),
                     keep=run.cfg.keep_checkpoints)
-
-
-def resume(run: Run) -> None:
-    """Restore the latest checkpoint of ``run.out`` (a fresh start if there is none)."""
-    path = latest_checkpoint(run.out)
-    if path is None:
-        logger.warning("--resume: no checkpoint in %s; starting from scratch", run.out)
-        return
-    state = load_checkpoint(path, model=run.model, optimizer=run.optimizer,
-                            scheduler=run.scheduler, scaler=run.scaler)
-    mine = train_state(run)
-    for key in ("global_batch", "lanes", "seed", "steps_per_epoch"):
-        if state.get(key) != mine[key]:
-            raise ValueError(f"cannot resume {path}: {key} was {state.get(key)}, now {mine[key]} "
-                             "(the sample order would change; keep the global batch, lanes and seed)")
-    run.step = int(state["step"])
-    if state.get("world_size") != run.env.world_size:
-        logger.info("resuming a %s-rank checkpoint on %d ranks", state.get("world_size"), run.env.world_size)
 
 
 def export(run: Run) -> None:
@@ -572,146 +304,6 @@ def export(run: Run) -> None:
         "classifier": {"width": cfg.model.width, "depth": cfg.model.depth, "dropout": cfg.model.dropout},
         "threshold": cfg.eval.threshold, "conf": cfg.eval.conf, "iou": cfg.eval.iou,
         "max_det": cfg.eval.max_det, "amp": cfg.parallel.amp, "config": cfg.to_dict(),
-        "metrics": _jsonable(run.last_eval),
+        "metrics": jsonable(run.last_eval),
     }
     export_model(run.out / EXPORT_NAME, run.model, info)
-
-
-# --------------------------------------------------------------------------- building
-
-
-def build_model(task: str, arch: str, *, width: int = 32, depth: int = 4, dropout: float = 0.2,
-                prior: float | None = None, weights: Path | None = None) -> tuple[nn.Module, list[nn.Module]]:
-    """The unwrapped network and its main blocks (the FSDP2 units).
-
-    Args:
-        task: ``classify`` or ``detect``.
-        arch: ``cnn`` or a YOLOv8 name.
-        width, depth, dropout: Classifier shape.
-        prior: Classifier: initial positive probability (the train positive rate).
-        weights: Initial weights: a state_dict file, or a dict holding one under
-            ``state_dict`` (this project's ``model.pt``); ultralytics checkpoints too for
-            the detector.
-    """
-    if task == "classify":
-        model = PneumoniaCNN(ClassifierConfig(width=width, depth=depth, dropout=dropout, prior=prior))
-        if weights is not None:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-            state = state.get("state_dict", state) if isinstance(state, dict) else state
-            state = {k.removeprefix("module."): v for k, v in state.items()}
-            model.load_state_dict(state)
-            logger.info("loaded classifier weights from %s", weights)
-        return model, list(model.blocks)
-    model = build_detector(arch, weights=weights)
-    return model, detector_blocks(model)
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and normalisation weights (1-D parameters)."""
-    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
-    rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
-              {"params": rest, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas)
-
-
-def lr_factor(step: int, *, total: int, warmup: float, schedule: str, min_ratio: float) -> float:
-    """Learning-rate multiplier after ``step`` optimizer steps (linear warm-up, cosine)."""
-    warm = round(warmup * total)
-    if step < warm:
-        return 0.01 + 0.99 * step / warm
-    if schedule == "constant":
-        return 1.0
-    progress = min(1.0, (step - warm) / max(1, total - warm))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def build_run(cfg: TrainConfig, env: DistEnv) -> Run:
-    """Read the dataset, build loaders, model, optimizer and schedule; resume if asked.
-
-    Raises:
-        ValueError: A configuration that does not fit the dataset or the world size.
-    """
-    cfg.check_complete()
-    assert cfg.data.path is not None and cfg.out is not None
-    if not (cfg.data.path / MANIFEST_NAME).is_file():
-        raise ValueError(f"{cfg.data.path} holds no {MANIFEST_NAME}: not a finished ingest "
-                         "(run `python -m ingest --out DATASET ...` first)")
-    manifest = read_manifest(cfg.data.path)
-    labels = read_labels(cfg.data.path / LABELS_NAME)
-    world = env.world_size
-    if cfg.data.batch_size % world or cfg.data.num_lanes % world:
-        raise ValueError(f"the world size {world} must divide data.batch_size="
-                         f"{cfg.data.batch_size} and the {cfg.data.num_lanes} lanes")
-    train_info = read_split(cfg.data.path, "train", manifest=manifest, labels=labels)
-    targets = train_info.split_targets()
-    if cfg.model.task == "detect" and (targets < 0).any():
-        raise ValueError(f"the train split has {(targets < 0).sum()} unlabelled samples; "
-                         "detection training needs labels")
-    if not (targets >= 0).any():
-        raise ValueError("the train split has no labelled samples")
-    pin = env.device.type == "cuda"
-    train_loader = ShardLoader(
-        train_info, rank=env.rank, world=world, global_batch=cfg.data.batch_size,
-        lanes=cfg.data.num_lanes, workers=cfg.data.num_workers, seed=cfg.seed, train=True,
-        window=cfg.data.shuffle_window, prefetch=cfg.data.prefetch, pin_memory=pin,
-    )
-    val_loader = None
-    val_info = read_split(cfg.data.path, "val", manifest=manifest, labels=labels)
-    if val_info.samples:
-        val_loader = eval_loader(val_info, env, batch_size=cfg.data.eval_batch_size,
-                                 workers=cfg.data.num_workers, prefetch=cfg.data.prefetch)
-    else:
-        logger.warning("no val split in %s: no evaluation", cfg.data.path)
-
-    stored = manifest.size
-    image_size = cfg.data.image_size or stored
-    positive = float((targets == 1).sum() / max(1, (targets >= 0).sum()))
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank (FSDP2 needs it)
-    model, blocks = build_model(
-        cfg.model.task, cfg.model.name or "", width=cfg.model.width, depth=cfg.model.depth,
-        dropout=cfg.model.dropout, prior=min(max(positive, 0.01), 0.99), weights=cfg.model.weights,
-    )
-    task: ClassifyTask | DetectTask
-    if cfg.model.task == "classify":
-        task = ClassifyTask(cfg.eval.threshold)
-    else:
-        task = DetectTask(model, stored_size=stored, conf=cfg.eval.conf, iou=cfg.eval.iou,
-                          max_det=cfg.eval.max_det)
-    model = parallelize(model, env, strategy=cfg.parallel.strategy, blocks=blocks, amp=cfg.parallel.amp)
-    optimizer = build_optimizer(model, cfg)
-    total = cfg.epochs * train_loader.steps
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
-        s, total=total, warmup=cfg.optim.warmup, schedule=cfg.optim.schedule,
-        min_ratio=cfg.optim.min_lr_ratio))
-    scaler = make_grad_scaler(cfg.parallel.amp, env.device, sharded=cfg.parallel.strategy == "fsdp")
-    if env.is_main:
-        cfg.out.mkdir(parents=True, exist_ok=True)
-        (cfg.out / CONFIG_NAME).write_text(dump_toml(cfg))
-    run = Run(
-        cfg=cfg, env=env, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
-        task=task, train_loader=train_loader, val_loader=val_loader, image_size=image_size,
-        stored_size=stored, writer=MetricsWriter(cfg.out / METRICS_NAME, env.is_main),
-        guard=LossGuard(task.terms),
-    )
-    logger.info("dataset %s: %d train samples (%.1f%% positive) in %d shards, %d val; "
-                "images %d px stored, %d px trained", cfg.data.path, train_info.samples,
-                100 * positive, len(train_info.shards), val_info.samples, stored, image_size)
-    if cfg.resume:
-        resume(run)
-    return run
-
-
-def eval_loader(info: Any, env: DistEnv, *, batch_size: int, workers: int, prefetch: int = 2,
-                with_meta: bool = False) -> ShardLoader:
-    """A loader that gives every sample of a split once over all ranks (padding masked).
-
-    Each rank gets ``batch_size`` samples per batch, split into as many lanes as the
-    largest divisor of ``batch_size`` not above ``workers`` (one DataLoader worker each).
-    """
-    per_rank = max(d for d in range(1, max(workers, 1) + 1) if batch_size % d == 0)
-    return ShardLoader(
-        info, rank=env.rank, world=env.world_size, global_batch=batch_size * env.world_size,
-        lanes=per_rank * env.world_size, workers=workers, train=False, prefetch=prefetch,
-        with_meta=with_meta, pin_memory=env.device.type == "cuda",
-    )

@@ -54,7 +54,8 @@ def roc_auc(scores: ArrayLike, targets: ArrayLike) -> float:
     """Area under the ROC curve from ranks (Mann-Whitney U), exact with ties.
 
     Equals the probability that a random positive scores above a random negative, a tie
-    counting one half.
+    counting one half, and the trapezoid-rule area under the empirical ROC curve (the
+    tests check both on the same inputs).
 
     Args:
         scores: (N,) scores, higher meaning more likely positive.
@@ -250,9 +251,16 @@ def average_precision_50(
     Within each image, predictions in descending confidence take the best-overlapping
     unmatched truth with IoU >= ``iou_threshold`` (COCO matching); an unmatched
     prediction is a false positive. The precision-recall curve is built over the
-    detections of all images sorted by confidence, made monotone (precision envelope),
-    and integrated at every recall step (all-point interpolation, VOC 2010+ / COCO
-    without the 101-point sampling).
+    detections of all images sorted by confidence and made monotone (the precision
+    envelope: precision at recall r is the best precision at any recall >= r).
+
+    Interpolation: all-point, as in PASCAL VOC 2010 and later: the envelope is integrated
+    exactly, as a step function, over every recall at which it changes; there is no
+    sampling. COCO and ultralytics (``ultralytics.utils.metrics.compute_ap``) instead
+    sample the same envelope at 101 recalls 0, 0.01, ..., 1 and integrate with the
+    trapezoid rule; the two differ by less than 0.01. ``tests/test_metrics.py`` checks
+    this function against ultralytics' matching and envelope on random detections
+    (equal all-point integrals, 101-point value within 0.01).
 
     Args:
         preds: Per image, (M, 5) ``[x1, y1, x2, y2, conf]``.

@@ -29,8 +29,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from train.config import DETECTORS
+
 __all__ = [
-    "DETECTOR_NAMES",
     "ClassifierConfig",
     "DetectionLoss",
     "PneumoniaCNN",
@@ -38,12 +39,10 @@ __all__ = [
     "detector_blocks",
     "load_detector_weights",
     "postprocess_detections",
+    "read_weights",
 ]
 
-logger = logging.getLogger(__name__)
-
-#: YOLOv8 scales :func:`build_detector` accepts.
-DETECTOR_NAMES: tuple[str, ...] = ("yolov8n", "yolov8s", "yolov8m", "yolov8l", "yolov8x")
+log = logging.getLogger(__name__)
 
 
 # ---------------------------------------------------------------------------------------
@@ -232,7 +231,7 @@ def build_detector(
     loss gains that ``v8DetectionLoss`` reads).
 
     Args:
-        model: One of :data:`DETECTOR_NAMES`.
+        model: One of :data:`DETECTORS`.
         weights: Optional checkpoint to start from; see :func:`load_detector_weights`.
         trust_pickle: Allow a full (code-executing) unpickle for checkpoints that are not
             plain tensors, such as ultralytics ``.pt`` files. Only for files you trust.
@@ -244,8 +243,8 @@ def build_detector(
         ValueError: Unknown model name.
         FileNotFoundError: ``weights`` does not exist.
     """
-    if model not in DETECTOR_NAMES:
-        raise ValueError(f"model must be one of {DETECTOR_NAMES}, got {model!r}")
+    if model not in DETECTORS:
+        raise ValueError(f"model must be one of {DETECTORS}, got {model!r}")
     ul = _ultralytics()
     net = ul["DetectionModel"](f"{model}.yaml", ch=1, nc=1, verbose=False)
     net.args = ul["get_cfg"]()
@@ -282,18 +281,27 @@ def _extract_state_dict(ckpt: Any) -> dict[str, torch.Tensor]:
     raise ValueError(f"checkpoint has no state_dict (keys: {sorted(map(str, ckpt))[:10]})")
 
 
-def _load_checkpoint(path: Path, *, trust_pickle: bool) -> Any:
-    """``torch.load`` with ``weights_only=True``; a full unpickle only if trusted."""
+def read_weights(path: Path | str, *, trust_pickle: bool = False) -> Any:
+    """Read a weights file: ``torch.load`` with ``weights_only=True``, and a full unpickle
+    (which can run code from the file) only if trusted.
+
+    Raises:
+        FileNotFoundError: ``path`` does not exist.
+        ValueError: The file pickles objects besides tensors and ``trust_pickle`` is False.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"weights not found: {path}")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
         if not trust_pickle:
             raise ValueError(
                 f"{path} holds pickled objects besides tensors (an ultralytics .pt does); "
-                "refusing to unpickle it. Pass trust_pickle=True if you trust the file, or "
-                "save model.state_dict() instead."
+                "refusing to unpickle it. Pass --trust-weights (trust_pickle=True from Python) "
+                "if you trust the file, or save model.state_dict() instead."
             ) from err
-        logger.warning("loading %s with a full unpickle (trust_pickle=True)", path)
+        log.warning("loading %s with a full unpickle (--trust-weights)", path)
         _ultralytics()  # its classes must be importable, with the environment pinned
         return torch.load(path, map_location="cpu", weights_only=False)
 
@@ -325,10 +333,7 @@ def load_detector_weights(
         ValueError: No state_dict in the file, nothing in it matches the model, or a
             pickled checkpoint without ``trust_pickle``.
     """
-    path = Path(weights)
-    if not path.is_file():
-        raise FileNotFoundError(f"detector weights not found: {path}")
-    state = _extract_state_dict(_load_checkpoint(path, trust_pickle=trust_pickle))
+    state = _extract_state_dict(read_weights(weights, trust_pickle=trust_pickle))
     own = model.state_dict()
     adapted: dict[str, torch.Tensor] = {}
     skipped: list[str] = []
@@ -347,25 +352,25 @@ def load_detector_weights(
             and target.shape[1] == 1
             and value.shape[0] == target.shape[0]
         ):
-            logger.info("%s: summing %d input channels into 1", key, value.shape[1])
+            log.info("%s: summing %d input channels into 1", key, value.shape[1])
             value = value.sum(dim=1, keepdim=True)
         if value.shape != target.shape:
-            logger.info("%s: skipped, shape %s != %s", key, tuple(value.shape), tuple(target.shape))
+            log.info("%s: skipped, shape %s != %s", key, tuple(value.shape), tuple(target.shape))
             skipped.append(key)
             continue
         adapted[key] = value
     if not adapted:
-        raise ValueError(f"no tensor in {path} matches the {type(model).__name__}'s keys")
+        raise ValueError(f"no tensor in {weights} matches the {type(model).__name__}'s keys")
     result = model.load_state_dict(adapted, strict=False)
     missing = list(result.missing_keys)
-    logger.info(
+    log.info(
         "loaded %d/%d tensors from %s (%d missing, %d unexpected or skipped)",
-        len(adapted), len(own), path, len(missing), len(skipped),
+        len(adapted), len(own), weights, len(missing), len(skipped),
     )
     if missing:
-        logger.warning("missing keys (left as initialised): %s", _short(missing))
+        log.warning("missing keys (left as initialised): %s", _short(missing))
     if skipped:
-        logger.warning("unexpected or skipped checkpoint keys: %s", _short(skipped))
+        log.warning("unexpected or skipped checkpoint keys: %s", _short(skipped))
     return missing, skipped
 
 

@@ -51,7 +51,7 @@ SPLIT_CHOICES = {**{s: (s,) for s in SPLITS}, "all": SPLITS}
 
 def load_model(export: dict, device: torch.device) -> nn.Module:
     """Rebuild the network of an exported run and load its weights (eval mode)."""
-    from train.loop import build_model
+    from train.build import build_model
 
     c = export["classifier"]
     model, _ = build_model(export["task"], export["arch"], width=c["width"], depth=c["depth"],
@@ -81,7 +81,8 @@ def predict_rows(data: Path, export: dict, *, split: str = "all", batch_size: in
                  amp: str = "none") -> Iterator[tuple[str, object]]:
     """Yield (patient id, prediction) per sample: a float probability (classify) or a list
     of source-pixel ``(conf, x, y, w, h)`` boxes (detect)."""
-    from train.loop import DetectTask, eval_loader
+    from train.build import eval_loader
+    from train.tasks import DetectTask
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(export, device)

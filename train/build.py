@@ -1,0 +1,202 @@
+"""Putting a training run together: :func:`build_run` reads the dataset, builds the
+loaders, the model, the optimizer and the schedule, and restores a checkpoint with
+``--resume``; :func:`build_model` and :func:`eval_loader` serve the other entry points too.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from shards.labels import read_labels
+from shards.manifest import LABELS_NAME, MANIFEST_NAME, read_manifest
+from train.checkpoint import latest_checkpoint, load_checkpoint
+from train.config import TrainConfig, dump_toml
+from train.data import ShardLoader, read_split
+from train.distributed import DistEnv, make_grad_scaler, parallelize
+from train.models import (
+    ClassifierConfig,
+    PneumoniaCNN,
+    build_detector,
+    detector_blocks,
+    read_weights,
+)
+from train.state import CONFIG_NAME, METRICS_NAME, LossGuard, MetricsWriter, Run
+from train.tasks import ClassifyTask, DetectTask, Task
+
+__all__ = ["build_model", "build_optimizer", "build_run", "eval_loader", "lr_factor", "resume"]
+
+log = logging.getLogger(__name__)
+
+
+def build_model(task: str, arch: str, *, width: int = 32, depth: int = 4, dropout: float = 0.2,
+                prior: float | None = None, weights: Path | None = None,
+                trust_weights: bool = False) -> tuple[nn.Module, list[nn.Module]]:
+    """The unwrapped network and its main blocks (the FSDP2 units).
+
+    Args:
+        task: ``classify`` or ``detect``.
+        arch: ``cnn`` or a YOLOv8 name.
+        width, depth, dropout: Classifier shape.
+        prior: Classifier: initial positive probability (the train positive rate).
+        weights: Initial weights: a state_dict file, or a dict holding one under
+            ``state_dict`` (this project's ``model.pt``); ultralytics checkpoints too for
+            the detector.
+        trust_weights: Allow a full unpickle of ``weights`` (see
+            :func:`train.models.read_weights`); an ultralytics ``.pt`` needs it.
+
+    Raises:
+        ValueError: ``weights`` pickles objects and ``trust_weights`` is False, or does
+            not fit the model.
+        FileNotFoundError: ``weights`` does not exist.
+    """
+    if task == "classify":
+        model = PneumoniaCNN(ClassifierConfig(width=width, depth=depth, dropout=dropout, prior=prior))
+        if weights is not None:
+            state = read_weights(weights, trust_pickle=trust_weights)
+            state = state.get("state_dict", state) if isinstance(state, dict) else state
+            state = {k.removeprefix("module."): v for k, v in state.items()}
+            try:
+                model.load_state_dict(state)
+            except RuntimeError as err:  # key or shape mismatch: a usage error, not a crash
+                raise ValueError(f"{weights} does not fit the classifier ({width=}, {depth=}): "
+                                 f"{str(err).splitlines()[0]}") from err
+            log.info("loaded classifier weights from %s", weights)
+        return model, list(model.blocks)
+    model = build_detector(arch, weights=weights, trust_pickle=trust_weights)
+    return model, detector_blocks(model)
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and normalisation weights (1-D parameters)."""
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    rest = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
+              {"params": rest, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=cfg.optim.betas)
+
+
+def lr_factor(step: int, *, total: int, warmup: float, schedule: str, min_ratio: float) -> float:
+    """Learning-rate multiplier after ``step`` optimizer steps (linear warm-up, cosine)."""
+    warm = round(warmup * total)
+    if step < warm:
+        return 0.01 + 0.99 * step / warm
+    if schedule == "constant":
+        return 1.0
+    progress = min(1.0, (step - warm) / max(1, total - warm))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def build_run(cfg: TrainConfig, env: DistEnv) -> Run:
+    """Read the dataset, build loaders, model, optimizer and schedule; resume if asked.
+
+    Raises:
+        ValueError: A configuration that does not fit the dataset or the world size.
+    """
+    cfg.check_complete()
+    assert cfg.data.path is not None and cfg.out is not None
+    if not (cfg.data.path / MANIFEST_NAME).is_file():
+        raise ValueError(f"{cfg.data.path} holds no {MANIFEST_NAME}: not a finished ingest "
+                         "(run `python -m ingest --out DATASET ...` first)")
+    manifest = read_manifest(cfg.data.path)
+    labels = read_labels(cfg.data.path / LABELS_NAME)
+    world = env.world_size
+    if cfg.data.batch_size % world or cfg.data.num_lanes % world:
+        raise ValueError(f"the world size {world} must divide data.batch_size="
+                         f"{cfg.data.batch_size} and the {cfg.data.num_lanes} lanes")
+    train_info = read_split(cfg.data.path, "train", manifest=manifest, labels=labels)
+    targets = train_info.split_targets()
+    if cfg.model.task == "detect" and (targets < 0).any():
+        raise ValueError(f"the train split has {(targets < 0).sum()} unlabelled samples; "
+                         "detection training needs labels")
+    if not (targets >= 0).any():
+        raise ValueError("the train split has no labelled samples")
+    pin = env.device.type == "cuda"
+    train_loader = ShardLoader(
+        train_info, rank=env.rank, world=world, global_batch=cfg.data.batch_size,
+        lanes=cfg.data.num_lanes, workers=cfg.data.num_workers, seed=cfg.seed, train=True,
+        window=cfg.data.shuffle_window, prefetch=cfg.data.prefetch, pin_memory=pin,
+    )
+    val_loader = None
+    val_info = read_split(cfg.data.path, "val", manifest=manifest, labels=labels)
+    if val_info.samples:
+        val_loader = eval_loader(val_info, env, batch_size=cfg.data.eval_batch_size,
+                                 workers=cfg.data.num_workers, prefetch=cfg.data.prefetch)
+    else:
+        log.warning("no val split in %s: no evaluation", cfg.data.path)
+
+    stored = manifest.size
+    image_size = cfg.data.image_size or stored
+    positive = float((targets == 1).sum() / max(1, (targets >= 0).sum()))
+    torch.manual_seed(cfg.seed)  # identical initial weights on every rank (FSDP2 needs it)
+    model, blocks = build_model(
+        cfg.model.task, cfg.model.name or "", width=cfg.model.width, depth=cfg.model.depth,
+        dropout=cfg.model.dropout, prior=min(max(positive, 0.01), 0.99), weights=cfg.model.weights,
+        trust_weights=cfg.model.trust_weights,
+    )
+    task: Task
+    if cfg.model.task == "classify":
+        task = ClassifyTask(cfg.eval.threshold)
+    else:
+        task = DetectTask(model, stored_size=stored, conf=cfg.eval.conf, iou=cfg.eval.iou,
+                          max_det=cfg.eval.max_det)
+    model = parallelize(model, env, strategy=cfg.parallel.strategy, blocks=blocks, amp=cfg.parallel.amp)
+    optimizer = build_optimizer(model, cfg)
+    total = cfg.epochs * train_loader.steps
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(
+        s, total=total, warmup=cfg.optim.warmup, schedule=cfg.optim.schedule,
+        min_ratio=cfg.optim.min_lr_ratio))
+    scaler = make_grad_scaler(cfg.parallel.amp, env.device, sharded=cfg.parallel.strategy == "fsdp")
+    if env.is_main:
+        cfg.out.mkdir(parents=True, exist_ok=True)
+        (cfg.out / CONFIG_NAME).write_text(dump_toml(cfg), encoding="utf-8")
+    run = Run(
+        cfg=cfg, env=env, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+        task=task, train_loader=train_loader, val_loader=val_loader, image_size=image_size,
+        stored_size=stored, writer=MetricsWriter(cfg.out / METRICS_NAME, env.is_main),
+        guard=LossGuard(task.terms),
+    )
+    log.info("dataset %s: %d train samples (%.1f%% positive) in %d shards, %d val; "
+                "images %d px stored, %d px trained", cfg.data.path, train_info.samples,
+                100 * positive, len(train_info.shards), val_info.samples, stored, image_size)
+    if cfg.resume:
+        resume(run)
+    return run
+
+
+def eval_loader(info: Any, env: DistEnv, *, batch_size: int, workers: int, prefetch: int = 2,
+                with_meta: bool = False) -> ShardLoader:
+    """A loader that gives every sample of a split once over all ranks (padding masked).
+
+    Each rank gets ``batch_size`` samples per batch, split into as many lanes as the
+    largest divisor of ``batch_size`` not above ``workers`` (one DataLoader worker each).
+    """
+    per_rank = max(d for d in range(1, max(workers, 1) + 1) if batch_size % d == 0)
+    return ShardLoader(
+        info, rank=env.rank, world=env.world_size, global_batch=batch_size * env.world_size,
+        lanes=per_rank * env.world_size, workers=workers, train=False, prefetch=prefetch,
+        with_meta=with_meta, pin_memory=env.device.type == "cuda",
+    )
+
+
+def resume(run: Run) -> None:
+    """Restore the latest checkpoint of ``run.out`` (a fresh start if there is none)."""
+    path = latest_checkpoint(run.out)
+    if path is None:
+        log.warning("--resume: no checkpoint in %s; starting from scratch", run.out)
+        return
+    state = load_checkpoint(path, model=run.model, optimizer=run.optimizer,
+                            scheduler=run.scheduler, scaler=run.scaler)
+    mine = run.train_state()
+    for key in ("global_batch", "lanes", "seed", "steps_per_epoch"):
+        if state.get(key) != mine[key]:
+            raise ValueError(f"cannot resume {path}: {key} was {state.get(key)}, now {mine[key]} "
+                             "(the sample order would change; keep the global batch, lanes and seed)")
+    run.step = int(state["step"])
+    if state.get("world_size") != run.env.world_size:
+        log.info("resuming a %s-rank checkpoint on %d ranks", state.get("world_size"), run.env.world_size)
