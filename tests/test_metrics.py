@@ -240,3 +240,93 @@ def test_classification_metrics_reject_bad_input(
 def test_classification_metrics_empty_after_mask_is_nan() -> None:
     got = classification_metrics([0.9], [1], mask=[False])
     assert got["n"] == 0 and math.isnan(got["accuracy"]) and math.isnan(got["roc_auc"])
+
+
+# ---------------------------------------------------------------------------------------
+# Cross-checks against independent implementations on the same inputs
+# ---------------------------------------------------------------------------------------
+
+
+def _random_detections(seed: int, images: int = 40) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Per image 0-3 truths; predictions are jittered truths (some far off) plus less
+    confident clutter, with distinct confidences (ultralytics sorts unstably: no ties)."""
+    rng = np.random.default_rng(seed)
+    preds, truths = [], []
+    for _ in range(images):
+        xy = rng.uniform(0, 500, size=(rng.integers(0, 4), 2))
+        t = np.concatenate([xy, xy + rng.uniform(40, 140, size=xy.shape)], axis=1)
+        hits = t + rng.normal(0, 1, size=t.shape) * rng.uniform(2, 30, size=(len(t), 1))
+        hits = hits[rng.random(len(t)) < 0.8]
+        xy = rng.uniform(0, 500, size=(rng.integers(0, 3), 2))
+        clutter = np.concatenate([xy, xy + rng.uniform(30, 120, size=xy.shape)], axis=1)
+        boxes = np.concatenate([hits, clutter])
+        conf = np.concatenate([rng.uniform(0.3, 1.0, len(hits)), rng.uniform(0.0, 0.7, len(clutter))])
+        preds.append(np.concatenate([boxes, conf[:, None]], axis=1))
+        truths.append(t)
+    return preds, truths
+
+
+def _ultralytics_ap50(preds: list[np.ndarray], truths: list[np.ndarray]) -> tuple[float, float]:
+    """AP@0.5 the way ultralytics' validator computes it: its matching
+    (``BaseValidator.match_predictions``), its box IoU and ``ap_per_class``.
+
+    Returns:
+        Its 101-point interpolated AP, and the all-point integral of its precision
+        envelope (the interpolation :func:`average_precision_50` uses).
+    """
+    import torch
+    from types import SimpleNamespace
+
+    from train.models import _ultralytics
+
+    _ultralytics()  # offline settings before the first ultralytics import
+    from ultralytics.engine.validator import BaseValidator
+    from ultralytics.utils.metrics import ap_per_class, box_iou as ul_box_iou, compute_ap
+
+    holder = SimpleNamespace(iouv=torch.tensor([0.5]))
+    tp, conf = [], []
+    for p, t in zip(preds, truths):
+        p = p[np.argsort(-p[:, 4])]
+        iou = ul_box_iou(torch.from_numpy(t), torch.from_numpy(p[:, :4]))  # (truths, preds)
+        tp.append(BaseValidator.match_predictions(holder, torch.zeros(len(p)), torch.zeros(len(t)), iou).numpy())
+        conf.append(p[:, 4])
+    tp_all, conf_all = np.concatenate(tp), np.concatenate(conf)
+    n_truth = sum(len(t) for t in truths)
+    ap101 = float(ap_per_class(tp_all, conf_all, np.zeros(len(conf_all)), np.zeros(n_truth))[5][0, 0])
+    order = np.argsort(-conf_all)
+    tpc = np.cumsum(tp_all[order, 0])
+    _, mpre, mrec = compute_ap(tpc / n_truth, tpc / np.arange(1, len(tpc) + 1))
+    steps = np.nonzero(mrec[1:] != mrec[:-1])[0]
+    all_point = float(np.sum((mrec[steps + 1] - mrec[steps]) * mpre[steps + 1]))
+    return ap101, all_point
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_ap50_agrees_with_ultralytics(seed: int) -> None:
+    preds, truths = _random_detections(seed)
+    ours = average_precision_50(preds, truths)
+    ap101, all_point = _ultralytics_ap50(preds, truths)
+    assert 0.15 < ours < 0.95  # a curve with something to integrate
+    # same matches, same precision envelope: the all-point integrals are equal ...
+    assert ours == pytest.approx(all_point, abs=1e-9)
+    # ... and ultralytics' 101-point (COCO) sampling of it differs by under 1/100
+    assert abs(ours - ap101) < 0.01
+
+
+def _trapezoid_auc(scores: np.ndarray, targets: np.ndarray) -> float:
+    """Area under the empirical ROC curve by the trapezoid rule over distinct thresholds
+    (a tie between a positive and a negative is a diagonal step: half credit)."""
+    thresholds = np.unique(scores)[::-1]
+    pos, neg = targets == 1, targets == 0
+    tpr = [0.0] + [float((scores[pos] >= c).mean()) for c in thresholds]
+    fpr = [0.0] + [float((scores[neg] >= c).mean()) for c in thresholds]
+    return float(np.sum(np.diff(fpr) * (np.array(tpr[1:]) + np.array(tpr[:-1])) / 2))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("levels", [4, 50, 100_000])
+def test_auc_agrees_with_the_trapezoid_roc_curve(seed: int, levels: int) -> None:
+    rng = np.random.default_rng(seed)
+    targets = rng.integers(0, 2, size=300)
+    scores = np.round(rng.random(300) * 0.7 + 0.3 * targets, int(np.log10(levels)))
+    assert roc_auc(scores, targets) == pytest.approx(_trapezoid_auc(scores, targets), abs=1e-12)
