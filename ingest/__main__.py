@@ -41,6 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--size", type=int, default=d["size"].default, help="output image side in pixels")
     p.add_argument("--clahe-clip", type=float, default=d["clahe_clip"].default, help="CLAHE clip limit")
     p.add_argument("--clahe-grid", type=int, default=d["clahe_grid"].default, help="CLAHE tiles per side")
+    p.add_argument("--resample", choices=("dct", "area"), default=d["resample"].default,
+                   help="dct: decode JPEG frames at a reduced n/8 scale, CLAHE at the output size; "
+                   "area: full-size decode, CLAHE, area resize")
+    p.add_argument("--max-pixels", type=int, default=d["max_pixels"].default,
+                   help="reject images with more Rows x Columns (too_large) before decoding them")
     p.add_argument("--val-fraction", type=float, default=d["val_fraction"].default, help="fraction of patients in val")
     p.add_argument("--seed", type=int, default=d["seed"].default, help="seed of the split and shard order")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")

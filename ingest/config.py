@@ -7,6 +7,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 CLUSTERS = ("local", "slurm")
+RESAMPLE_MODES = ("dct", "area")
+DEFAULT_MAX_PIXELS = 8192 * 8192
+"""Largest Rows x Columns decoded (67 MP): above every real radiograph (large flat-panel
+detectors are about 4300 x 4300, mammograms 4096 x 5625, film digitisers about 60 MP)."""
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -45,6 +49,11 @@ class IngestConfig:
     """CLAHE clip limit (OpenCV ``clipLimit``)."""
     clahe_grid: int = 8
     """CLAHE tile grid (``grid`` x ``grid`` tiles)."""
+    resample: Literal["dct", "area"] = "dct"
+    """``dct``: JPEG frames decoded at a reduced n/8 scale, CLAHE at the output size;
+    ``area``: full-size decode, CLAHE, area resize (the original order, same bytes)."""
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Images with more Rows x Columns are rejected (``too_large``) before decoding."""
     val_fraction: float = 0.1
     """Fraction of patients, per target stratum, put in the ``val`` split."""
     seed: int = 0
@@ -70,6 +79,10 @@ class IngestConfig:
             raise ValueError(f"clahe_clip={self.clahe_clip}; must be > 0")
         if not 1 <= self.clahe_grid <= 64:
             raise ValueError(f"clahe_grid={self.clahe_grid}; allowed 1..64")
+        if self.resample not in RESAMPLE_MODES:
+            raise ValueError(f"resample={self.resample!r}; allowed: {', '.join(RESAMPLE_MODES)}")
+        if self.max_pixels < 1:
+            raise ValueError(f"max_pixels={self.max_pixels}; must be >= 1")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction={self.val_fraction}; allowed 0 <= f < 1")
         if self.class_info and not self.labels:
@@ -77,7 +90,13 @@ class IngestConfig:
 
     def processing_params(self) -> dict[str, Any]:
         """The parameters that decide the pixels of a sample."""
-        return {"size": self.size, "clahe_clip": self.clahe_clip, "clahe_grid": self.clahe_grid}
+        return {
+            "size": self.size,
+            "clahe_clip": self.clahe_clip,
+            "clahe_grid": self.clahe_grid,
+            "resample": self.resample,
+            "max_pixels": self.max_pixels,
+        }
 
     def dataset_params(self) -> dict[str, Any]:
         """All parameters that decide the bytes of the output (recorded in the manifest)."""

@@ -80,3 +80,22 @@ def rgb_to_grey(image: np.ndarray) -> np.ndarray:
     """ITU-R BT.601 luma of an (H, W, 3) RGB image, in the input's value range (float64)."""
     rgb = np.asarray(image, dtype=np.float64)
     return rgb[..., 0] * 0.299 + rgb[..., 1] * 0.587 + rgb[..., 2] * 0.114
+
+
+def resize_area(image: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """Area-filter ``image`` to (rows, cols) ``shape``; the same array if it already fits."""
+    if image.shape[:2] == tuple(shape):
+        return image
+    return cv2.resize(image, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
+
+
+def pad_letterbox(resized: np.ndarray, geom: Letterbox) -> np.ndarray:
+    """Place an image already resized to ``geom.new_shape`` in the zero-padded square."""
+    new_h, new_w = geom.new_shape
+    if resized.shape[:2] != (new_h, new_w):
+        raise ValueError(f"image {resized.shape} is not the letterbox's resized shape {geom.new_shape}")
+    if (new_h, new_w) == (geom.size, geom.size):
+        return resized
+    out = np.zeros((geom.size, geom.size), dtype=resized.dtype)
+    out[geom.pad_y : geom.pad_y + new_h, geom.pad_x : geom.pad_x + new_w] = resized
+    return out

@@ -20,10 +20,11 @@ import cv2
 import numpy as np
 
 from ingest import transforms
-from ingest.dicom import DicomRejected, decode_dicom
+from ingest.dicom import DicomRejected, describe
 from ingest.plan import PlannedSample, Reject, ShardTask
+from ingest.render import render
 from shards.format import CLASS_NAMES
-from shards.geometry import boxes_to_letterbox, letterbox_geometry
+from shards.geometry import boxes_to_letterbox
 from shards.label_csv import LabelProblem
 from shards.manifest import SHARDS_DIR, WORK_DIR, atomic_write_text
 from shards.writer import ShardWriter
@@ -51,11 +52,9 @@ class ProcessedSample:
 
 def process_sample(data: bytes, sample: PlannedSample, processing: dict) -> ProcessedSample:
     """Decode one DICOM's bytes and make the training sample (raises DicomRejected)."""
-    decoded = decode_dicom(data)
-    rows, cols = decoded.pixels.shape
-    image = transforms.clahe(decoded.pixels, processing["clahe_clip"], processing["clahe_grid"])
-    geom = letterbox_geometry(rows, cols, processing["size"])
-    image = transforms.letterbox(image, geom)
+    rendered = render(data, processing)
+    image, geom, decoded = rendered.image, rendered.geom, rendered.decoded
+    rows, cols = decoded.rows, decoded.cols
 
     problems: list[LabelProblem] = []
     boxes_out: list[list[float]] = []
@@ -126,6 +125,9 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
                 done = process_sample(data, sample, task.processing)
             except DicomRejected as exc:
                 rejects.append(Reject(sample.path, exc.reason, exc.detail).to_json())
+                continue
+            except Exception as exc:  # anything else one file raises costs that file, not the run
+                rejects.append(Reject(sample.path, "decode_error", describe(exc)).to_json())
                 continue
             writer.write(sample.key, done.image, done.meta)
             metas.append(done.meta)
