@@ -328,7 +328,7 @@ def _decode_parsed(data: bytes, max_pixels: int, fit: int | None) -> DecodedDico
         pixels, resampled = _decode_jpeg_frame(_first_frame(ds), rows, cols, max_pixels, fit)
     else:
         if pydicom.uid.UID(ts).is_compressed and ts != DeflatedExplicitVRLittleEndian:
-            _check_frame(_first_frame(ds), ts, rows, cols, max_pixels)
+            _check_compressed(ds, ts, rows, cols)
         pixels = _decode_general(ds, photometric)
         if pixels.shape != (rows, cols):
             raise DicomRejected("bad_geometry", f"pixels {pixels.shape} but Rows={rows} Columns={cols}")
@@ -364,42 +364,42 @@ def _first_frame(ds: pydicom.Dataset) -> bytes:
         raise DicomRejected("truncated", f"encapsulated frame unreadable ({exc})") from exc
 
 
-def _check_frame(frame: bytes, ts: str, rows: int, cols: int, max_pixels: int) -> codestream.FrameGeometry | None:
-    """Geometry before pixels: the codestream header against Rows/Columns and the pixel limit,
-    an end marker, and (JPEG) a strict scan of the entropy-coded data."""
+def _check_frame(frame: bytes, ts: str, rows: int, cols: int) -> codestream.FrameGeometry | None:
+    """Geometry before pixels: the codestream header against Rows/Columns (which passed the
+    pixel limit already), and the end marker a complete stream ends with."""
     try:
         geom = codestream.frame_geometry(frame, ts)
     except codestream.CorruptPixelData as exc:
         raise DicomRejected("corrupt_pixel_data", str(exc)) from exc
     if geom is None:
         return None
-    _check_size(geom.rows, geom.cols, max_pixels)
     if (geom.rows, geom.cols) != (rows, cols):
         raise DicomRejected("bad_geometry", f"{geom.kind} header says {geom.cols}x{geom.rows} but Rows={rows} Columns={cols}")
     if not codestream.check_end_marker(frame):
         raise DicomRejected("truncated", f"{geom.kind} frame has no end-of-image marker")
-    try:
-        codestream.check_jpeg(frame, geom)
-    except codestream.CorruptPixelData as exc:
-        raise DicomRejected("corrupt_pixel_data", str(exc)) from exc
     return geom
+
+
+def _check_compressed(ds: pydicom.Dataset, ts: str, rows: int, cols: int) -> None:
+    """The general path's checks of a compressed frame before pydicom decodes it; JPEG frames
+    are also scanned strictly, since pydicom's JPEG plugins do not report corrupt data."""
+    frame = _first_frame(ds)
+    geom = _check_frame(frame, ts, rows, cols)
+    if geom is not None:
+        try:
+            codestream.check_jpeg(frame, geom)
+        except codestream.CorruptPixelData as exc:
+            raise DicomRejected("corrupt_pixel_data", str(exc)) from exc
 
 
 def _decode_jpeg_frame(frame: bytes, rows: int, cols: int, max_pixels: int, fit: int | None) -> tuple[np.ndarray, bool]:
     """The fast path's decode: header checks, then one strict libjpeg-turbo decode, at a
     reduced n/8 scale when ``fit`` asks for a smaller image."""
-    try:
-        geom = codestream.frame_geometry(frame, JPEGBaseline8Bit)
-    except codestream.CorruptPixelData as exc:
-        raise DicomRejected("corrupt_pixel_data", str(exc)) from exc
+    _check_size(rows, cols, max_pixels)
+    geom = _check_frame(frame, JPEGBaseline8Bit, rows, cols)
     assert geom is not None
-    _check_size(geom.rows, geom.cols, max_pixels)
-    if (geom.rows, geom.cols) != (rows, cols):
-        raise DicomRejected("bad_geometry", f"JPEG header says {geom.cols}x{geom.rows} but Rows={rows} Columns={cols}")
     if geom.components != 1:
         raise DicomRejected("bad_geometry", f"JPEG frame has {geom.components} components but SamplesPerPixel=1")
-    if not codestream.check_end_marker(frame):
-        raise DicomRejected("truncated", "JPEG frame has no end-of-image marker")
     target = None
     if fit is not None:
         new_shape = letterbox_geometry(rows, cols, fit).new_shape
@@ -415,11 +415,11 @@ def _decode_general(ds: pydicom.Dataset, photometric: str) -> np.ndarray:
     try:
         arr = ds.pixel_array
     except (NotImplementedError, RuntimeError) as exc:
-        msg = str(exc)
+        msg = " ".join(str(exc).split())
         if "plugin" in msg or "decoder" in msg.lower() or "not supported" in msg:
             ts = ds.file_meta.get("TransferSyntaxUID", "?")
-            raise DicomRejected("unsupported_transfer_syntax", f"{ts}: {msg.splitlines()[0]}") from exc
-        raise DicomRejected("decode_error", msg.splitlines()[0] if msg else type(exc).__name__) from exc
+            raise DicomRejected("unsupported_transfer_syntax", f"{ts}: {msg[:_DETAIL_CHARS]}") from exc
+        raise DicomRejected("decode_error", describe(exc)) from exc
     except (ValueError, EOFError, struct.error) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         reason = "truncated" if any(w in msg.lower() for w in ("less than expected", "truncat", "end of", "short")) else "decode_error"

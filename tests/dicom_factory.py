@@ -23,6 +23,8 @@ written by hand: pydicom writes the header big endian, the OW pixel bytes are sw
 
 from __future__ import annotations
 
+import struct
+import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,8 @@ from pydicom import uid as dicom_uid
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import generate_frames
+from pydicom.filebase import DicomBytesIO
+from pydicom.filewriter import write_dataset, write_file_meta_info
 from pydicom.pixels.encoders import JPEGLSLosslessEncoder
 
 from ingest.synth import CR_SOP_CLASS_UID, derived_uid, synthetic_chest, write_dicom
@@ -48,6 +52,10 @@ __all__ = [
     "write_12bit_rescale",
     "write_16bit_rescale",
     "write_16bit_voi_lut",
+    "damage_frame",
+    "frame_span",
+    "patch_frame_size",
+    "write_deflate_bomb",
     "write_deflated",
     "write_explicit_be",
     "write_explicit_le_8bit",
@@ -529,6 +537,85 @@ def make_rsna_like(
     top, left = (size - rows) // 2, (size - cols) // 2
     crop = np.ascontiguousarray(image[top : top + rows, left : left + cols])
     return write_dicom(path, crop, patient_id=patient_id, uid_seed=str(seed))
+
+
+# --------------------------------------------------------------------------- hostile files
+
+
+def frame_span(path: Path) -> tuple[int, int]:
+    """(offset, length) in the file of the single encapsulated frame of ``path``."""
+    data = Path(path).read_bytes()
+    frame = next(generate_frames(dcmread(path).PixelData, number_of_frames=1))
+    at = data.rfind(frame)
+    if at < 0:
+        raise ValueError(f"{path}: frame is split over fragments")
+    return at, len(frame)
+
+
+def damage_frame(path: Path, n_bytes: int) -> Path:
+    """Zero ``n_bytes`` in the middle of the single encapsulated frame of ``path``, in place
+    (a damaged copy: the file still parses, the codestream does not)."""
+    at, length = frame_span(path)
+    if length < n_bytes + 1000:
+        raise ValueError(f"{path}: frame of {length} bytes is too small to lose {n_bytes} in its middle")
+    data = bytearray(Path(path).read_bytes())
+    mid = at + (length - n_bytes) // 2
+    data[mid : mid + n_bytes] = bytes(n_bytes)
+    Path(path).write_bytes(bytes(data))
+    return path
+
+
+def patch_frame_size(path: Path, rows: int, cols: int) -> Path:
+    """Rewrite the size in a JPEG SOF or JPEG 2000 SIZ header of ``path``'s frame, in place;
+    the DICOM Rows/Columns stay as they are."""
+    at, _ = frame_span(path)
+    data = bytearray(Path(path).read_bytes())
+    if data[at : at + 4] == b"\xff\x4f\xff\x51":  # JPEG 2000: Xsiz, Ysiz after Lsiz + Rsiz
+        siz = at + 2
+        x_off, y_off = struct.unpack_from(">II", data, siz + 14)
+        struct.pack_into(">II", data, siz + 6, cols + x_off, rows + y_off)
+    else:
+        pos = at + 2
+        while data[pos + 1] not in (0xC0, 0xC1, 0xC2, 0xC3, 0xF7):
+            pos += 2 + struct.unpack_from(">H", data, pos + 2)[0]
+        struct.pack_into(">HH", data, pos + 5, rows, cols)
+    Path(path).write_bytes(bytes(data))
+    return path
+
+
+def write_deflate_bomb(directory: Path, name: str = "deflate_bomb", *, rows: int = 24000, cols: int = 24000, header_rows: int | None = None) -> Path:
+    """A Deflated Explicit VR file of about 1 MB whose dataset inflates to ``rows`` x ``cols``
+    16-bit zeros (24000 x 24000: 1.15 GB).
+
+    The header says ``header_rows`` x ``header_rows`` if given (a lie: the pixel data is still
+    ``rows`` x ``cols``), else the truth. The deflate stream is built from one compressed
+    block of zero rows repeated (each ends in a full flush, so the copies are identical),
+    which takes well under a second.
+    """
+    shown = (header_rows, header_rows) if header_rows else (rows, cols)
+    ds = _dataset(name, *shown, dicom_uid.DeflatedExplicitVRLittleEndian)
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+    body = DicomBytesIO()
+    body.is_little_endian, body.is_implicit_VR = True, False
+    write_dataset(body, ds)
+    pixel_bytes = rows * cols * 2
+    header = body.getvalue() + struct.pack("<HH2sHI", 0x7FE0, 0x0010, b"OW", 0, pixel_bytes)
+    block_rows = next(n for n in range(min(rows, 500), 0, -1) if rows % n == 0)
+    z = zlib.compressobj(9, zlib.DEFLATED, -zlib.MAX_WBITS)
+    head = z.compress(header) + z.flush(zlib.Z_FULL_FLUSH)
+    block = z.compress(bytes(block_rows * cols * 2)) + z.flush(zlib.Z_FULL_FLUSH)
+    tail = z.flush()
+    meta = DicomBytesIO()
+    meta.is_little_endian, meta.is_implicit_VR = True, False
+    write_file_meta_info(meta, ds.file_meta, enforce_standard=True)
+    path = _path(directory, name)
+    with open(path, "wb") as f:
+        f.write(b"\x00" * 128 + b"DICM" + meta.getvalue() + head)
+        for _ in range(rows // block_rows):
+            f.write(block)
+        f.write(tail)
+    return path
 
 
 # --------------------------------------------------------------------------- the table
