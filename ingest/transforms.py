@@ -20,12 +20,7 @@ def letterbox(image: np.ndarray, geom: Letterbox) -> np.ndarray:
         raise ValueError(f"image {image.shape} does not match letterbox {geom.rows}x{geom.cols}")
     new_h, new_w = geom.new_shape
     interp = cv2.INTER_AREA if geom.scale < 1 else cv2.INTER_LINEAR
-    resized = cv2.resize(image, (new_w, new_h), interpolation=interp)
-    if (new_h, new_w) == (geom.size, geom.size):
-        return resized
-    out = np.zeros((geom.size, geom.size), dtype=image.dtype)
-    out[geom.pad_y : geom.pad_y + new_h, geom.pad_x : geom.pad_x + new_w] = resized
-    return out
+    return pad_letterbox(cv2.resize(image, (new_w, new_h), interpolation=interp), geom)
 
 
 def clip_boxes_xyxy(boxes: np.ndarray, rows: int, cols: int) -> np.ndarray:

