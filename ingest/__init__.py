@@ -4,7 +4,10 @@ Modules, one per stage:
 
 * :mod:`ingest.config`: ``IngestConfig``, the one config of a run (CLI flags map onto it).
 * :mod:`ingest.plan`: discovery of the input files, patient-level split, the shard plan.
-* :mod:`ingest.dicom`: strict decoding of one DICOM to uint8 pixels (or a reject reason).
+* :mod:`ingest.dicom`: strict decoding of one DICOM to uint8 pixels (or a reject reason), with
+  :mod:`ingest.dicom_header` (the fast path's header read without pydicom) and
+  :mod:`ingest.codestream` (JPEG SOF / JPEG 2000 SIZ geometry, strict libjpeg-turbo decoding).
+* :mod:`ingest.render`: one file's bytes -> the training image under ``--resample dct|area``.
 * :mod:`ingest.transforms`: CLAHE and the letterbox resize (the geometry is
   :mod:`shards.geometry`).
 * :mod:`ingest.worker`: one shard task: decode, transform, write the shard.
@@ -12,7 +15,8 @@ Modules, one per stage:
 * :mod:`ingest.cluster`, :mod:`ingest.slurm`, :mod:`ingest.cluster_base`: the Dask cluster
   (a ``LocalCluster`` or Slurm worker jobs).
 * :mod:`ingest.synth`: RSNA-like synthetic DICOMs and label CSVs, for demos and tests.
-* entry points: ``python -m ingest``, ``ingest.synth``, ``ingest.bench``, ``ingest.slurm_bench``.
+* entry points: ``python -m ingest``, ``ingest.synth``, ``ingest.bench``, ``ingest.compare``,
+  ``ingest.slurm_bench``.
 
 The dataset format itself (and the label CSV reader verify shares) is :mod:`shards`; ingest
 stands on it and never on :mod:`train`. The names below are imported lazily, so
