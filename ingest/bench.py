@@ -167,10 +167,10 @@ def main(argv: list[str] | None = None) -> int:
             (f"(c) ours --resample {mode}, {cores} workers (wall)", wall(cores, mode), f"{cores} workers"),
         ]
     print(f"ingest bench: {n} synthetic 1024x1024 JPEG Baseline DICOMs -> {size}x{size}, shard size {args.shard_size}, {cores} cores\n")
-    print(f"| {'contender':58} | images/s | where      |")
-    print(f"|{'-' * 60}|----------|------------|")
+    print(f"| {'contender':60} | images/s | where      |")
+    print(f"|{'-' * 62}|----------|------------|")
     for name, rate, where in rows:
-        print(f"| {name:58} | {rate:8.1f} | {where:10} |")
+        print(f"| {name:60} | {rate:8.1f} | {where:10} |")
     one_worker_s = 1 / per_proc(1, "dct")
     print()
     print(f"old floor / naive                          = {t_naive / t_b1:5.2f}x")
