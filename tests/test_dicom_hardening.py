@@ -173,3 +173,43 @@ def test_pydicom_test_corpus_every_file_one_sample_or_one_reject(tmp_path: Path)
     assert by_path["pydicom/badVR.dcm"]["reason"] == "decode_error"  # NumberOfFrames = '1A'
     assert "ValueError" in by_path["pydicom/badVR.dcm"]["detail"]
     assert len(sampled) > 50
+
+
+_POISON_SITECUSTOMIZE = '''
+import ingest.worker
+
+_process_sample = ingest.worker.process_sample
+
+
+def process_sample(data, sample, processing):
+    if sample.path == "poison.dcm":
+        raise RuntimeError("injected by the test's sitecustomize")
+    return _process_sample(data, sample, processing)
+
+
+ingest.worker.process_sample = process_sample
+'''
+
+
+@pytest.mark.slow
+def test_an_exception_outside_the_decoder_costs_one_reject(tmp_path: Path) -> None:
+    """Injected from outside (a sitecustomize.py on PYTHONPATH, in the driver and every Dask
+    worker): whatever raises while one file becomes a sample, the run goes on."""
+    images = tmp_path / "images"
+    for name in ("a", "b", "poison"):
+        df.make_rsna_like(images / f"{name}.dcm", name)
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(_POISON_SITECUSTOMIZE)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(hook), str(REPO)])}
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, "-m", "ingest", "--dicom-dir", str(images), "--out", str(out), "--size", "32",
+         "--workers", "1", "--no-progress"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rejects = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert rejects == [{"kind": "file", "path": "poison.dcm", "reason": "decode_error",
+                        "detail": "RuntimeError: injected by the test's sitecustomize"}]
+    assert "samples: 2" in proc.stdout
