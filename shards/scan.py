@@ -300,7 +300,7 @@ def scan_shard(
     return scan
 
 
-def _number(x: Any) -> bool:
+def _finite_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
@@ -345,7 +345,7 @@ def check_meta(meta: dict[str, Any], key: str, size: int | None) -> list[tuple[s
         if boxes and target != 1:
             out.append(("meta_value", f"{len(boxes)} box(es) on a sample with target {target!r}", "no boxes"))
         for b in boxes:
-            if not (isinstance(b, list) and len(b) == 4 and all(_number(v) for v in b)):
+            if not (isinstance(b, list) and len(b) == 4 and all(_finite_number(v) for v in b)):
                 out.append(("meta_value", f"box {b!r}", "[x1, y1, x2, y2] of finite numbers"))
             elif size is not None and not (0 <= b[0] < b[2] <= size and 0 <= b[1] < b[3] <= size):
                 out.append(("box_outside", f"box {_fmt_box(b)} is not inside the {size}x{size} image or has no area",
@@ -355,7 +355,7 @@ def check_meta(meta: dict[str, Any], key: str, size: int | None) -> list[tuple[s
 
 
 def _check_transform(tr: Any, size: int | None) -> list[tuple[str, str, str | None]]:
-    if not (isinstance(tr, dict) and set(tr) == set(TRANSFORM_FIELDS) and all(_number(tr[f]) for f in tr)):
+    if not (isinstance(tr, dict) and set(tr) == set(TRANSFORM_FIELDS) and all(_finite_number(tr[f]) for f in tr)):
         return [("transform", f"transform {tr!r}", f"numbers {list(TRANSFORM_FIELDS)}")]
     if size is not None and tr["size"] != size:
         return [("transform", f"transform size {tr['size']}", f"{size} (the manifest's params.size)")]

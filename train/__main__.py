@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from shards.cli import configure_logging
 from train.config import (
     AMP_CHOICES,
     DETECTORS,
@@ -122,17 +123,6 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
-def setup_logging(rank: int, verbose: bool) -> None:
-    """Rank-prefixed logging: rank 0 at INFO (DEBUG with -v), the others WARNING."""
-    level = (logging.DEBUG if verbose else logging.INFO) if rank == 0 else logging.WARNING
-    logging.basicConfig(
-        level=level, format=f"[rank{rank}] %(asctime)s %(levelname)s %(name)s: %(message)s",
-        datefmt="%H:%M:%S", force=True,
-    )
-    for noisy in ("ultralytics", "torch.distributed", "matplotlib"):
-        logging.getLogger(noisy).setLevel(max(level, logging.WARNING))
-
-
 def main(argv: list[str] | None = None) -> int:
     """Parse, configure logging, build the run, train; always leave the process group."""
     args = build_parser().parse_args(argv)
@@ -144,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    setup_logging(rank, args.verbose)
+    configure_logging(args.verbose, rank=rank, dask=False)  # rank 0 at INFO, the others WARNING
     log = logging.getLogger("train")
     from train.build import build_run
     from train.loop import train

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from shards.cli import configure_logging
 from shards.format import SPLITS
 from shards.geometry import boxes_from_letterbox
 from train.checkpoint import load_export
@@ -154,9 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     p.add_argument("--amp", choices=("bf16", "fp16", "none"), default="none", help="autocast dtype")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-                        datefmt="%H:%M:%S")
-    logging.getLogger("ultralytics").setLevel(logging.WARNING)
+    configure_logging(dask=False)
     if args.conf is not None and not 0 <= args.conf <= 1:
         print(f"error: --conf={args.conf}: allowed 0..1", file=sys.stderr)
         return 2
