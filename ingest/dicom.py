@@ -30,6 +30,7 @@ from typing import Any
 import cv2
 import numpy as np
 import pydicom
+import pydicom.charset
 import pydicom.config
 import pydicom.encaps
 import pydicom.pixels
@@ -276,6 +277,8 @@ def _fast_header(data: bytes) -> _FastFile | None:
             return None
         if str(v.get(dicom_header.NUMBER_OF_FRAMES, "") or "1") != "1":
             return None
+        if str(v.get(dicom_header.SPECIFIC_CHARACTER_SET, "") or "ISO_IR 6") not in pydicom.charset.python_encoding:
+            return None  # pydicom judges an unknown character set
         photometric = str(v.get(dicom_header.PHOTOMETRIC, "")).upper()
         if v.get(dicom_header.BITS_ALLOCATED) != 8 or v.get(dicom_header.SAMPLES_PER_PIXEL, 1) != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
             return None

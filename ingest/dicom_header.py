@@ -22,6 +22,7 @@ ITEM, ITEM_END, SEQUENCE_END = 0xFFFEE000, 0xFFFEE00D, 0xFFFEE0DD
 UNDEFINED = 0xFFFFFFFF
 
 TRANSFER_SYNTAX_UID = 0x00020010
+SPECIFIC_CHARACTER_SET = 0x00080005
 PATIENT_ID = 0x00100020
 PATIENT_SEX = 0x00100040
 PATIENT_AGE = 0x00101010
@@ -40,9 +41,10 @@ VOI_LUT_SEQUENCE = 0x00283010
 
 # Explicit VRs with a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2).
 _LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
+_SHORT_VRS = frozenset(b"AE AS AT CS DA DS DT FL FD IS LO LT PN SH SL SS ST TM UI UL US".split())
 _US_TAGS = frozenset((SAMPLES_PER_PIXEL, ROWS, COLUMNS, BITS_ALLOCATED))
 _TEXT_VR = {
-    TRANSFER_SYNTAX_UID: b"UI", PATIENT_ID: b"LO", PATIENT_SEX: b"CS", PATIENT_AGE: b"AS",
+    TRANSFER_SYNTAX_UID: b"UI", SPECIFIC_CHARACTER_SET: b"CS", PATIENT_ID: b"LO", PATIENT_SEX: b"CS", PATIENT_AGE: b"AS",
     VIEW_POSITION: b"CS", PHOTOMETRIC: b"CS", NUMBER_OF_FRAMES: b"IS",
 }
 
@@ -107,7 +109,7 @@ def _element_end(buf: bytes | bytearray, pos: int, tag: int) -> tuple[bytes, int
         if pos + 12 > len(buf):
             raise HeaderIncomplete("element header runs past the end")
         length, start = struct.unpack_from("<I", buf, pos + 8)[0], pos + 12
-    elif vr.isalpha() and vr.isupper():
+    elif vr in _SHORT_VRS:
         length, start = struct.unpack_from("<H", buf, pos + 6)[0], pos + 8
     else:
         raise Unfollowed(f"no explicit VR at {pos} (tag {tag:08X})")

@@ -11,6 +11,7 @@ import sys
 import tracemalloc
 from pathlib import Path
 
+import numpy as np
 import pydicom
 import pydicom.data
 import pytest
@@ -213,3 +214,36 @@ def test_an_exception_outside_the_decoder_costs_one_reject(tmp_path: Path) -> No
     assert rejects == [{"kind": "file", "path": "poison.dcm", "reason": "decode_error",
                         "detail": "RuntimeError: injected by the test's sitecustomize"}]
     assert "samples: 2" in proc.stdout
+
+
+def _verdict(run) -> tuple[str, object]:
+    try:
+        got = run()
+    except DicomRejected as exc:
+        return exc.reason, None
+    return "ok", (got.pixels.tobytes(), got.patient_id, got.view_position, got.sex, got.age)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_mutated_files_are_a_sample_or_a_reject_and_both_header_readers_agree(tmp_path: Path) -> None:
+    """Random byte changes, mostly in the header: decode_dicom returns or raises DicomRejected,
+    and wherever the fast header reader takes a file, pydicom's reading gives the same verdict."""
+    from ingest.config import DEFAULT_MAX_PIXELS
+    from ingest.dicom import _decode_parsed, _fast_header
+
+    rng = np.random.default_rng(0)
+    original = df.make_rsna_like(tmp_path / "r.dcm", "r", rows=64, cols=48).read_bytes()
+    header_end = original.find(b"\xe0\x7f\x10\x00") + 12
+    taken = 0
+    for _ in range(400):
+        data = bytearray(original)
+        for _ in range(rng.integers(1, 4)):
+            data[rng.integers(132, header_end)] = rng.integers(256)
+        if rng.random() < 0.3:
+            data = data[: rng.integers(132, len(data))]
+        data = bytes(data)
+        fast = _verdict(lambda: decode_dicom(data, fit=32))
+        if _fast_header(data) is not None:
+            taken += 1
+            assert fast == _verdict(lambda: _decode_parsed(data, DEFAULT_MAX_PIXELS, 32))
+    assert taken > 50
