@@ -52,7 +52,7 @@ __all__ = [
     "save_checkpoint",
 ]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
@@ -121,7 +121,7 @@ def save_checkpoint(run_dir: Path | str, *, step: int, model: nn.Module,
         old = sorted(p for p in root.glob("step-*") if p.is_dir() and p != path)
         for stale in old[: max(0, len(old) - (keep - 1))]:
             shutil.rmtree(stale, ignore_errors=True)
-        logger.info("checkpoint %s", path)
+        log.info("checkpoint %s", path)
     return path
 
 
@@ -144,7 +144,7 @@ def load_checkpoint(path: Path | str, *, model: nn.Module, optimizer: torch.opti
     set_optimizer_state_dict(model, optimizer, state["optim"])
     scheduler.load_state_dict(state["scheduler"])
     scaler.load_state_dict(state["scaler"])
-    logger.info("resumed from %s (step %s)", path, state["train"].get("step"))
+    log.info("resumed from %s (step %s)", path, state["train"].get("step"))
     return state["train"]
 
 
@@ -165,7 +165,7 @@ def export_model(path: Path | str, model: nn.Module, info: dict[str, Any]) -> Pa
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     torch.save({"format": EXPORT_FORMAT, **info, "state_dict": state}, tmp)
     os.replace(tmp, path)
-    logger.info("exported %s", path)
+    log.info("exported %s", path)
     return path
 
 

@@ -75,7 +75,7 @@ __all__ = [
     "to_device",
 ]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 # Purposes mixed into the seeds, so the shard permutation and the window permutations
 # never share a random stream.
@@ -560,8 +560,8 @@ class ShardLoader:
         per_rank = lanes // world
         self.workers = min(workers, per_rank)
         if workers > per_rank:
-            logger.info("%d loader workers requested, %d lanes per rank: using %d",
-                        workers, per_rank, self.workers)
+            log.info("%d loader workers requested, %d lanes per rank: using %d",
+                     workers, per_rank, self.workers)
         self.plan(0)  # validate now, not in a worker
 
     @property

@@ -50,7 +50,7 @@ __all__ = [
     "parallelize",
 ]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 
 Amp = Literal["bf16", "fp16", "none"]
 Strategy = Literal["ddp", "fsdp"]
@@ -137,7 +137,7 @@ def first_host(nodelist: str) -> str:
         if out:
             return out[0]
     except (FileNotFoundError, subprocess.CalledProcessError, subprocess.TimeoutExpired) as err:
-        logger.debug("scontrol unavailable (%s); parsing the node list %r", err, nodelist)
+        log.debug("scontrol unavailable (%s); parsing the node list %r", err, nodelist)
     return _parse_first_host(nodelist)
 
 
@@ -247,7 +247,7 @@ def init_distributed(timeout_s: float = 1800.0, *, backend: str | None = None) -
     else:
         device = torch.device("cpu")
     if launch.world_size == 1:
-        logger.info("single process on %s (%s); no process group", device, launch.launcher)
+        log.info("single process on %s (%s); no process group", device, launch.launcher)
         return DistEnv(rank=0, world_size=1, local_rank=launch.local_rank, device=device,
                        backend=None, launcher=launch.launcher)
 
@@ -270,7 +270,7 @@ def init_distributed(timeout_s: float = 1800.0, *, backend: str | None = None) -
             timeout=timedelta(seconds=timeout_s),
             device_id=device if chosen == "nccl" else None,
         )
-    logger.info(
+    log.info(
         "rank %d/%d (local %d) on %s, %s via %s at %s:%d",
         launch.rank, launch.world_size, launch.local_rank, device, chosen, launch.launcher,
         launch.master_addr, launch.master_port,
@@ -443,7 +443,7 @@ def parallelize(
     blocks = list(blocks)
     model = model.to(env.device)
     if not env.distributed:
-        logger.info("single process: %s not applied", strategy)
+        log.info("single process: %s not applied", strategy)
         return model
     if not _active():
         raise RuntimeError(f"{env} says distributed but no process group is initialised")
@@ -474,7 +474,7 @@ def parallelize(
             fully_shard(block, mesh=mesh, mp_policy=policy, reshard_after_forward=True)
             n_sharded += 1
     fully_shard(model, mesh=mesh, mp_policy=policy)
-    logger.info(
+    log.info(
         "FSDP2 over %d ranks: %d blocks + root, params %s", env.world_size, n_sharded,
         policy.param_dtype,
     )

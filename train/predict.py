@@ -45,7 +45,7 @@ from train.distributed import DistEnv, autocast_context
 
 __all__ = ["load_model", "main", "predict_rows", "write_csv"]
 
-logger = logging.getLogger(__name__)
+log = logging.getLogger(__name__)
 SPLIT_CHOICES = {**{s: (s,) for s in SPLITS}, "all": SPLITS}
 """``--split`` values and the splits each one reads."""
 
@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = predict_rows(args.data, export, split=args.split, batch_size=args.batch_size,
                         workers=args.workers, conf=args.conf, amp=args.amp)
     n = write_csv(args.out, rows, export["task"])
-    logger.info("wrote %d patients to %s (%s)", n, args.out, export["task"])
+    log.info("wrote %d patients to %s (%s)", n, args.out, export["task"])
     return 0
 
 
