@@ -48,6 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reject images with more Rows x Columns (too_large) before decoding them")
     p.add_argument("--val-fraction", type=float, default=d["val_fraction"].default, help="fraction of patients in val")
     p.add_argument("--seed", type=int, default=d["seed"].default, help="seed of the split and shard order")
+    p.add_argument("--sample-timeout", type=float, default=d["sample_timeout"].default, metavar="S",
+                   help="seconds one file may keep a worker busy before it is rejected (sample_timeout)")
+    p.add_argument("--patient-id", choices=("name", "tag"), default=d["patient_id"].default,
+                   help="patient id from the file name (RSNA's <id>.dcm) or from the PatientID tag (renamed files)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p

@@ -11,6 +11,7 @@ RESAMPLE_MODES = ("dct", "area")
 DEFAULT_MAX_PIXELS = 8192 * 8192
 """Largest Rows x Columns decoded (67 MP): above every real radiograph (large flat-panel
 detectors are about 4300 x 4300, mammograms 4096 x 5625, film digitisers about 60 MP)."""
+PATIENT_ID_SOURCES = ("name", "tag")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -60,6 +61,10 @@ class IngestConfig:
     """Seed of the patient-level split and of the shard order."""
     progress: bool = True
     """Show a progress bar on stderr."""
+    sample_timeout: float = 300.0
+    """Seconds one file may keep a worker busy; past it the file is a ``sample_timeout`` reject."""
+    patient_id: Literal["name", "tag"] = "name"
+    """Where a sample's patient id comes from: the file name (RSNA's ``<id>.dcm``) or the PatientID tag."""
 
     def __post_init__(self) -> None:
         self.dicom_dir, self.out = Path(self.dicom_dir), Path(self.out)
@@ -85,6 +90,10 @@ class IngestConfig:
             raise ValueError(f"max_pixels={self.max_pixels}; must be >= 1")
         if not 0.0 <= self.val_fraction < 1.0:
             raise ValueError(f"val_fraction={self.val_fraction}; allowed 0 <= f < 1")
+        if not self.sample_timeout > 0:
+            raise ValueError(f"sample_timeout={self.sample_timeout}; must be > 0 seconds")
+        if self.patient_id not in PATIENT_ID_SOURCES:
+            raise ValueError(f"patient_id={self.patient_id!r}; allowed: {', '.join(PATIENT_ID_SOURCES)}")
         if self.class_info and not self.labels:
             raise ValueError("class_info given without labels")
 
@@ -105,4 +114,5 @@ class IngestConfig:
             "shard_size": self.shard_size,
             "val_fraction": self.val_fraction,
             "seed": self.seed,
+            "patient_id": self.patient_id,
         }

@@ -13,13 +13,22 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from distributed import as_completed
+import dask
+from distributed import Client, Future, KilledWorker, as_completed
 from tqdm import tqdm
 
 from ingest.cluster import open_client
 from ingest.config import IngestConfig
-from ingest.plan import Plan, ShardTask, make_plan
-from ingest.worker import DONE_DIR, WORK_DIR, build_shard, label_row
+from ingest.plan import Plan, Reject, ShardTask, make_plan
+from ingest.worker import (
+    DONE_DIR,
+    WORK_DIR,
+    abandon_shard,
+    build_shard,
+    build_shard_isolated,
+    label_row,
+    read_suspects,
+)
 from shards.format import FORMAT_VERSION, SPLITS
 from shards.label_csv import LabelFileError, read_label_csv
 from shards.labels import LabelTable, write_labels
@@ -35,11 +44,22 @@ from shards.manifest import (
     sha256_file,
     write_manifest,
 )
+from shards.source import discover
 
 log = logging.getLogger(__name__)
 
 PACKAGES = ("pneumo-hpc", "numpy", "opencv-python-headless", "pydicom", "pylibjpeg", "dask", "distributed", "zarr")
 PARAMS_FILE = f"{WORK_DIR}/params.json"
+SCHEDULER_CONFIG = {
+    # A worker death fails its task at once (KilledWorker, caught below) instead of dask
+    # retrying it on three more workers: the driver decides what a death means.
+    "distributed.scheduler.allowed-failures": 0,
+    # One task per single-threaded worker, none queued behind it: a worker that dies takes
+    # only the shard it was building with it.
+    "distributed.scheduler.worker-saturation": 1.0,
+}
+ISOLATED_TRIES = 2
+"""Isolated rebuilds of a shard before its files are given up as ``worker_crashed``."""
 
 
 class IngestUsageError(ValueError):
@@ -161,7 +181,10 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
             labels, problems = read_label_csv(cfg.labels, cfg.class_info)
         except LabelFileError as exc:
             raise IngestUsageError(str(exc)) from exc
+    found = discover(cfg.dicom_dir)
     plan = make_plan(
+        inputs=found.inputs,
+        ignored=found.ignored,
         dicom_dir=cfg.dicom_dir.resolve(),
         out=cfg.out.resolve(),
         labels=labels,
@@ -205,24 +228,96 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
     return summary
 
 
+class _KilledWorkerFilter(logging.Filter):
+    """Hide the scheduler's "marked as failed because N workers died": the driver handles
+    every such death and logs what it does instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "workers died" not in str(record.msg)
+
+
+@dataclasses.dataclass
+class _ShardState:
+    """What the driver knows about one pending shard."""
+
+    task: ShardTask
+    known: dict[str, Reject]
+    """Poison files found so far (watchdog notes), rejected without being opened again."""
+    deaths: int = 0
+    """Worker deaths while building it that named no file."""
+    attempt: int = 0
+
+
+def _submit(client: Client, cfg: IngestConfig, state: _ShardState) -> Future:
+    state.attempt += 1
+    isolated = state.deaths >= 2
+    fn = build_shard_isolated if isolated else build_shard
+    key = f"shard-{state.task.name}-{state.task.processing['size']}-{'isolated-' if isolated else ''}{state.attempt}"
+    return client.submit(fn, state.task, cfg.sample_timeout, state.known, key=key, pure=False, retries=3)
+
+
+def _after_death(cfg: IngestConfig, state: _ShardState) -> bool:
+    """Account for a worker that died building ``state``'s shard; False to give it up."""
+    task = state.task
+    notes = read_suspects(cfg.out, task.name)
+    new = {p: r for p, r in notes.items() if p not in state.known}
+    if new:
+        state.known.update(new)
+        for rej in new.values():
+            log.warning("shard %s: %s: %s (%s); rebuilding the shard without it", task.name, rej.path, rej.reason, rej.detail)
+        return True
+    state.deaths += 1
+    if state.deaths == 1:
+        log.warning("shard %s: its worker died; retrying it once", task.name)
+    elif state.deaths == 2:
+        log.warning("shard %s: its worker died again; rebuilding it file by file in isolated processes", task.name)
+    elif state.deaths < 2 + ISOLATED_TRIES:
+        log.warning("shard %s: the worker of its isolated rebuild died; trying once more", task.name)
+    else:
+        return False
+    return True
+
+
 def _run_tasks(cfg: IngestConfig, pending: list[ShardTask], records: dict[str, dict[str, Any]]) -> None:
     total = sum(len(t.samples) for t in pending)
-    with open_client(cfg) as client:
-        futures = [
-            client.submit(build_shard, task, key=f"shard-{task.name}-{task.processing['size']}", pure=False, retries=3)
-            for task in pending
-        ]
-        bar = tqdm(total=total, unit="img", desc="ingest", disable=not cfg.progress, file=sys.stderr, smoothing=0.1)
-        try:
-            for future in as_completed(futures):
-                record = future.result()
-                # Let the scheduler forget the result: a lost worker then costs only its
-                # in-flight shard, not the shards it already finished.
-                future.release()
-                records[record["name"]] = record
-                bar.update(record["samples"] + len(record["rejects"]))
-        finally:
-            bar.close()
+    quiet = _KilledWorkerFilter()
+    scheduler_log = logging.getLogger("distributed.scheduler")
+    scheduler_log.addFilter(quiet)
+    try:
+        with dask.config.set(SCHEDULER_CONFIG), open_client(cfg) as client:
+            states: dict[str, _ShardState] = {}
+            futures = []
+            for task in pending:
+                state = states[task.name] = _ShardState(task, read_suspects(cfg.out, task.name))
+                futures.append(_submit(client, cfg, state))
+            name_of = {f.key: t.name for f, t in zip(futures, pending)}
+            bar = tqdm(total=total, unit="img", desc="ingest", disable=not cfg.progress, file=sys.stderr, smoothing=0.1)
+            try:
+                running = as_completed(futures)
+                for future in running:
+                    state = states[name_of.pop(future.key)]
+                    try:
+                        record = future.result()
+                    except KilledWorker:
+                        future.release()
+                        if _after_death(cfg, state):
+                            retry = _submit(client, cfg, state)
+                            name_of[retry.key] = state.task.name
+                            running.add(retry)
+                            continue
+                        detail = (f"the workers building shard {state.task.name} died {state.deaths} times, "
+                                  f"{ISOLATED_TRIES} of them decoding its files one by one in isolated processes")
+                        log.error("shard %s: %s; its files are rejected as worker_crashed", state.task.name, detail)
+                        record = abandon_shard(state.task, detail)
+                    # Let the scheduler forget the result: a lost worker then costs only its
+                    # in-flight shard, not the shards it already finished.
+                    future.release()
+                    records[record["name"]] = record
+                    bar.update(record["samples"] + len(record["rejects"]))
+            finally:
+                bar.close()
+    finally:
+        scheduler_log.removeFilter(quiet)
 
 
 def _remove_stale(out: Path, names: set[str]) -> None:

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import os
 from collections import defaultdict
 from pathlib import Path
 
 from shards.format import SPLITS, key_for, shard_name
 from shards.label_csv import LabelProblem, PatientLabel
-
-DICOM_SUFFIX = ".dcm"
+from shards.source import patient_id_of, source_fingerprint
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,59 +70,6 @@ class Plan:
         return source_fingerprint(self.inputs)
 
 
-def has_preamble(path: Path) -> bool:
-    """True if the file carries the DICOM 'DICM' marker at byte 128."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:] == b"DICM"
-
-
-def discover(dicom_dir: Path) -> tuple[list[tuple[str, int]], set[str], int]:
-    """Find the input files under ``dicom_dir``: every ``*.dcm`` plus any other file that
-    carries the DICOM preamble (UID-named files, files without a suffix).
-
-    Returns:
-        (sorted [(relative posix path, size)], the ``*.dcm`` inputs without the preamble,
-        number of other files ignored).
-    """
-    found: list[tuple[str, int]] = []
-    no_preamble: set[str] = set()
-    ignored = 0
-    for root, dirs, files in os.walk(dicom_dir):
-        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-        for name in files:
-            path = Path(root) / name
-            if name.startswith(".") or not path.is_file():
-                continue
-            preamble = has_preamble(path)
-            if preamble or name.lower().endswith(DICOM_SUFFIX):
-                rel = path.relative_to(dicom_dir).as_posix()
-                found.append((rel, path.stat().st_size))
-                if not preamble:
-                    no_preamble.add(rel)
-            else:
-                ignored += 1
-    found.sort()
-    return found, no_preamble, ignored
-
-
-def source_fingerprint(inputs: list[tuple[str, int]]) -> str:
-    """SHA-256 over the sorted (relative path, size) list of the inputs."""
-    h = hashlib.sha256()
-    for rel, size in inputs:
-        h.update(f"{rel}\t{size}\n".encode())
-    return h.hexdigest()
-
-
-def patient_id_of(rel_path: str) -> str:
-    """RSNA names files ``<patientId>.dcm``; a UID-named file is its own id (dots kept)."""
-    name = rel_path.rsplit("/", 1)[-1]
-    return name[: -len(DICOM_SUFFIX)] if name.lower().endswith(DICOM_SUFFIX) else name
-
-
 def unit_hash(seed: int, text: str) -> float:
     """A deterministic pseudo-random number in [0, 1) from (seed, text)."""
     digest = hashlib.sha256(f"{seed}\x00{text}".encode()).digest()
@@ -159,9 +104,15 @@ def make_plan(
     val_fraction: float,
     seed: int,
     processing: dict,
+    inputs: list[tuple[str, int]],
+    ignored: int = 0,
 ) -> Plan:
-    """Turn the file list and labels into shard tasks, early rejects and label problems."""
-    inputs, no_preamble, ignored = discover(dicom_dir)
+    """Turn the file list (from :func:`shards.source.discover`) and the labels into shard
+    tasks, early rejects and label problems.
+
+    No file is opened here: a ``*.dcm`` file that is not DICOM is planned like any other and
+    rejected (``not_dicom``) by the worker that decodes it.
+    """
     rejects: list[Reject] = []
     problems = list(label_problems)
     chosen: dict[str, str] = {}  # patient id -> path
@@ -169,9 +120,7 @@ def make_plan(
     for rel, _size in inputs:
         pid = patient_id_of(rel)
         key = key_for(pid)
-        if rel in no_preamble:
-            rejects.append(Reject(rel, "not_dicom", "no 'DICM' marker at byte 128"))
-        elif pid in chosen:
+        if pid in chosen:
             rejects.append(Reject(rel, "duplicate_patient", f"patient {pid} already ingested from {chosen[pid]}"))
         elif key in by_key:
             rejects.append(Reject(rel, "duplicate_key", f"key {key} already used by patient {by_key[key]}"))

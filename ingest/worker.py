@@ -2,6 +2,14 @@
 
 A shard is written under a temporary name and renamed when complete; then a small
 ``.ingest/done/<shard>.json`` records its result, so a restarted driver skips it.
+
+Poison files: while a file is decoded, a watchdog thread of the worker process watches the
+clock; a file still busy after ``sample_timeout`` seconds leaves a note in
+``.ingest/suspects/`` naming it, and the watchdog kills its own process (a task cannot be
+interrupted from inside its thread). The driver reads the note and rebuilds the shard without
+that file. A shard whose worker dies with no note (a segfault, the OOM killer) is retried,
+then rebuilt by :func:`build_shard_isolated`, which decodes each file in a child process.
+Every path writes the same bytes for the same set of rejects: the samples in plan order.
 """
 
 from __future__ import annotations
@@ -12,7 +20,10 @@ import json
 import logging
 import os
 import resource
+import signal
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +32,7 @@ import numpy as np
 
 from ingest import transforms
 from ingest.dicom import DicomRejected, describe
+from ingest.isolate import ChildDied, ChildTimedOut, IsolatedProcess
 from ingest.plan import PlannedSample, Reject, ShardTask
 from ingest.render import render
 from shards.format import CLASS_NAMES
@@ -36,8 +48,9 @@ log = logging.getLogger(__name__)
 cv2.setNumThreads(1)
 
 DONE_DIR = f"{WORK_DIR}/done"
-SLOW_ENV = "PNEUMO_INGEST_TEST_DELAY_S"
-"""Test hook: seconds to sleep per shard, so a test can kill a run part-way."""
+SUSPECTS_DIR = f"{WORK_DIR}/suspects"
+"""Notes of files that kept a worker busy past the timeout, one JSON per file."""
+WATCHDOG_POLL_S = 0.5
 
 
 @dataclasses.dataclass
@@ -55,8 +68,10 @@ def process_sample(data: bytes, sample: PlannedSample, processing: dict) -> Proc
     rendered = render(data, processing)
     image, geom, decoded = rendered.image, rendered.geom, rendered.decoded
     rows, cols = decoded.rows, decoded.cols
-
     problems: list[LabelProblem] = []
+    if decoded.patient_id and decoded.patient_id != sample.patient_id:
+        problems.append(mismatch(sample.path, decoded.patient_id, sample.patient_id))
+
     boxes_out: list[list[float]] = []
     for x, y, w, h in sample.boxes:
         src = np.array([[x, y, x + w, y + h]], dtype=np.float64)
@@ -101,40 +116,167 @@ def label_row(meta: dict[str, Any], shard: int) -> dict[str, Any]:
     }
 
 
-def build_shard(task: ShardTask) -> dict[str, Any]:
+def mismatch(path: str, tag: str, name_id: str) -> LabelProblem:
+    """The ``patient_id_mismatch`` line of a file whose PatientID tag differs from its name."""
+    return LabelProblem(
+        "patient_id_mismatch", f"PatientID tag {tag!r} differs from the file-name id {name_id!r}", name_id, path
+    )
+
+
+def sample_outcome(dicom_dir: str, sample: PlannedSample, processing: dict) -> ProcessedSample | Reject:
+    """Read and process one planned sample; every failure is a :class:`Reject`, never raised.
+
+    Only a process that dies or hangs escapes this: that is what the watchdog and
+    :func:`build_shard_isolated` are for.
+    """
+    try:
+        data = (Path(dicom_dir) / sample.path).read_bytes()
+    except OSError as exc:
+        return Reject(sample.path, "unreadable", f"{type(exc).__name__}: {exc}")
+    try:
+        return process_sample(data, sample, processing)
+    except DicomRejected as exc:
+        return Reject(sample.path, exc.reason, exc.detail)
+    except Exception as exc:  # anything else one file raises costs that file, not the run
+        return Reject(sample.path, "decode_error", describe(exc))
+
+
+class _Watchdog:
+    """Kills this worker process when one file keeps it busy past its deadline, after leaving
+    a note that names the file (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self._armed: tuple[float, Path, dict[str, Any]] | None = None
+        self._thread: threading.Thread | None = None
+
+    def arm(self, deadline: float, note_path: Path, note: dict[str, Any]) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._watch, name="pneumo-sample-watchdog", daemon=True)
+            self._thread.start()
+        self._armed = (deadline, note_path, note)
+
+    def disarm(self) -> None:
+        self._armed = None
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(WATCHDOG_POLL_S)
+            armed = self._armed
+            if armed is None or time.monotonic() < armed[0]:
+                continue
+            _, note_path, note = armed
+            note_path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(note_path, json.dumps(note))
+            log.error("%s: %s; killing this worker process so that the driver can go on", note["path"], note["detail"])
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+_WATCHDOG = _Watchdog()
+
+
+def suspect_note_path(out: Path, shard: str, path: str) -> Path:
+    """Where the watchdog notes that ``path`` of ``shard`` kept its worker busy too long."""
+    digest = hashlib.sha256(path.encode()).hexdigest()[:16]
+    return out / SUSPECTS_DIR / f"{shard}.{digest}.json"
+
+
+def read_suspects(out: Path, shard: str) -> dict[str, Reject]:
+    """The notes the watchdog left for ``shard``, as rejects by path."""
+    found: dict[str, Reject] = {}
+    for note in sorted((out / SUSPECTS_DIR).glob(f"{shard}.*.json")):
+        try:
+            rec = json.loads(note.read_text())
+            found[rec["path"]] = Reject(rec["path"], rec["reason"], rec["detail"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # a note cut short by the kill: the file is found again
+    return found
+
+
+def build_shard(task: ShardTask, timeout_s: float = 300.0, known: dict[str, Reject] | None = None) -> dict[str, Any]:
     """Build one shard; return (and persist) its result record.
+
+    Args:
+        task: The planned shard.
+        timeout_s: Seconds one file may take; past it the watchdog notes it and kills this
+            process.
+        known: Files already known to be poison (``sample_timeout``/``worker_crashed``),
+            rejected without being opened.
 
     The record holds the shard's name, split, sample count, bytes, sha256, first/last key, the
     per-sample metadata, the rejects and the label problems found while building it.
     """
+    out = Path(task.out)
+
+    def outcome(sample: PlannedSample) -> ProcessedSample | Reject:
+        note = {"path": sample.path, "reason": "sample_timeout",
+                "detail": f"still busy after {timeout_s:g} s (--sample-timeout); its worker was restarted"}
+        _WATCHDOG.arm(time.monotonic() + timeout_s, suspect_note_path(out, task.name, sample.path), note)
+        try:
+            return sample_outcome(task.dicom_dir, sample, task.processing)
+        finally:
+            _WATCHDOG.disarm()
+
+    return _write_shard(task, outcome, known or {}, isolated=False)
+
+
+def _isolated_outcome(dicom_dir: str, sample: PlannedSample, processing: dict) -> tuple[Any, ...]:
+    """:func:`sample_outcome` as it travels back from the child: plain, picklable values."""
+    result = sample_outcome(dicom_dir, sample, processing)
+    if isinstance(result, Reject):
+        return ("reject", result)
+    return ("sample", result.image, result.meta, result.problems, result.fast_path)
+
+
+def build_shard_isolated(task: ShardTask, timeout_s: float = 300.0, known: dict[str, Reject] | None = None) -> dict[str, Any]:
+    """:func:`build_shard`, each file decoded in a child process: a file whose child dies is a
+    ``worker_crashed`` reject, one that takes longer than ``timeout_s`` a ``sample_timeout``.
+
+    The shard's bytes are those :func:`build_shard` writes for the same rejects.
+    """
+    with IsolatedProcess() as child:
+
+        def outcome(sample: PlannedSample) -> ProcessedSample | Reject:
+            try:
+                got = child.call(_isolated_outcome, task.dicom_dir, sample, task.processing, timeout_s=timeout_s)
+            except ChildDied as exc:
+                return Reject(sample.path, "worker_crashed", f"the process decoding it {exc}")
+            except ChildTimedOut:
+                return Reject(sample.path, "sample_timeout", f"still busy after {timeout_s:g} s (--sample-timeout); its process was killed")
+            if got[0] == "reject":
+                return got[1]
+            return ProcessedSample(*got[1:])
+
+        return _write_shard(task, outcome, known or {}, isolated=True)
+
+
+def abandon_shard(task: ShardTask, detail: str) -> dict[str, Any]:
+    """Give up on a shard whose workers keep dying even in isolation: an empty shard, and
+    each of its files a ``worker_crashed`` reject (runs in the driver)."""
+    return _write_shard(task, lambda s: Reject(s.path, "worker_crashed", detail), {}, isolated=True)
+
+
+def _write_shard(
+    task: ShardTask,
+    outcome: Callable[[PlannedSample], ProcessedSample | Reject],
+    known: dict[str, Reject],
+    isolated: bool,
+) -> dict[str, Any]:
     t0, started = time.perf_counter(), time.time()
     out = Path(task.out)
-    delay = float(os.environ.get(SLOW_ENV, "0") or 0)
     metas: list[dict[str, Any]] = []
     rejects: list[dict] = []
     problems: list[dict] = []
     fast = 0
     with ShardWriter(out / SHARDS_DIR / task.name) as writer:
         for sample in task.samples:
-            try:
-                data = (Path(task.dicom_dir) / sample.path).read_bytes()
-            except OSError as exc:
-                rejects.append(Reject(sample.path, "unreadable", f"{type(exc).__name__}: {exc}").to_json())
-                continue
-            try:
-                done = process_sample(data, sample, task.processing)
-            except DicomRejected as exc:
-                rejects.append(Reject(sample.path, exc.reason, exc.detail).to_json())
-                continue
-            except Exception as exc:  # anything else one file raises costs that file, not the run
-                rejects.append(Reject(sample.path, "decode_error", describe(exc)).to_json())
+            done = known.get(sample.path) or outcome(sample)
+            if isinstance(done, Reject):
+                rejects.append(done.to_json())
                 continue
             writer.write(sample.key, done.image, done.meta)
             metas.append(done.meta)
             problems.extend(p.to_json() for p in done.problems)
             fast += done.fast_path
-        if delay:
-            time.sleep(delay)
     written = writer.result
     assert written is not None
     record = {
@@ -149,6 +291,7 @@ def build_shard(task: ShardTask) -> dict[str, Any]:
         "rejects": rejects,
         "problems": problems,
         "fast_path": fast,
+        "isolated": isolated,
         "seconds": time.perf_counter() - t0,
         "started": started,
         "finished": time.time(),

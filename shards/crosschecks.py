@@ -298,7 +298,7 @@ def check_source(
     sha: dict[str, str],
 ) -> list[Problem]:
     """Every input file is exactly one sample or one file reject; sample sha256s match."""
-    from ingest.plan import source_fingerprint
+    from shards.source import source_fingerprint
 
     out: list[Problem] = []
     fingerprint = source_fingerprint(inputs)
@@ -352,7 +352,7 @@ def check_patients(
     rejects: list[dict[str, Any]],
 ) -> list[Problem]:
     """Every labelled patient is a sample, a file reject, or a label_without_image problem."""
-    from ingest.plan import patient_id_of
+    from shards.source import patient_id_of
 
     labels, sha = patient_labels
     out: list[Problem] = []

@@ -176,7 +176,7 @@ def verify(cfg: VerifyConfig) -> VerifyReport:
     calls = _shard_calls(manifest, present, size, cfg, problems)
     inputs: list[tuple[str, int]] = []
     if cfg.source is not None:
-        from ingest.plan import discover
+        from shards.source import discover
 
         inputs = discover(cfg.source)[0]
         for i in range(0, len(inputs), SOURCE_BATCH):

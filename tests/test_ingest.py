@@ -22,6 +22,7 @@ from shards.geometry import boxes_from_letterbox
 from shards.labels import read_labels
 from shards.manifest import read_manifest
 from shards.reader import iter_samples
+from tests.fault_injection import fault_env
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -202,7 +203,7 @@ def _ingest_cmd(synth, out: Path, workers: int) -> list[str]:
 @pytest.mark.slow
 def test_sigkill_then_resume_is_byte_identical(ingested_small: Path, synth_small, tmp_path: Path) -> None:
     out = tmp_path / "killed"
-    env = {**os.environ, "PNEUMO_INGEST_TEST_DELAY_S": "0.5"}
+    env = fault_env("*.dcm=sleep:0.125")  # 0.5 s per 4-sample shard, so the kill lands mid-run
     proc = subprocess.Popen(_ingest_cmd(synth_small, out, 1), cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     done = out / ".ingest" / "done"

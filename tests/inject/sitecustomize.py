@@ -1,0 +1,51 @@
+"""Fault injection for the tests, from outside the production code.
+
+Python imports ``sitecustomize`` at start-up from ``sys.path``; a test that puts this folder
+on ``PYTHONPATH`` (see :mod:`tests.fault_injection`) gets, in every Python process it starts
+(the ingest CLI, LocalCluster worker processes, Slurm worker jobs, their children), an
+``open()`` that misbehaves on the files named in ``PNEUMO_FAULTS``:
+
+    PNEUMO_FAULTS="a.dcm=segv,b.dcm=sleep:60,*.dcm=sleep:0.1"
+
+Each rule is ``GLOB=ACTION`` matched against the file's name (first match wins); actions:
+``segv`` (SIGSEGV, a crashing C decoder), ``kill`` (SIGKILL, the OOM killer), ``exit``
+(``os._exit(3)``), ``sleep:S`` (a decoder busy for S seconds). Without ``PNEUMO_FAULTS`` this
+module does nothing.
+"""
+
+from __future__ import annotations
+
+import builtins
+import fnmatch
+import io
+import os
+import signal
+import time
+
+_RULES = [tuple(rule.split("=", 1)) for rule in os.environ.get("PNEUMO_FAULTS", "").split(",") if "=" in rule]
+
+
+def _act(action: str) -> None:
+    if action == "segv":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    elif action == "kill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif action == "exit":
+        os._exit(3)
+    elif action.startswith("sleep:"):
+        time.sleep(float(action.split(":", 1)[1]))
+
+
+if _RULES:
+    _real_open = io.open
+
+    def _faulty_open(file, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if isinstance(file, (str, bytes, os.PathLike)):
+            name = os.path.basename(os.fsdecode(file))
+            for pattern, action in _RULES:
+                if fnmatch.fnmatchcase(name, pattern):
+                    _act(action)
+                    break
+        return _real_open(file, *args, **kwargs)
+
+    io.open = builtins.open = _faulty_open

@@ -1,0 +1,145 @@
+"""Poison files: a file that kills its worker process or keeps it busy past ``--sample-timeout``
+costs one reject, never the run, and every other sample keeps its bytes.
+
+Faults come from outside the production code: ``tests/inject/sitecustomize.py`` on the
+``PYTHONPATH`` of the worker processes (LocalCluster) or of the Slurm worker jobs makes opening
+one named file crash or sleep.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from ingest.config import IngestConfig
+from ingest.isolate import ChildDied, ChildTimedOut, IsolatedProcess
+from ingest.pipeline import run_ingest
+from shards.manifest import read_manifest
+from tests.fault_injection import fault_env
+
+if TYPE_CHECKING:
+    from tests.slurm_fixture import SlurmInfo
+
+TIMEOUT_S = 4.0
+"""--sample-timeout of these runs: far above the milliseconds a 128 px test image takes."""
+
+
+def _members(out: Path) -> dict[str, dict[str, bytes]]:
+    """``{shard: {member name: bytes}}`` of a dataset."""
+    found = {}
+    for shard in sorted((out / "shards").glob("*.tar")):
+        with tarfile.open(shard) as tar:
+            found[shard.name] = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}  # type: ignore[union-attr]
+    return found
+
+
+def _sources(out: Path) -> dict[str, list[str]]:
+    """``{shard: [source path of each sample, in order]}``."""
+    return {
+        shard: [json.loads(data)["source"]["path"] for name, data in members.items() if name.endswith(".json")]
+        for shard, members in _members(out).items()
+    }
+
+
+def _file_rejects(out: Path) -> dict[str, str]:
+    lines = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
+    return {r["path"]: r["reason"] for r in lines if r["kind"] == "file"}
+
+
+def _assert_same_samples(out: Path, reference: Path, rejected: set[str]) -> None:
+    """Every sample of ``reference`` whose source is not in ``rejected`` is in ``out`` with the
+    same bytes, in the same shard; shards that lost nothing are byte-identical files."""
+    got, want = _members(out), _members(reference)
+    assert sorted(got) == sorted(want)
+    sources = _sources(reference)
+    for shard, members in want.items():
+        lost = [p for p in sources[shard] if p in rejected]
+        if not lost:
+            assert (out / "shards" / shard).read_bytes() == (reference / "shards" / shard).read_bytes(), shard
+            continue
+        lost_keys = {Path(p).stem for p in lost}
+        kept = {name: data for name, data in members.items() if name.split(".")[0] not in lost_keys}
+        assert got[shard] == kept, f"{shard}: other samples differ from the run without poison files"
+
+
+def _poison(reference: Path) -> tuple[str, str, str]:
+    """A file of train-000000 to crash on, one of train-000001 to hang on, and a shard to kill
+    every worker building it (as a machine-wide fault would)."""
+    sources = _sources(reference)
+    return sources["train-000000.tar"][0], sources["train-000001.tar"][1], "val-000000.tar"
+
+
+@pytest.mark.slow
+def test_local_cluster_poison_files_cost_one_reject_each(
+    ingested_small: Path, synth_small: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    crash, hang, doomed = _poison(ingested_small)
+    rules = f"{crash}=segv,{hang}=sleep:300,.{doomed}.tmp-*=exit"
+    for name, value in fault_env(rules).items():
+        monkeypatch.setenv(name, value)  # the LocalCluster's worker processes inherit it
+    out = tmp_path / "ds"
+    cfg = IngestConfig(
+        dicom_dir=synth_small.images_dir, out=out, labels=synth_small.labels_csv, class_info=synth_small.class_info_csv,
+        size=64, shard_size=4, workers=2, val_fraction=0.25, progress=False, sample_timeout=TIMEOUT_S,
+    )
+    with caplog.at_level(logging.WARNING):
+        summary = run_ingest(cfg)
+
+    rejects = _file_rejects(out)
+    doomed_files = set(_sources(ingested_small)[doomed])
+    assert rejects == {crash: "worker_crashed", hang: "sample_timeout", **{p: "worker_crashed" for p in doomed_files}}
+    assert summary.counts["samples"] == synth_small.n_images - len(rejects)
+    _assert_same_samples(out, ingested_small, set(rejects))
+    assert (out / "shards" / doomed).is_file() and read_manifest(out).counts["samples"] == summary.counts["samples"]
+    text = caplog.text
+    assert "KilledWorker" not in text and "workers died" not in text
+    assert "rebuilding it file by file in isolated processes" in text
+    assert "sample_timeout" in text and "its files are rejected as worker_crashed" in text
+    assert not (out / ".ingest").exists()
+
+
+def _sleep_then(seconds: float, value: float) -> float:
+    time.sleep(seconds)
+    return value
+
+
+def test_isolated_process_survives_what_kills_or_hangs_its_child() -> None:
+    with IsolatedProcess() as child:
+        assert child.call(math.sqrt, 16.0, timeout_s=30) == 4.0
+        with pytest.raises(ValueError, match="invalid literal"):
+            child.call(int, "x", timeout_s=30)  # an exception comes back; the child lives on
+        with pytest.raises(ChildDied, match="exited with code 3"):
+            child.call(os._exit, 3, timeout_s=30)
+        with pytest.raises(ChildTimedOut, match="no answer within 0.5 s"):
+            child.call(_sleep_then, 60.0, 1.0, timeout_s=0.5)
+        assert child.call(_sleep_then, 0.0, 2.0, timeout_s=30) == 2.0  # a fresh child
+
+
+@pytest.mark.slurm
+def test_slurm_poison_files_cost_one_reject_each(
+    slurm_cluster: SlurmInfo, synth_small: Any, ingested_small: Path, tmp_path: Path
+) -> None:
+    from tests.test_slurm_ingest import RUN_TIMEOUT_S, _dask_config, _env, _ingest_cmd, _no_jobs_left, _unique_name
+
+    crash, hang, _ = _poison(ingested_small)
+    name = _unique_name()
+    config = _dask_config(tmp_path / "dask", slurm_cluster.partition, name)
+    out = tmp_path / "ds"
+    env = fault_env(f"{crash}=kill,{hang}=sleep:300", _env(config))  # the worker jobs inherit it from sbatch
+    proc = subprocess.run(_ingest_cmd(synth_small, out, "--jobs", "2", "--sample-timeout", str(TIMEOUT_S)), env=env,
+                          capture_output=True, text=True, timeout=RUN_TIMEOUT_S * 2, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "KilledWorker" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    rejects = _file_rejects(out)
+    assert rejects == {crash: "worker_crashed", hang: "sample_timeout"}, proc.stderr[-3000:]
+    _assert_same_samples(out, ingested_small, set(rejects))
+    assert _no_jobs_left(name), "worker jobs are cancelled when the run ends"
