@@ -200,9 +200,12 @@ def _child_main(reply_fd: int) -> None:
         except Exception as exc:  # sent back and raised in the parent
             out = ("error", exc)
         try:
-            _write_message(reply, out)
-        except (pickle.PicklingError, TypeError, AttributeError):
-            _write_message(reply, ("error", RuntimeError(f"{type(out[1]).__name__}: {out[1]}")))
+            try:
+                _write_message(reply, out)
+            except (pickle.PicklingError, TypeError, AttributeError):
+                _write_message(reply, ("error", RuntimeError(f"{type(out[1]).__name__}: {out[1]}")))
+        except BrokenPipeError:
+            os._exit(0)  # the parent is gone (killed with its worker): nobody to answer, nothing to flush
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import dask
-from distributed import Client, Future, KilledWorker, as_completed
+from distributed import Client, Future, KilledWorker, wait
 from tqdm import tqdm
 
 from ingest.cluster import open_client
@@ -54,10 +54,9 @@ SCHEDULER_CONFIG = {
     # A worker death fails its task at once (KilledWorker, caught below) instead of dask
     # retrying it on three more workers: the driver decides what a death means.
     "distributed.scheduler.allowed-failures": 0,
-    # One task per single-threaded worker, none queued behind it: a worker that dies takes
-    # only the shard it was building with it.
-    "distributed.scheduler.worker-saturation": 1.0,
 }
+POLL_S = 2.0
+"""How often the driver looks for new workers while it waits for shards."""
 ISOLATED_TRIES = 2
 """Isolated rebuilds of a shard before its files are given up as ``worker_crashed``."""
 
@@ -279,45 +278,55 @@ def _after_death(cfg: IngestConfig, state: _ShardState) -> bool:
 
 
 def _run_tasks(cfg: IngestConfig, pending: list[ShardTask], records: dict[str, dict[str, Any]]) -> None:
+    """Build the pending shards; never more in flight than the cluster has worker threads, so
+    that a worker that dies takes only the shard it was building with it (dask would queue
+    further tasks on it, and count the death against them too)."""
     total = sum(len(t.samples) for t in pending)
     quiet = _KilledWorkerFilter()
     scheduler_log = logging.getLogger("distributed.scheduler")
     scheduler_log.addFilter(quiet)
+    bar = tqdm(total=total, unit="img", desc="ingest", disable=not cfg.progress, file=sys.stderr, smoothing=0.1)
     try:
         with dask.config.set(SCHEDULER_CONFIG), open_client(cfg) as client:
-            states: dict[str, _ShardState] = {}
-            futures = []
-            for task in pending:
-                state = states[task.name] = _ShardState(task, read_suspects(cfg.out, task.name))
-                futures.append(_submit(client, cfg, state))
-            name_of = {f.key: t.name for f, t in zip(futures, pending)}
-            bar = tqdm(total=total, unit="img", desc="ingest", disable=not cfg.progress, file=sys.stderr, smoothing=0.1)
-            try:
-                running = as_completed(futures)
-                for future in running:
-                    state = states[name_of.pop(future.key)]
-                    try:
-                        record = future.result()
-                    except KilledWorker:
-                        future.release()
-                        if _after_death(cfg, state):
-                            retry = _submit(client, cfg, state)
-                            name_of[retry.key] = state.task.name
-                            running.add(retry)
-                            continue
-                        detail = (f"the workers building shard {state.task.name} died {state.deaths} times, "
-                                  f"{ISOLATED_TRIES} of them decoding its files one by one in isolated processes")
-                        log.error("shard %s: %s; its files are rejected as worker_crashed", state.task.name, detail)
-                        record = abandon_shard(state.task, detail)
+            queue = collections.deque(_ShardState(t, read_suspects(cfg.out, t.name)) for t in pending)
+            in_flight: dict[Future, _ShardState] = {}
+            while queue or in_flight:
+                slots = max(1, sum(client.nthreads().values()))  # workers come and go (Slurm)
+                while queue and len(in_flight) < slots:
+                    state = queue.popleft()
+                    in_flight[_submit(client, cfg, state)] = state
+                try:
+                    finished = wait(list(in_flight), timeout=POLL_S, return_when="FIRST_COMPLETED").done
+                except TimeoutError:
+                    continue  # look again for new workers
+                for future in finished:
+                    state = in_flight.pop(future)
+                    record = _outcome(cfg, future, state)
                     # Let the scheduler forget the result: a lost worker then costs only its
                     # in-flight shard, not the shards it already finished.
                     future.release()
+                    if record is None:
+                        queue.appendleft(state)  # to be built again
+                        continue
                     records[record["name"]] = record
                     bar.update(record["samples"] + len(record["rejects"]))
-            finally:
-                bar.close()
     finally:
+        bar.close()
         scheduler_log.removeFilter(quiet)
+
+
+def _outcome(cfg: IngestConfig, future: Future, state: _ShardState) -> dict[str, Any] | None:
+    """The record of a finished shard task; None when its worker died and it is to be built
+    again; the record of an abandoned shard when its workers keep dying."""
+    try:
+        return future.result()
+    except KilledWorker:
+        if _after_death(cfg, state):
+            return None
+    detail = (f"the workers building shard {state.task.name} died {state.deaths} times, "
+              f"{ISOLATED_TRIES} of them decoding its files one by one in isolated processes")
+    log.error("shard %s: %s; its files are rejected as worker_crashed", state.task.name, detail)
+    return abandon_shard(state.task, detail)
 
 
 def _remove_stale(out: Path, names: set[str]) -> None:
