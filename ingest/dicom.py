@@ -102,8 +102,6 @@ class DecodedDicom:
     fast_path: bool
     resampled: bool = False
     """``pixels`` come from a JPEG decode at a reduced n/8 scale (see ``fit``)."""
-    patient_id: str | None = None
-    """The PatientID tag (the ingest compares it with the file name)."""
 
 
 _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
@@ -348,7 +346,6 @@ def _decode_parsed(data: bytes, max_pixels: int, fit: int | None) -> DecodedDico
         transfer_syntax=ts,
         fast_path=fast,
         resampled=resampled,
-        patient_id=_text(ds, "PatientID"),
     )
 
 
