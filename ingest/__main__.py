@@ -8,11 +8,10 @@ import sys
 from pathlib import Path
 
 from ingest.config import IngestConfig
-from shards.cli import configure_logging
+from shards.cli import EXIT_USAGE, configure_logging
 
 log = logging.getLogger("ingest")
 
-EXIT_USAGE = 2
 EXIT_CLUSTER = 1
 
 

@@ -40,7 +40,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from tqdm import tqdm
 
-from shards.cli import configure_logging
+from shards.cli import EXIT_USAGE, configure_logging
 from shards.format import CLASS_NAMES
 
 log = logging.getLogger(__name__)
@@ -699,7 +699,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except ValueError as exc:
         log.error("%s", exc)
-        return 2
+        return EXIT_USAGE
     print(summary.out)  # CLI output: the data set's folder, for scripts to pick up
     return 0
 

@@ -17,11 +17,11 @@ import logging
 import sys
 from pathlib import Path
 
-from shards.cli import configure_logging
+from shards.cli import EXIT_USAGE, configure_logging
 
 log = logging.getLogger("shards")
 
-EXIT_OK, EXIT_PROBLEMS, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_PROBLEMS = 0, 1
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,8 +1,11 @@
-"""What every command-line entry point of the project shares: logging set-up."""
+"""What every command-line entry point of the project shares: logging set-up, the usage exit code."""
 
 from __future__ import annotations
 
 import logging
+
+EXIT_USAGE = 2
+"""Exit status of every entry point for a usage error (bad flags, missing or unusable input)."""
 
 NOISY = ("distributed", "dask_jobqueue", "bokeh", "tornado", "matplotlib", "PIL", "ultralytics", "torch.distributed")
 """Third-party loggers held at WARNING unless ``--verbose``."""

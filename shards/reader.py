@@ -18,7 +18,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from shards.format import IMAGE_EXT, META_EXT, FormatError, check_member_name, decode_image, decode_meta, split_member
+from shards.format import IMAGE_EXT, MEMBER_EXTS, META_EXT, FormatError, check_member_name, decode_image, decode_meta, split_member
 from shards.manifest import READ_CHUNK
 from shards.tar import TarParser
 
@@ -141,7 +141,7 @@ def iter_samples(
             for key, ext, data in _sample_members(TarParser(stream, name), name):
                 if pending_key is not None and key != pending_key:
                     raise FormatError(f"{name}: sample {pending_key!r} is missing {_missing(pending)}")
-                if ext not in (IMAGE_EXT, META_EXT):
+                if ext not in MEMBER_EXTS:
                     raise FormatError(f"{name}: unexpected member {key}.{ext}")
                 if ext in pending:
                     raise FormatError(f"{name}: duplicate member {key}.{ext}")
@@ -176,4 +176,4 @@ def _sample_members(parser: TarParser, shard: str) -> Iterator[tuple[str, str, b
 
 
 def _missing(pending: dict[str, Any]) -> str:
-    return " and ".join(f".{e}" for e in (IMAGE_EXT, META_EXT) if e not in pending)
+    return " and ".join(f".{e}" for e in MEMBER_EXTS if e not in pending)

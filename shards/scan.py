@@ -23,6 +23,7 @@ from shards.format import (
     CLASS_NAMES,
     IMAGE_EXT,
     META_EXT,
+    MEMBER_EXTS,
     META_FIELDS,
     FormatError,
     check_key,
@@ -199,7 +200,7 @@ class _ShardWalk:
             if ok:
                 self.problem("member_name", str(exc), key=key)
             ok = False
-        if ok and ext not in (IMAGE_EXT, META_EXT):
+        if ok and ext not in MEMBER_EXTS:
             self.problem("tar_member", f"unexpected member {name!r}", key=key, expected=f".{IMAGE_EXT} or .{META_EXT}")
             ok = False
         if not ok or key is None:
@@ -225,7 +226,7 @@ class _ShardWalk:
         if key is None:
             return
         self.cur_key = None
-        missing = [f".{e}" for e in (IMAGE_EXT, META_EXT) if e not in self.cur_exts]
+        missing = [f".{e}" for e in MEMBER_EXTS if e not in self.cur_exts]
         if missing:
             self.problem("pairing", f"sample lacks {' and '.join(missing)}", key=key)
             return

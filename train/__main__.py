@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from shards.cli import configure_logging
+from shards.cli import EXIT_USAGE, configure_logging
 from train.config import (
     AMP_CHOICES,
     DETECTORS,
@@ -25,7 +25,6 @@ from train.config import (
 )
 
 EXIT_NONFINITE = 1
-EXIT_USAGE = 2
 
 # CLI flag -> (table, field) of the config; table None is the top level.
 FLAG_FIELDS: dict[str, tuple[str | None, str]] = {

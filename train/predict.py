@@ -36,7 +36,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from shards.cli import configure_logging
+from shards.cli import EXIT_USAGE, configure_logging
 from shards.format import SPLITS
 from shards.geometry import boxes_from_letterbox
 from train.checkpoint import load_export
@@ -158,12 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(dask=False)
     if args.conf is not None and not 0 <= args.conf <= 1:
         print(f"error: --conf={args.conf}: allowed 0..1", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     try:
         export = load_export(args.checkpoint)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     rows = predict_rows(args.data, export, split=args.split, batch_size=args.batch_size,
                         workers=args.workers, conf=args.conf, amp=args.amp)
     n = write_csv(args.out, rows, export["task"])

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from shards.cli import EXIT_USAGE
+
 __all__ = ["load_metrics", "main", "plot_run"]
 
 CLASSIFY_KEYS = ("accuracy", "roc_auc", "f1", "sensitivity", "specificity")
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         path = plot_run(args.run, args.out)
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
     print(path)
     return 0
 
