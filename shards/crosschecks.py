@@ -21,6 +21,7 @@ from shards.labels import LabelTable, read_labels
 from shards.manifest import LABELS_NAME, REJECTS_NAME, SHARDS_DIR, Manifest, ShardInfo, params_hash
 from shards.report import Problem
 from shards.scan import HEX64, ShardScan, fmt_boxes
+from shards.source import patient_id_of, source_fingerprint
 
 
 def check_manifest(m: Manifest, problems: list[Problem]) -> int | None:
@@ -298,8 +299,6 @@ def check_source(
     sha: dict[str, str],
 ) -> list[Problem]:
     """Every input file is exactly one sample or one file reject; sample sha256s match."""
-    from shards.source import source_fingerprint
-
     out: list[Problem] = []
     fingerprint = source_fingerprint(inputs)
     recorded = m.source.get("fingerprint")
@@ -352,8 +351,6 @@ def check_patients(
     rejects: list[dict[str, Any]],
 ) -> list[Problem]:
     """Every labelled patient is a sample, a file reject, or a label_without_image problem."""
-    from shards.source import patient_id_of
-
     labels, sha = patient_labels
     out: list[Problem] = []
     recorded = m.source.get("labels_sha256")

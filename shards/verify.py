@@ -49,6 +49,7 @@ from shards.manifest import (
 )
 from shards.report import Problem, VerifyReport
 from shards.scan import ShardScan, hash_files, scan_shard
+from shards.source import discover
 
 log = logging.getLogger(__name__)
 
@@ -176,8 +177,6 @@ def verify(cfg: VerifyConfig) -> VerifyReport:
     calls = _shard_calls(manifest, present, size, cfg, problems)
     inputs: list[tuple[str, int]] = []
     if cfg.source is not None:
-        from shards.source import discover
-
         inputs = discover(cfg.source)[0]
         for i in range(0, len(inputs), SOURCE_BATCH):
             batch = inputs[i : i + SOURCE_BATCH]
