@@ -8,6 +8,8 @@ from typing import Any, Literal
 
 CLUSTERS = ("local", "slurm")
 RESAMPLE_MODES = ("dct", "area")
+PROCESSING_FIELDS = ("size", "clahe_clip", "clahe_grid", "resample", "max_pixels")
+"""The fields of :class:`IngestConfig` that decide a sample's pixels; the worker gets these."""
 DEFAULT_MAX_PIXELS = 8192 * 8192
 """Largest Rows x Columns decoded (67 MP): above every real radiograph (large flat-panel
 detectors are about 4300 x 4300, mammograms 4096 x 5625, film digitisers about 60 MP)."""
@@ -98,14 +100,8 @@ class IngestConfig:
             raise ValueError("class_info given without labels")
 
     def processing_params(self) -> dict[str, Any]:
-        """The parameters that decide the pixels of a sample."""
-        return {
-            "size": self.size,
-            "clahe_clip": self.clahe_clip,
-            "clahe_grid": self.clahe_grid,
-            "resample": self.resample,
-            "max_pixels": self.max_pixels,
-        }
+        """The parameters that decide the pixels of a sample (:data:`PROCESSING_FIELDS`)."""
+        return {name: getattr(self, name) for name in PROCESSING_FIELDS}
 
     def dataset_params(self) -> dict[str, Any]:
         """All parameters that decide the bytes of the output (recorded in the manifest)."""

@@ -197,6 +197,7 @@ def loader_bench(data: Path | str | None = None, *, n: int = 512, src_size: int 
     import numpy as np
     from torch.utils.data import DataLoader, Dataset
 
+    from ingest.config import PROCESSING_FIELDS
     from ingest.plan import PlannedSample
     from ingest.worker import process_sample
     from shards.manifest import SHARDS_DIR, read_manifest
@@ -227,7 +228,7 @@ def loader_bench(data: Path | str | None = None, *, n: int = 512, src_size: int 
                     break
             if len(metas) == dicom_items:
                 break
-        processing = {k: manifest.params[k] for k in ("size", "clahe_clip", "clahe_grid")}
+        processing = {k: v for k, v in manifest.params.items() if k in PROCESSING_FIELDS}
 
         class DicomDataset(Dataset):
             """Read + decode + CLAHE + letterbox per item: training without an ingest."""
