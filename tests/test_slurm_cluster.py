@@ -20,6 +20,7 @@ import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 import dask
@@ -30,7 +31,7 @@ from distributed.comm import connect
 from distributed.security import Security
 
 from ingest.config import IngestConfig
-from ingest.slurm import open_slurm_client, redact
+from ingest.slurm import UnstartedJobReplacer, open_slurm_client, redact
 
 if TYPE_CHECKING:  # a runtime import would load the plugin before pytest can rewrite it
     from tests.slurm_fixture import SlurmInfo
@@ -248,6 +249,52 @@ def test_redact_hides_pem_blocks() -> None:
     key = Security.temporary().tls_worker_key.strip()
     text = f"dask_worker --tls-key {key} --name w"
     assert redact(text) == "dask_worker --tls-key <private key redacted> --name w"
+
+
+class _EndedJob:
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.closed = False
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+def test_unstarted_jobs_are_replaced_but_start_failures_only_jobs_times_in_a_row(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The replacer's decisions, given what squeue said (the real-Slurm test covers the squeue side)."""
+    cluster = SimpleNamespace(workers={}, worker_spec={})
+    replacer = UnstartedJobReplacer(cluster, jobs=2)
+    replacer.connected.add("w-7")  # job 7's worker did connect: dask's lost-worker path owns it
+    ended = [("1", "CANCELLED (None)"), ("2", "FAILED (NonZeroExitCode)"), ("3", "FAILED (NonZeroExitCode)"),
+             ("4", "FAILED (NonZeroExitCode)"), ("5", "CANCELLED (None)"), ("6", "FAILED (NonZeroExitCode)"),
+             ("7", "CANCELLED (None)")]
+    jobs = {job_id: _EndedJob(job_id) for job_id, _ in ended}
+
+    async def forget_all() -> None:
+        for job_id, why in ended:
+            cluster.workers[f"w-{job_id}"] = jobs[job_id]
+            cluster.worker_spec[f"w-{job_id}"] = {}
+            replacer._forget(f"w-{job_id}", jobs[job_id], why)
+        await asyncio.sleep(0)  # let the scheduled close() calls run
+
+    with caplog.at_level(logging.WARNING, logger="ingest"):
+        asyncio.run(forget_all())
+    # Two start failures in a row are replaced (jobs=2), the third and later are not; a
+    # cancelled job always is.
+    assert replacer.replaced == ["1", "2", "3", "5"]
+    assert sorted(cluster.workers) == ["w-4", "w-6", "w-7"]
+    assert [jobs[j].closed for j in ("1", "2", "3", "4", "5")] == [True, True, True, False, True]
+    errors = [r.getMessage() for r in caplog.records if r.levelno == logging.ERROR]
+    assert len(errors) == 1 and "worker job 4 ended FAILED" in errors[0], errors
+
+    # A worker that connects starts the count again.
+    replacer.add_worker(SimpleNamespace(workers={"tls://n:1": SimpleNamespace(name="w-8")}), "tls://n:1")
+    ended[:] = [("9", "FAILED (NonZeroExitCode)")]
+    jobs["9"] = _EndedJob("9")
+    asyncio.run(forget_all())
+    assert replacer.replaced[-1] == "9"
 
 
 @pytest.mark.slurm
