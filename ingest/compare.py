@@ -51,6 +51,7 @@ def picture(area: np.ndarray, dct: np.ndarray, crop: int = 160) -> np.ndarray:
     each, enlarged 4x, below."""
     diff = np.clip(np.abs(dct.astype(np.int16) - area.astype(np.int16)) * 8, 0, 255).astype(np.uint8)
     h, w = area.shape
+    crop = min(crop, w // 2)  # at most half the image, so the strip is a real enlargement
     y0, x0 = (h - crop // 2) // 2, (w - crop) // 2
 
     def zoom(img: np.ndarray) -> np.ndarray:

@@ -83,3 +83,25 @@ def test_resample_is_a_recorded_parameter(tmp_path: Path) -> None:
     assert params_hash(a) != params_hash(b)
     with pytest.raises(ValueError, match="resample='bilinear'"):
         IngestConfig(dicom_dir=tmp_path, out=tmp_path / "o", resample="bilinear")
+
+
+def test_cli_flags_reach_the_config(tmp_path: Path) -> None:
+    from ingest.__main__ import build_parser
+
+    args = vars(build_parser().parse_args(["--dicom-dir", "d", "--out", "o", "--resample", "area", "--max-pixels", "1000"]))
+    cfg = IngestConfig(**{k: v for k, v in args.items() if k != "verbose"})
+    assert (cfg.resample, cfg.max_pixels) == ("area", 1000)
+    assert build_parser().parse_args(["--dicom-dir", "d", "--out", "o"]).resample == "dct"
+
+
+def test_compare_prints_the_difference_table_and_draws_the_picture(tmp_path: Path, capsys) -> None:
+    from ingest.compare import main
+
+    for i in range(2):
+        df.make_rsna_like(tmp_path / "in" / f"p{i}.dcm", f"p{i}", rows=256, cols=256, seed=i)
+    png = tmp_path / "cmp.png"
+    assert main(["--dicom-dir", str(tmp_path / "in"), "--size", "64", "--png", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "2 images" in out and "| SSIM |" in out and "| mean abs. difference" in out
+    picture = cv2.imread(str(png), cv2.IMREAD_GRAYSCALE)
+    assert picture.shape == (64 + 32, 3 * 64)
