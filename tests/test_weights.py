@@ -82,6 +82,7 @@ def test_release_checkpoint_needs_trust_then_loads(release_checkpoint: Path) -> 
     assert all(torch.equal(ours[k], theirs[k]) for k in same)
 
 
+@pytest.mark.slow
 def test_cli_weights_from_ultralytics(release_checkpoint: Path, ingested_small: Path,
                                       tmp_path: Path) -> None:
     (tmp_path / "sitecustomize.py").write_text(NO_TORCHVISION)
