@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 DEMO ?= demo-out
 DEMO_N ?= 200
 
-.PHONY: demo test venv clean-demo
+.PHONY: demo test venv clean-demo gpu-check
 
 venv: $(VENV)/.installed
 
@@ -35,3 +35,11 @@ test: venv
 
 clean-demo:
 	rm -rf $(DEMO)
+
+# On a machine with one (or more) NVIDIA GPUs, about 3-5 minutes: the CUDA code paths (tests
+# marked gpu: bf16/fp16, NCCL, SyncBatchNorm, pinned copies, FSDP2, a 640 px detector step,
+# short training runs), then the training bench at 640 px on one GPU.
+gpu-check: venv
+	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: no CUDA device visible')"
+	$(PY) -m pytest -m gpu -p no:cacheprovider tests/test_gpu.py -v
+	$(PY) -m train.bench --size 640

@@ -278,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, default=128, help="image side")
     p.add_argument("--batch", type=int, default=8, help="per-rank batch (the fit also runs half of it)")
     p.add_argument("--steps", type=int, default=4, help="timed steps per configuration")
-    p.add_argument("--world", type=int, default=2, help="ranks (GPUs, or CPU processes)")
+    p.add_argument("--world", type=int, default=None,
+                   help="ranks: default one per visible GPU, or 2 CPU processes without CUDA")
     p.add_argument("--models", default="cnn,yolov8n", help="comma list: cnn and/or yolov8n/s/m")
     p.add_argument("--strategies", default="ddp,fsdp")
     p.add_argument("--amps", default=None, help="default: none,bf16 on CPU; none,bf16,fp16 on GPU")
@@ -292,18 +293,26 @@ def main(argv: list[str] | None = None) -> int:
         print(_loader_table(args.loader_n, args.repeat))
         return 0
     amps = (args.amps or ("none,bf16,fp16" if torch.cuda.is_available() else "none,bf16")).split(",")
-    where = f"{torch.cuda.get_device_name()} x{args.world}" if torch.cuda.is_available() else \
-        f"CPU, {os.cpu_count()} cores, {args.world} gloo ranks"
+    cuda = torch.cuda.is_available()
+    world = args.world or (torch.cuda.device_count() if cuda else 2)
+    strategies = args.strategies.split(",")
+    where = f"{torch.cuda.get_device_name()} x{world}" if cuda else \
+        f"CPU, {os.cpu_count()} cores, {world} gloo ranks"
+    if world == 1:
+        # No process group with one rank: parallelize() wraps nothing, every strategy is
+        # the same run (and one GPU cannot hold two NCCL ranks).
+        strategies = strategies[:1]
+        where += " (one rank: the model is not wrapped in DDP or FSDP)"
     print(f"train bench: {args.size}x{args.size} synthetic batches, per-rank batch {args.batch}, "
           f"{args.steps} timed steps, {where}\n")
     rows = []
     for arch in args.models.split(","):
         task = "classify" if arch == "cnn" else "detect"
-        for strategy in args.strategies.split(","):
+        for strategy in strategies:
             for amp in amps:
                 rows.append(model_bench(task=task, arch=arch, strategy=strategy, amp=amp,
                                         size=args.size, batch=args.batch, steps=args.steps,
-                                        world=args.world))
+                                        world=world))
     print(_table(rows))
     if args.loader:
         print("\n" + _loader_table(args.loader_n, args.repeat))

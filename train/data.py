@@ -509,20 +509,33 @@ class HostBatch:
         return len(self.keys)
 
 
-def _join(items: list[dict[str, Any]]) -> HostBatch:
-    """Concatenate the workers' items of one step, in worker (= lane) order."""
+def _cat(parts: list[torch.Tensor], pin: bool) -> torch.Tensor:
+    """``torch.cat(parts)``, into page-locked memory when ``pin``.
+
+    A plain ``torch.cat`` of pinned tensors returns pageable memory, from which a
+    ``non_blocking`` copy to the GPU is synchronous: the DataLoader's pinning would be lost.
+    """
+    if len(parts) == 1 and (not pin or parts[0].is_pinned()):
+        return parts[0]
+    shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+    return torch.cat(parts, out=torch.empty(shape, dtype=parts[0].dtype, pin_memory=pin))
+
+
+def _join(items: list[dict[str, Any]], pin: bool = False) -> HostBatch:
+    """Concatenate the workers' items of one step, in worker (= lane) order (into pinned
+    memory when ``pin``)."""
     offsets = np.cumsum([0] + [len(it["keys"]) for it in items[:-1]])
     meta = None
     if "meta" in items[0]:
         meta = [m for it in items for m in it["meta"]]
     return HostBatch(
         step=int(items[0]["step"]),
-        images=torch.cat([it["images"] for it in items]) if len(items) > 1 else items[0]["images"],
-        target=torch.cat([it["target"] for it in items]),
-        boxes=torch.cat([it["boxes"] for it in items]),
-        box_index=torch.cat([it["box_index"] + int(o) for it, o in zip(items, offsets)]),
+        images=_cat([it["images"] for it in items], pin),
+        target=_cat([it["target"] for it in items], pin),
+        boxes=_cat([it["boxes"] for it in items], pin),
+        box_index=_cat([it["box_index"] + int(o) for it, o in zip(items, offsets)], pin),
         index=torch.cat([it["index"] for it in items]),
-        valid=torch.cat([it["valid"] for it in items]),
+        valid=_cat([it["valid"] for it in items], pin),
         keys=[k for it in items for k in it["keys"]],
         meta=meta,
     )
@@ -606,7 +619,7 @@ class ShardLoader:
             if got != [(step, w) for w in range(k)] or step != first_step:
                 raise RuntimeError(f"loader items out of order: expected step {first_step} "
                                    f"from workers 0..{k - 1}, got {got}")
-            yield _join(items)
+            yield _join(items, self.pin_memory)
             items, first_step = [], first_step + 1
         if items or first_step != plan.steps:
             raise RuntimeError(f"loader stopped at step {first_step} of {plan.steps}")

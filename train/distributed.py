@@ -445,7 +445,7 @@ def parallelize(
     if not env.distributed:
         log.info("single process: %s not applied", strategy)
         return model
-    if not _active():
+    if not (dist.is_available() and dist.is_initialized()):  # a 1-rank group is fine
         raise RuntimeError(f"{env} says distributed but no process group is initialised")
     if sync_batchnorm and env.device.type == "cuda":
         # Containers are modified in place, so the ``blocks`` references stay valid.
