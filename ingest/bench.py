@@ -12,12 +12,14 @@ Measured side by side in one run on synthetic RSNA-like files (1024x1024 JPEG Ba
     ``--resample`` values (hashing, JSON, npy, tar, Dask scheduling included; cluster
     start-up reported apart);
 (d) the cost of the hardening in the one-worker time per image: the codestream header and
-    end-marker checks, and ``strict=True`` against a lenient decode of the same frames.
+    end-marker checks, and ``strict=True`` against a lenient decode of the same frames;
+(e) where the time per image goes: each step of a ``--resample dct`` sample, timed alone.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import logging
 import os
@@ -34,9 +36,11 @@ import simplejpeg
 
 from ingest import codestream, dicom_header, transforms
 from ingest.config import IngestConfig
+from ingest.dicom import _fast_header
 from ingest.pipeline import run_ingest
 from ingest.synth import make_dataset
 from shards.cli import configure_logging
+from shards.writer import ShardWriter
 
 
 def naive(files: list[Path], out: Path, size: int) -> float:
@@ -96,6 +100,32 @@ def hardening(files: list[Path], size: int) -> tuple[float, float]:
     return checks / len(frames), (spent[True] - spent[False]) / len(frames)
 
 
+def steps(files: list[Path], size: int, work: Path) -> list[tuple[str, float]]:
+    """(e) milliseconds per image of each step of a ``dct`` sample, each timed over all files."""
+    out: list[tuple[str, float]] = []
+
+    def timed(name: str, fn, inputs: list) -> list:
+        t = time.perf_counter()
+        results = [fn(x) for x in inputs]
+        out.append((name, (time.perf_counter() - t) / len(inputs) * 1e3))
+        return results
+
+    datas = timed("read the file", lambda f: f.read_bytes(), files)
+    timed("sha256 of the source (provenance)", lambda d: hashlib.sha256(d).hexdigest(), datas)
+    frames = [h.frame for h in timed("header walk + frame location (no pydicom)", _fast_header, datas)]
+    timed("(for comparison: pydicom dcmread)", lambda d: pydicom.dcmread(io.BytesIO(d)), datas)
+    timed("codestream checks (SOF, end marker)",
+          lambda fr: codestream.check_end_marker(fr) and codestream.frame_geometry(fr, pydicom.uid.JPEGBaseline8Bit), frames)
+    pixels = timed("5/8 DCT-domain decode (strict)", lambda fr: codestream.decode_jpeg(fr, (size, size)), frames)
+    images = timed("CLAHE at the output size", lambda img: transforms.clahe(img, 2.0, 8), pixels)
+    meta = {"key": "k", "patient_id": "k", "source": {"path": "k.dcm", "sha256": "0" * 64}, "split": "train",
+            "target": 0, "class": "Normal", "boxes": [], "transform": {}, "view_position": "PA", "sex": "M", "age": 40}
+    with ShardWriter(work / "steps.tar") as writer:
+        timed("shard write (npy + json + tar + sha256)",
+              lambda ki: writer.write(f"k{ki[0]}", ki[1], {**meta, "key": f"k{ki[0]}"}), list(enumerate(images)))
+    return out
+
+
 def ours(images: Path, labels: Path, out: Path, workers: int, shard_size: int, resample: str) -> dict[str, float]:
     """(c) the real ingest; returns wall seconds, busy seconds and peak worker RSS."""
     shutil.rmtree(out, ignore_errors=True)
@@ -145,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     t_b1, t_b2 = best(old_floor, files, size), best(new_floor, files, size)
     runs = {(w, mode): best_run(w, mode) for mode in ("dct", "area") for w in (1, cores)}
     checks, strict_extra = hardening(files, size)
+    breakdown = steps(files, size, work)
     n = len(files)
 
     def per_proc(w: int, mode: str) -> float:
@@ -183,6 +214,14 @@ def main(argv: list[str] | None = None) -> int:
     print(f"hardening: header checks {checks * 1e6:.0f} us + strict decode {strict_extra * 1e6:+.0f} us per image "
           f"= {(checks + strict_extra) / one_worker_s * 100:+.1f}% of the dct one-worker time per image (target < 5%)")
     print(f"peak RSS per worker process                = {max(r['rss'] for r in runs.values()):5.0f} MB (target < 500 MB)")
+    print("\n(e) where the time of one dct sample goes (each step timed alone, 1 process):\n")
+    print("| step | ms per image |")
+    print("|---|---:|")
+    for name, ms in breakdown:
+        print(f"| {name} | {ms:.3f} |")
+    print(f"| all but the comparison row | {sum(ms for name, ms in breakdown if not name.startswith('(')):.3f} |")
+    print(f"| ours dct, 1 worker, busy time per image | {1e3 / per_proc(1, 'dct'):.3f} |")
+    print()
     print(f"cluster start-up + planning + finish       = {runs[(cores, 'dct')]['wall'] - runs[(cores, 'dct')]['span']:.1f} s (all cores run, not in the rates)")
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)

@@ -15,6 +15,7 @@ ingest learns a file's geometry before inflating its pixels.
 from __future__ import annotations
 
 import dataclasses
+import re
 import struct
 
 PIXEL_DATA = 0x7FE00010
@@ -43,10 +44,14 @@ VOI_LUT_SEQUENCE = 0x00283010
 _LONG_VRS = frozenset(b"OB OD OF OL OV OW SQ SV UC UN UR UT UV".split())
 _SHORT_VRS = frozenset(b"AE AS AT CS DA DS DT FL FD IS LO LT PN SH SL SS ST TM UI UL US".split())
 _US_TAGS = frozenset((SAMPLES_PER_PIXEL, ROWS, COLUMNS, BITS_ALLOCATED))
+_HEAD = struct.Struct("<HH2sH")  # group, element, VR, short length
+_U32 = struct.Struct("<I")
 _TEXT_VR = {
     TRANSFER_SYNTAX_UID: b"UI", SPECIFIC_CHARACTER_SET: b"CS", PATIENT_ID: b"LO", PATIENT_SEX: b"CS", PATIENT_AGE: b"AS",
     VIEW_POSITION: b"CS", PHOTOMETRIC: b"CS", NUMBER_OF_FRAMES: b"IS",
 }
+_WANTED = _US_TAGS | frozenset(_TEXT_VR)
+_PLAIN_ASCII = re.compile(rb"[\x00\x20-\x5b\x5d-\x7e]*")  # printable ASCII but the value separator, NUL padding
 
 
 class HeaderIncomplete(Exception):
@@ -78,7 +83,7 @@ def _value(tag: int, vr: bytes, raw: bytes) -> int | str:
         return struct.unpack("<H", raw)[0]
     if vr != _TEXT_VR[tag]:
         raise Unfollowed(f"{tag:08X} is {vr!r}")
-    if any(b < 0x20 and b != 0 or b > 0x7E for b in raw) or b"\\" in raw:
+    if not _PLAIN_ASCII.fullmatch(raw):
         raise Unfollowed(f"{tag:08X} is not a single plain ASCII value")
     return raw.decode("ascii").strip(" \x00")
 
@@ -131,28 +136,29 @@ def walk(buf: bytes | bytearray, pos: int, *, group: int | None = None) -> Heade
         Unfollowed: anything the walker does not follow.
     """
     values: dict[int, int | str] = {}
-    present: set[int] = set()
+    present: list[int] = []
     end = len(buf)
     while pos < end:
         if pos + 8 > end:
             raise HeaderIncomplete("element header runs past the end")
-        g, e = struct.unpack_from("<HH", buf, pos)
-        tag = (g << 16) | e
+        g, e, vr, short = _HEAD.unpack_from(buf, pos)  # one call: this loop is the fast path's cost
         if group is not None and g != group:
             break
+        tag = (g << 16) | e
         if tag == PIXEL_DATA:
-            vr = bytes(buf[pos + 4 : pos + 6])
             if vr not in (b"OB", b"OW") or pos + 12 > end:
                 raise Unfollowed(f"PixelData with VR {vr!r}")
-            present.add(tag)
-            length = struct.unpack_from("<I", buf, pos + 8)[0]
-            return Header(values, frozenset(present), (pos + 12, length), pos + 12)
-        vr, start, nxt = _element_end(buf, pos, tag)
+            present.append(tag)
+            return Header(values, frozenset(present), (pos + 12, _U32.unpack_from(buf, pos + 8)[0]), pos + 12)
+        if vr in _SHORT_VRS:
+            start, nxt = pos + 8, pos + 8 + short
+        else:
+            vr, start, nxt = _element_end(buf, pos, tag)
         if nxt > end:
             raise HeaderIncomplete(f"element {tag:08X} runs past the end")
-        if tag in _US_TAGS or tag in _TEXT_VR:
+        if tag in _WANTED:
             values[tag] = _value(tag, vr, bytes(buf[start:nxt]))
-        present.add(tag)
+        present.append(tag)
         pos = nxt
     return Header(values, frozenset(present), None, pos)
 
