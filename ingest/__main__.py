@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
-    from ingest.cluster import ClusterError
+    from ingest.cluster_base import ClusterError
     from ingest.pipeline import IngestUsageError, run_ingest
 
     kwargs = {k: v for k, v in vars(args).items() if k != "verbose"}

@@ -22,7 +22,7 @@ import dask
 import pytest
 
 from ingest import slurm
-from ingest.cluster import ClusterError
+from ingest.cluster_base import ClusterError
 from ingest.config import IngestConfig
 from tests.fault_injection import fault_env
 
