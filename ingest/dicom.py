@@ -153,7 +153,10 @@ def read_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> pydicom.Da
     try:
         meta, body_at = dicom_header.read_meta(data)
         deflated = meta.values.get(dicom_header.TRANSFER_SYNTAX_UID) == DeflatedExplicitVRLittleEndian
-    except (dicom_header.Unfollowed, dicom_header.HeaderIncomplete, struct.error):
+    except (dicom_header.Unfollowed, dicom_header.HeaderIncomplete, struct.error, RecursionError):
+        if DeflatedExplicitVRLittleEndian.encode() in data[132:4096]:
+            # pydicom would inflate the whole dataset unbounded: no bounded reading, no decoding
+            raise DicomRejected("not_dicom", "Deflated Explicit VR file with a file meta group the bounded reader cannot follow") from None
         deflated = False  # pydicom judges the meta
     if deflated:
         body = _inflate_bounded(data[body_at:], max_pixels)
@@ -195,7 +198,7 @@ def _inflate_bounded(zipped: bytes, max_pixels: int) -> bytes:
                 limit = _declared_end(header, max_pixels)
             elif d.eof or len(out) >= _HEADER_INFLATE_LIMIT:
                 limit = _HEADER_INFLATE_LIMIT
-        except dicom_header.Unfollowed:
+        except (dicom_header.Unfollowed, struct.error, RecursionError):
             limit = _HEADER_INFLATE_LIMIT + 8 * max_pixels  # 16-bit RGB and then some
         except dicom_header.HeaderIncomplete:
             if d.eof or len(out) >= _HEADER_INFLATE_LIMIT:
@@ -286,7 +289,7 @@ def _fast_header(data: bytes) -> _FastFile | None:
         if rows <= 0 or cols <= 0:
             return None
         frame = dicom_header.encapsulated_frame(data, header.pixel_data[0])
-    except (dicom_header.Unfollowed, dicom_header.HeaderIncomplete, struct.error):
+    except (dicom_header.Unfollowed, dicom_header.HeaderIncomplete, struct.error, RecursionError):
         return None
     return _FastFile(frame, rows, cols, photometric, v)
 
