@@ -2,14 +2,21 @@
 ``labels.zarr``, ``manifest.json`` and ``rejects.jsonl``.
 
 This is the bottom layer: ``ingest/`` (which builds datasets) and ``train/`` (which reads them)
-stand on it and never on each other. Modules: :mod:`shards.format` (member names,
-encode/decode, never pickled), :mod:`shards.geometry` (the letterbox every sample records),
-:mod:`shards.writer` (deterministic shard writer), :mod:`shards.tar` (the one tar parser),
-:mod:`shards.reader` (streaming reader that checks the shard's sha256), :mod:`shards.manifest`
-(with ``params_hash``), :mod:`shards.labels` (``labels.zarr``), :mod:`shards.label_csv`
-(RSNA's label CSVs), and the integrity checks: :mod:`shards.verify` (the driver),
-:mod:`shards.scan` (one shard in one pass), :mod:`shards.crosschecks` (dataset-level checks)
-and :mod:`shards.report` (the check table and the report). ``python -m shards`` runs verify / stats / show;
+stand on it and never on each other. Modules:
+
+* :mod:`shards.format`: member names, encode/decode (never pickled), classes, splits.
+* :mod:`shards.geometry`: the letterbox every sample records as ``transform``.
+* :mod:`shards.manifest`: ``manifest.json`` and its ``params_hash``; the dataset's file names.
+* :mod:`shards.labels`: ``labels.zarr``; :mod:`shards.label_csv`: RSNA's label CSVs.
+* :mod:`shards.source`: the source folder: its inputs, fingerprint, patient ids by name.
+* :mod:`shards.writer`: the deterministic shard writer; :mod:`shards.tar`: the one tar parser;
+  :mod:`shards.reader`: the streaming reader that checks each shard's sha256.
+* integrity checks: :mod:`shards.verify` (the driver), :mod:`shards.scan` (one shard in one
+  pass), :mod:`shards.crosschecks` (dataset-level checks), :mod:`shards.report` (the check
+  table and the report).
+* entry points: ``python -m shards`` (verify / stats / show), ``shards.bench``;
+  :mod:`shards.cli` is what every entry point of the project shares (logging, exit codes).
+
 :mod:`shards.stats` and :mod:`shards.show` need matplotlib and are not imported here.
 """
 
