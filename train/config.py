@@ -23,15 +23,17 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import tomli_w
 import tomllib
 
 __all__ = [
     "AMP_CHOICES",
+    "Amp",
     "DETECTORS",
     "STRATEGIES",
+    "Strategy",
     "TASKS",
     "AugmentConfig",
     "DataConfig",
@@ -49,10 +51,12 @@ TASKS = ("classify", "detect")
 DETECTORS = ("yolov8n", "yolov8s", "yolov8m", "yolov8l", "yolov8x")
 """YOLOv8 scales the detector can be built at (:func:`train.models.build_detector`)."""
 CLASSIFIERS = ("cnn",)
-STRATEGIES = ("ddp", "fsdp")
+Strategy = Literal["ddp", "fsdp"]
 """Data parallelism: DDP, or FSDP2 (``fully_shard``); see :func:`train.distributed.parallelize`."""
-AMP_CHOICES = ("bf16", "fp16", "none")
+STRATEGIES: tuple[str, ...] = get_args(Strategy)
+Amp = Literal["bf16", "fp16", "none"]
 """Autocast dtypes (``none``: fp32); see :func:`train.distributed.autocast_context`."""
+AMP_CHOICES: tuple[str, ...] = get_args(Amp)
 SCHEDULES = ("cosine", "constant")
 DEFAULT_MAX_LANES = 16
 """Default lanes: the largest divisor of the global batch up to this (world sizes that

@@ -31,7 +31,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from train.config import AMP_CHOICES, STRATEGIES
+from train.config import AMP_CHOICES, STRATEGIES, Amp, Strategy
 
 __all__ = [
     "DistEnv",
@@ -52,8 +52,6 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Amp = Literal["bf16", "fp16", "none"]
-Strategy = Literal["ddp", "fsdp"]
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 #: Slurm-derived rendezvous ports: ``base + job_id % span``, below Linux's ephemeral range.
