@@ -2,6 +2,9 @@
 
 Subcommands:
 
+OUT is a folder or a URL (``s3://bucket/prefix``, ``http(s)://host/path``, ``file://``); a
+remote dataset is copied to a temporary folder (under ``$TMPDIR``) and checked there.
+
 * ``verify OUT [--deep] [--source DIR] [--labels CSV] [--workers N] [--json FILE]``:
   exit 0 when everything holds, 1 when problems were found (one line each, then a summary),
   2 for a usage error (OUT missing or not a dataset, unreadable ``--labels``).
@@ -40,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--source/--labels: also account for every source file and labelled patient. "
         "Exit 0: all holds; 1: problems found; 2: usage error.",
     )
-    v.add_argument("out", type=Path, metavar="OUT", help="dataset folder")
+    v.add_argument("out", metavar="OUT", help="dataset folder or URL (s3://, http(s)://, file://)")
     v.add_argument("--deep", action="store_true", help="decode every sample; check JSON and labels.zarr row by row")
     v.add_argument("--source", type=Path, metavar="DIR", help="the ingested DICOM folder: every file is one sample or one reject")
     v.add_argument("--labels", type=Path, metavar="CSV", help="the ingested labels CSV: every labelled patient is accounted for")
@@ -49,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
     s = sub.add_parser("stats", help="counts, class balance, boxes, view positions, rejects")
-    s.add_argument("out", type=Path, metavar="OUT", help="dataset folder")
+    s.add_argument("out", metavar="OUT", help="dataset folder or URL (s3://, http(s)://, file://)")
     s.add_argument("--png", type=Path, metavar="FILE", help="also draw the distributions into this PNG")
 
     sh = sub.add_parser("show", help="draw samples with their boxes (and the source DICOM beside them)")
@@ -63,11 +66,16 @@ def build_parser() -> argparse.ArgumentParser:
 def _verify(args: argparse.Namespace) -> int:
     from shards.verify import VerifyConfig, VerifyUsageError, verify
 
+    from shards.cache import local_copy
+    from shards.store import DatasetNotFoundError, RemoteReadError
+
     try:
-        cfg = VerifyConfig(out=args.out, deep=args.deep, source=args.source, labels=args.labels,
-                           workers=args.workers, progress=args.progress)
-        report = verify(cfg)
-    except (ValueError, VerifyUsageError) as exc:
+        with local_copy(args.out) as (out, display):
+            cfg = VerifyConfig(out=out, deep=args.deep, source=args.source, labels=args.labels,
+                               workers=args.workers, progress=args.progress)
+            report = verify(cfg)
+            report.out = display  # name the URL, not the temporary copy
+    except (ValueError, VerifyUsageError, DatasetNotFoundError, RemoteReadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     for line in report.lines():
@@ -81,9 +89,14 @@ def _stats(args: argparse.Namespace) -> int:
     from shards.format import FormatError
     from shards.stats import compute_stats, plot_stats
 
+    from shards.cache import local_copy
+    from shards.store import RemoteReadError
+
     try:
-        stats = compute_stats(args.out)
-    except (FileNotFoundError, FormatError) as exc:
+        with local_copy(args.out, shards=False) as (out, display):
+            stats = compute_stats(out)
+            stats.out = display
+    except (FileNotFoundError, FormatError, RemoteReadError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     for line in stats.lines():

@@ -89,10 +89,11 @@ def write_labels(path: Path | str, table: LabelTable) -> None:
     tmp.rename(path)
 
 
-def read_labels(path: Path | str) -> LabelTable:
-    """Read the whole label store; raise :class:`FormatError` if an array is missing."""
+def read_labels(path: Path | str | zarr.abc.store.Store) -> LabelTable:
+    """Read the whole label store (a folder, or a zarr store such as ``shards.store``'s remote
+    one); raise :class:`FormatError` if an array is missing."""
     try:
-        group = zarr.open_group(Path(path), mode="r")
+        group = zarr.open_group(path if isinstance(path, zarr.abc.store.Store) else Path(path), mode="r")
     except (FileNotFoundError, zarr.errors.GroupNotFoundError) as exc:
         raise FormatError(f"{path}: no zarr group ({exc})") from exc
     missing = [f for f in ALL_FIELDS if f not in group]

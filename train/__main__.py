@@ -29,6 +29,8 @@ EXIT_NONFINITE = 1
 # CLI flag -> (table, field) of the config; table None is the top level.
 FLAG_FIELDS: dict[str, tuple[str | None, str]] = {
     "data": ("data", "path"),
+    "cache_dir": ("data", "cache_dir"),
+    "cache_limit": ("data", "cache_limit"),
     "out": (None, "out"),
     "task": ("model", "task"),
     "model": ("model", "name"),
@@ -57,7 +59,12 @@ def build_parser() -> argparse.ArgumentParser:
         "shards, under DDP or FSDP2, single process, torchrun or srun. Settings: defaults < "
         "RUN/config.toml (with --resume) < --config FILE < flags.",
     )
-    p.add_argument("--data", type=Path, help="dataset folder from `python -m ingest`")
+    p.add_argument("--data", help="dataset from `python -m ingest`: a folder or a URL "
+                   "(s3://bucket/prefix, http(s)://host/path, file://)")
+    p.add_argument("--cache-dir", type=Path, help="node-local folder keeping fetched shards of a remote "
+                   "dataset (shared by the ranks of a node); default: a temporary one")
+    p.add_argument("--cache-limit", type=float, metavar="GB",
+                   help="GB of shards --cache-dir keeps (least recently used evicted); default: no limit")
     p.add_argument("--out", type=Path, help="run folder (checkpoints, metrics.jsonl, model.pt)")
     p.add_argument("--config", type=Path, help="TOML file with [data], [model], [optim], ... tables")
     p.add_argument("--task", choices=TASKS, help="classify (CNN) or detect (YOLOv8); default classify")

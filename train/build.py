@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from shards.labels import read_labels
-from shards.manifest import LABELS_NAME, MANIFEST_NAME, read_manifest
+from shards.cache import open_source
+from shards.store import DatasetNotFoundError, RemoteReadError, read_labels_from, read_manifest_from
 from train.checkpoint import latest_checkpoint, load_checkpoint
 from train.config import TrainConfig, dump_toml
 from train.data import ShardLoader, read_split
@@ -100,16 +100,17 @@ def build_run(cfg: TrainConfig, env: DistEnv) -> Run:
     """
     cfg.check_complete()
     assert cfg.data.path is not None and cfg.out is not None
-    if not (cfg.data.path / MANIFEST_NAME).is_file():
-        raise ValueError(f"{cfg.data.path} holds no {MANIFEST_NAME}: not a finished ingest "
-                         "(run `python -m ingest --out DATASET ...` first)")
-    manifest = read_manifest(cfg.data.path)
-    labels = read_labels(cfg.data.path / LABELS_NAME)
+    try:  # a wrong path or URL is a usage error (exit 2) with its one-line reason
+        source = open_source(cfg.data.path, cache_dir=cfg.data.cache_dir, cache_limit_gb=cfg.data.cache_limit)
+        manifest = read_manifest_from(source.store)
+        labels = read_labels_from(source.store)
+    except (DatasetNotFoundError, RemoteReadError) as exc:
+        raise ValueError(f"{exc} (run `python -m ingest --out DATASET ...` first, or check --data)") from exc
     world = env.world_size
     if cfg.data.batch_size % world or cfg.data.num_lanes % world:
         raise ValueError(f"the world size {world} must divide data.batch_size="
                          f"{cfg.data.batch_size} and the {cfg.data.num_lanes} lanes")
-    train_info = read_split(cfg.data.path, "train", manifest=manifest, labels=labels)
+    train_info = read_split(source, "train", manifest=manifest, labels=labels)
     targets = train_info.split_targets()
     if cfg.model.task == "detect" and (targets < 0).any():
         raise ValueError(f"the train split has {(targets < 0).sum()} unlabelled samples; "
@@ -123,12 +124,12 @@ def build_run(cfg: TrainConfig, env: DistEnv) -> Run:
         window=cfg.data.shuffle_window, prefetch=cfg.data.prefetch, pin_memory=pin,
     )
     val_loader = None
-    val_info = read_split(cfg.data.path, "val", manifest=manifest, labels=labels)
+    val_info = read_split(source, "val", manifest=manifest, labels=labels)
     if val_info.samples:
         val_loader = eval_loader(val_info, env, batch_size=cfg.data.eval_batch_size,
                                  workers=cfg.data.num_workers, prefetch=cfg.data.prefetch)
     else:
-        log.warning("no val split in %s: no evaluation", cfg.data.path)
+        log.warning("no val split in %s: no evaluation", source.display)
 
     stored = manifest.size
     image_size = cfg.data.image_size or stored
@@ -162,7 +163,7 @@ def build_run(cfg: TrainConfig, env: DistEnv) -> Run:
         guard=LossGuard(task.terms),
     )
     log.info("dataset %s: %d train samples (%.1f%% positive) in %d shards, %d val; "
-                "images %d px stored, %d px trained", cfg.data.path, train_info.samples,
+                "images %d px stored, %d px trained", source.display, train_info.samples,
                 100 * positive, len(train_info.shards), val_info.samples, stored, image_size)
     if cfg.resume:
         resume(run)

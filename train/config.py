@@ -28,6 +28,8 @@ from typing import Any, Literal, get_args
 import tomli_w
 import tomllib
 
+from shards.store import normalize_location, redact_url
+
 __all__ = [
     "AMP_CHOICES",
     "Amp",
@@ -84,8 +86,14 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
 class DataConfig:
     """The streaming loader (see :mod:`train.data`)."""
 
-    path: Path | None = None
-    """Dataset folder written by ``python -m ingest`` (holds ``manifest.json``)."""
+    path: Path | str | None = None
+    """Dataset written by ``python -m ingest`` (holds ``manifest.json``): a folder, or a URL
+    (``s3://bucket/prefix``, ``http(s)://host/path``, ``file://``; see :mod:`shards.store`)."""
+    cache_dir: Path | None = None
+    """Node-local folder keeping fetched shards of a remote dataset (see :mod:`shards.cache`);
+    unset: a temporary one holding only the shards in use."""
+    cache_limit: float | None = None
+    """GB of shards ``cache_dir`` keeps (least recently used evicted first); unset: no limit."""
     batch_size: int = 32
     """Global batch size: samples per optimizer step over all ranks (split evenly among
     them). Kept fixed when the world size changes, so the sample order does not."""
@@ -107,7 +115,11 @@ class DataConfig:
     """Batches each DataLoader worker prepares ahead."""
 
     def __post_init__(self) -> None:
-        self.path = Path(self.path) if self.path is not None else None
+        self.path = normalize_location(self.path) if self.path is not None else None
+        self.cache_dir = Path(self.cache_dir) if self.cache_dir is not None else None
+        if self.cache_limit is not None and (isinstance(self.cache_limit, bool) or
+                                             not isinstance(self.cache_limit, (int, float)) or self.cache_limit < 0):
+            raise ValueError(f"data.cache_limit={self.cache_limit!r}: must be a number of GB >= 0 or unset")
         _positive("data.batch_size", self.batch_size)
         _positive("data.eval_batch_size", self.eval_batch_size)
         if self.workers is not None and (
@@ -330,8 +342,12 @@ class TrainConfig:
             raise ValueError("out is not set: pass --out RUN")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict (paths as strings, unset fields left out)."""
-        return _plain(dataclasses.asdict(self))
+        """Plain nested dict (paths as strings, unset fields left out; credentials in a
+        dataset URL redacted, since this goes to config.toml and checkpoints)."""
+        data = _plain(dataclasses.asdict(self))
+        if "path" in data.get("data", {}):
+            data["data"]["path"] = redact_url(data["data"]["path"])
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> TrainConfig:

@@ -58,10 +58,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from shards.cache import ShardSource, open_source
 from shards.format import FormatError
-from shards.labels import LabelTable, read_labels
-from shards.manifest import LABELS_NAME, SHARDS_DIR, Manifest, ShardInfo, read_manifest
-from shards.reader import Sample, iter_samples
+from shards.labels import LabelTable
+from shards.manifest import Manifest, ShardInfo
+from shards.reader import Sample, ShardChecksumError, iter_samples
+from shards.store import read_labels_from, read_manifest_from
 
 __all__ = [
     "DeviceBatch",
@@ -274,7 +276,8 @@ def _window_order(n: int, window: int, rng: np.random.Generator | None) -> np.nd
 class SplitInfo:
     """What the loader needs to know of one split of a dataset."""
 
-    root: Path
+    source: ShardSource
+    """Where the shards are read from (the dataset folder, or a cache of a remote one)."""
     split: str
     shards: tuple[ShardInfo, ...]
     shard_base: tuple[int, ...]
@@ -285,6 +288,11 @@ class SplitInfo:
     """All keys of the dataset (labels.zarr), indexed by global sample index."""
     targets: np.ndarray
     """All targets of the dataset (labels.zarr; -1 unlabelled)."""
+
+    @property
+    def root(self) -> str:
+        """The dataset's location, as it may be logged (credentials redacted)."""
+        return self.source.display
 
     @property
     def sizes(self) -> list[int]:
@@ -301,32 +309,35 @@ class SplitInfo:
         ) if self.shards else np.zeros(0, np.int8)
 
 
-def read_split(root: Path | str, split: str, *, manifest: Manifest | None = None,
+def read_split(root: Path | str | ShardSource, split: str, *, manifest: Manifest | None = None,
                labels: LabelTable | None = None) -> SplitInfo:
     """Read the manifest and labels.zarr of a dataset and describe one split.
 
     Args:
-        root: Dataset folder.
+        root: Dataset folder or URL (``s3://``, ``http(s)://``, ``file://``), or a
+            :class:`shards.cache.ShardSource` made by :func:`shards.cache.open_source` (to
+            read a remote dataset through a ``--cache-dir``).
         split: ``train`` or ``val``.
         manifest, labels: Already-read copies (read from ``root`` when None).
 
     Raises:
-        FileNotFoundError: No manifest (the ingest did not finish).
+        shards.store.DatasetNotFoundError: No manifest (a wrong URL, or an unfinished ingest).
+        shards.store.RemoteReadError: The server could not be read.
         FormatError: labels.zarr does not have one row per manifest sample.
     """
-    root = Path(root)
-    manifest = manifest or read_manifest(root)
-    labels = labels or read_labels(root / LABELS_NAME)
+    source = root if isinstance(root, ShardSource) else open_source(root)
+    manifest = manifest or read_manifest_from(source.store)
+    labels = labels or read_labels_from(source.store)
     total = sum(s.samples for s in manifest.shards)
     if len(labels) != total:
-        raise FormatError(f"{root}: labels.zarr has {len(labels)} rows, the manifest {total} samples")
+        raise FormatError(f"{source.display}: labels.zarr has {len(labels)} rows, the manifest {total} samples")
     base, bases = 0, {}
     for s in manifest.shards:
         bases[s.name] = base
         base += s.samples
     shards = tuple(manifest.shards_of(split))
     return SplitInfo(
-        root=root, split=split, shards=shards, shard_base=tuple(bases[s.name] for s in shards),
+        source=source, split=split, shards=shards, shard_base=tuple(bases[s.name] for s in shards),
         size=manifest.size, keys=np.asarray(labels.key), targets=np.asarray(labels.target),
     )
 
@@ -340,31 +351,46 @@ def _read_raw(info: SplitInfo, spans: Sequence[Span], start: int) -> Iterator[tu
     Each shard touched is read to its end (its sha256 checked by ``iter_samples``) and its
     sample count and keys are checked against the manifest and labels.zarr.
     """
-    pos = 0
-    for span in spans:
-        n = span.stop - span.start
-        if pos + n <= start:
-            pos += n
-            continue
-        shard = info.shards[span.shard]
-        base = info.shard_base[span.shard]
-        count = 0
-        path = info.root / SHARDS_DIR / shard.name
-        for offset, sample in enumerate(iter_samples(path, expected_sha256=shard.sha256, size=info.size)):
-            count = offset + 1
-            if offset >= shard.samples:
-                break  # reported below; do not index past the label table
-            if info.keys[base + offset] != sample.key:
-                raise FormatError(
-                    f"{shard.name}: sample {offset} is {sample.key!r} but labels.zarr row "
-                    f"{base + offset} is {info.keys[base + offset]!r}"
-                )
-            raw = pos + offset - span.start
-            if span.start <= offset < span.stop and raw >= start:
-                yield raw, sample
-        if count != shard.samples:
-            raise FormatError(f"{shard.name}: holds {count}+ samples, the manifest says {shard.samples}")
-        pos += n
+    pos, todo = 0, []
+    for span in spans:  # (raw position of the span, span) of the spans still to be read
+        if pos + span.stop - span.start > start:
+            todo.append((pos, span))
+        pos += span.stop - span.start
+    # Remote (or cached) shards are fetched a few ahead, so reading does not wait on the network.
+    fetcher = info.source.prefetcher([info.shards[span.shard] for _, span in todo])
+    try:
+        for k, (pos, span) in enumerate(todo):
+            shard = info.shards[span.shard]
+            with fetcher.get(k) as path:
+                try:
+                    yield from _read_span(info, span, pos, start, path)
+                except ShardChecksumError as exc:
+                    info.source.discard(shard)
+                    raise ShardChecksumError(info.source.store.shard_url(shard.name), exc.expected,
+                                             exc.actual) from None
+    finally:
+        fetcher.close()
+
+
+def _read_span(info: SplitInfo, span: Span, pos: int, start: int, path: Path) -> Iterator[tuple[int, Sample]]:
+    """Yield (raw position, sample) of one span whose first sample is at raw ``pos``."""
+    shard = info.shards[span.shard]
+    base = info.shard_base[span.shard]
+    count = 0
+    for offset, sample in enumerate(iter_samples(path, expected_sha256=shard.sha256, size=info.size)):
+        count = offset + 1
+        if offset >= shard.samples:
+            break  # reported below; do not index past the label table
+        if info.keys[base + offset] != sample.key:
+            raise FormatError(
+                f"{shard.name}: sample {offset} is {sample.key!r} but labels.zarr row "
+                f"{base + offset} is {info.keys[base + offset]!r}"
+            )
+        raw = pos + offset - span.start
+        if span.start <= offset < span.stop and raw >= start:
+            yield raw, sample
+    if count != shard.samples:
+        raise FormatError(f"{shard.name}: holds {count}+ samples, the manifest says {shard.samples}")
 
 
 def _iter_lane(info: SplitInfo, lane: Lane, first_slot: int) -> Iterator[tuple[Sample, bool]]:

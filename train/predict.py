@@ -39,6 +39,8 @@ from torch import nn
 from shards.cli import EXIT_USAGE, configure_logging
 from shards.format import SPLITS
 from shards.geometry import boxes_from_letterbox
+from shards.cache import ShardSource, open_source
+from shards.store import DatasetNotFoundError, RemoteReadError, read_labels_from, read_manifest_from
 from train.checkpoint import load_export
 from train.data import read_split, to_device
 from train.distributed import DistEnv, autocast_context
@@ -77,11 +79,12 @@ def _source_boxes(dets: np.ndarray, transform: dict) -> list[tuple[float, float,
 
 
 @torch.no_grad()
-def predict_rows(data: Path, export: dict, *, split: str = "all", batch_size: int = 32,
+def predict_rows(data: Path | str | ShardSource, export: dict, *, split: str = "all", batch_size: int = 32,
                  workers: int = 2, conf: float | None = None, device: torch.device | None = None,
                  amp: str = "none") -> Iterator[tuple[str, object]]:
     """Yield (patient id, prediction) per sample: a float probability (classify) or a list
-    of source-pixel ``(conf, x, y, w, h)`` boxes (detect)."""
+    of source-pixel ``(conf, x, y, w, h)`` boxes (detect). ``data``: a folder, a URL, or a
+    :func:`shards.cache.open_source` source (to read through a cache)."""
     from train.build import eval_loader
     from train.tasks import DetectTask
 
@@ -95,8 +98,10 @@ def predict_rows(data: Path, export: dict, *, split: str = "all", batch_size: in
     if detect:
         task = DetectTask(model, stored_size=int(export["stored_size"]), conf=conf,
                           iou=float(export["iou"]), max_det=int(export["max_det"]))
+    source = data if isinstance(data, ShardSource) else open_source(data)
+    manifest, labels = read_manifest_from(source.store), read_labels_from(source.store)
     for name in SPLIT_CHOICES[split]:
-        info = read_split(data, name)
+        info = read_split(source, name, manifest=manifest, labels=labels)
         if not info.samples:
             continue
         loader = eval_loader(info, env, batch_size=batch_size, workers=workers, with_meta=True)
@@ -146,7 +151,10 @@ def write_csv(path: Path, rows: Iterator[tuple[str, object]], task: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m train.predict", description=__doc__.splitlines()[0])
-    p.add_argument("--data", type=Path, required=True, help="dataset folder from `python -m ingest`")
+    p.add_argument("--data", required=True, help="dataset from `python -m ingest`: a folder or a URL "
+                   "(s3://bucket/prefix, http(s)://host/path, file://)")
+    p.add_argument("--cache-dir", type=Path, help="node-local folder keeping fetched shards (remote --data)")
+    p.add_argument("--cache-limit", type=float, metavar="GB", help="GB of shards --cache-dir keeps")
     p.add_argument("--checkpoint", type=Path, required=True, help="run folder (or its model.pt)")
     p.add_argument("--out", type=Path, required=True, help="CSV to write")
     p.add_argument("--split", choices=tuple(SPLIT_CHOICES), default="all", help="which samples to predict")
@@ -163,8 +171,6 @@ def main(argv: list[str] | None = None) -> int:
         export = load_export(args.checkpoint)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    rows = predict_rows(args.data, export, split=args.split, batch_size=args.batch_size,
                         workers=args.workers, conf=args.conf, amp=args.amp)
     n = write_csv(args.out, rows, export["task"])
     log.info("wrote %d patients to %s (%s)", n, args.out, export["task"])

@@ -1,0 +1,471 @@
+"""A node-local cache of fetched shards, shared by the ranks of a node, and a prefetcher.
+
+Layout of ``--cache-dir DIR``::
+
+    DIR/shards/<sha256>.tar     one verified shard, named by the manifest's sha256 of it
+    DIR/locks/<sha256>.lock     the flock(2) that guards it (empty file)
+
+Naming a copy by its content means a re-ingested dataset (new bytes, new sha256) can never be
+served a stale copy, and two URLs of the same dataset share the copies. The promises:
+
+* **Atomic writes.** A shard is downloaded to a temporary name beside its final one, hashed
+  while it arrives, and renamed into place only if its size and sha256 are the manifest's; a
+  killed download leaves a temporary file that the next fetch of that shard replaces.
+* **Re-checked before reuse.** A copy found in the cache is hashed again (once per process)
+  and compared with the manifest before it is handed out; a copy that differs is replaced.
+  The loader then hashes the bytes it streams as it does for a local dataset.
+* **Shared by the ranks of a node.** A process fetches a shard holding an exclusive lock on
+  its lock file; another process that needs it meanwhile waits on that lock and then finds
+  it in place: each shard is fetched once per node. Readers hold a shared lock while they
+  use a copy, so eviction never removes a shard in use.
+* **Bounded.** With ``limit_bytes``, the least recently used copies that nobody holds are
+  deleted after each fetch until the cache fits (a copy in use may make it overshoot).
+
+Network faults: a connection refused, reset or dropped mid-shard is retried
+(:data:`FETCH_ATTEMPTS` attempts, with back-off) and then reported with
+:class:`ShardFetchError` naming the URL; a shard served whole with other bytes raises
+:class:`shards.reader.ShardChecksumError` at once (another attempt would get the same bytes);
+a full disk raises :class:`CacheFullError` naming the cache folder.
+"""
+
+from __future__ import annotations
+
+import atexit
+import concurrent.futures
+import dataclasses
+import errno
+import fcntl
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+from shards.manifest import SHARDS_DIR, ShardInfo
+from shards.reader import ShardChecksumError
+from shards.store import DatasetNotFoundError, RemoteReadError, Store, open_store, remote_error
+
+log = logging.getLogger(__name__)
+
+FETCH_ATTEMPTS = 4
+"""Tries per shard before a network fault is reported."""
+BACKOFF_S = (0.5, 1.0, 2.0)
+"""Waits between tries."""
+CHUNK = 4 << 20
+"""Bytes read from the server and written to the cache per call."""
+PREFETCH_DEPTH = 2
+"""Shards of a lane fetched ahead of the one being read."""
+
+
+class CacheFullError(OSError):
+    """The cache's filesystem ran out of space while a shard was being written."""
+
+
+class ShardFetchError(RemoteReadError):
+    """A shard could not be fetched after :data:`FETCH_ATTEMPTS` tries (network faults)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardCache:
+    """A cache folder (see the module docstring); safe to share between processes."""
+
+    root: Path
+    limit_bytes: int | None = None
+    """Keep at most this many bytes of shards that nobody holds (None: no limit)."""
+
+    def __post_init__(self) -> None:
+        if self.limit_bytes is not None and self.limit_bytes < 0:
+            raise ValueError(f"cache limit {self.limit_bytes} bytes: must be >= 0")
+
+    def path_of(self, shard: ShardInfo) -> Path:
+        return self.root / SHARDS_DIR / f"{shard.sha256}.tar"
+
+    def _lock_path(self, shard: ShardInfo) -> Path:
+        return self.root / "locks" / f"{shard.sha256}.lock"
+
+    def _prepare(self) -> None:
+        try:
+            (self.root / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+            (self.root / "locks").mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise _cache_error(self.root, exc, "cannot create the cache folders") from exc
+
+    @contextmanager
+    def hold(self, store: Store, shard: ShardInfo) -> Iterator[Path]:
+        """A verified local copy of ``shard``, fetched if needed, held (not evictable) inside."""
+        fd = self.acquire(store, shard)
+        try:
+            yield self.path_of(shard)
+        finally:
+            os.close(fd)
+
+    def acquire(self, store: Store, shard: ShardInfo) -> int:
+        """Make sure a verified copy of ``shard`` is in the cache; return the open lock file
+        descriptor that holds it (shared lock). Close it to release the copy."""
+        self._prepare()
+        fd = os.open(self._lock_path(shard), os.O_RDWR | os.O_CREAT, 0o644)
+        path = self.path_of(shard)
+        try:
+            # Shared first: holders of a valid copy never wait for each other (two lanes of one
+            # process may hold the same shard). Exclusive only to fetch: a holder holds a valid
+            # copy, so the exclusive lock waits only for another fetch of the same shard.
+            fcntl.flock(fd, fcntl.LOCK_SH)
+            fetched = False
+            if not self._valid_copy(path, shard, store):
+                fcntl.flock(fd, fcntl.LOCK_UN)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                if not self._valid_copy(path, shard, store):  # another process may have fetched it
+                    self._fetch(store, shard, path)
+                    fetched = True
+                fcntl.flock(fd, fcntl.LOCK_SH)
+            st = path.stat()
+            os.utime(path, (time.time(), st.st_mtime))  # atime = last use, for the LRU order
+            if fetched and self.limit_bytes is not None:
+                self.evict(self.limit_bytes)
+            return fd
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def discard(self, shard: ShardInfo) -> None:
+        """Drop the copy of ``shard`` (found damaged while it was read)."""
+        self.path_of(shard).unlink(missing_ok=True)
+        _VERIFIED.pop(str(self.path_of(shard)), None)
+
+    def _valid_copy(self, path: Path, shard: ShardInfo, store: Store) -> bool:
+        try:
+            st = path.stat()
+        except FileNotFoundError:
+            return False
+        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+        if _VERIFIED.get(str(path)) == stamp:
+            return True
+        if st.st_size == shard.bytes and _sha256_file(path) == shard.sha256:
+            _VERIFIED[str(path)] = stamp
+            return True
+        log.warning("cached copy of %s differs from the manifest: fetching it again", store.shard_url(shard.name))
+        return False
+
+    def _fetch(self, store: Store, shard: ShardInfo, path: Path) -> None:
+        url = store.shard_url(shard.name)
+        path.unlink(missing_ok=True)  # a damaged copy (we hold the exclusive lock)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+        last: BaseException | None = None
+        t0 = time.perf_counter()
+        for attempt in range(1, FETCH_ATTEMPTS + 1):
+            try:
+                digest, got = self._download(store, shard, tmp)
+            except (DatasetNotFoundError, CacheFullError, PermissionError):
+                tmp.unlink(missing_ok=True)
+                raise
+            except Exception as exc:  # noqa: BLE001 - aiohttp/botocore/OS errors: all retried
+                tmp.unlink(missing_ok=True)
+                last = exc
+                log.warning("%s: try %d of %d failed: %s", url, attempt, FETCH_ATTEMPTS, remote_error(url, exc))
+                if attempt < FETCH_ATTEMPTS:
+                    time.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S)) - 1])
+                continue
+            if got != shard.bytes or digest != shard.sha256:
+                tmp.unlink(missing_ok=True)
+                raise ShardChecksumError(url, shard.sha256, digest)
+            os.replace(tmp, path)
+            _VERIFIED[str(path)] = (lambda st: (st.st_ino, st.st_size, st.st_mtime_ns))(path.stat())
+            log.debug("fetched %s (%.1f MB) in %.2f s", url, got / 1e6, time.perf_counter() - t0)
+            return
+        raise ShardFetchError(f"{url}: {FETCH_ATTEMPTS} tries failed; the last: "
+                              f"{str(remote_error(url, last)).split(': ', 1)[-1]}") from last
+
+    def _download(self, store: Store, shard: ShardInfo, tmp: Path) -> tuple[str, int]:
+        """One try: stream the shard into ``tmp``, hashing it; return (sha256, bytes)."""
+        h = hashlib.sha256()
+        got = 0
+        src_path = store.path(f"{SHARDS_DIR}/{shard.name}")
+        try:
+            src = store.fs.open(src_path, "rb", **_stream_options(store, size=shard.bytes))
+        except FileNotFoundError as exc:
+            raise DatasetNotFoundError(f"{store.shard_url(shard.name)}: not found (listed in the manifest)") from exc
+        with src, open(tmp, "wb") as dst:
+            try:
+                while got < shard.bytes + 1:  # one byte past the size: a longer file is caught
+                    chunk = src.read(min(CHUNK, shard.bytes + 1 - got))
+                    if not chunk:
+                        break
+                    h.update(chunk)
+                    dst.write(chunk)
+                    got += len(chunk)
+                dst.flush()
+                os.fsync(dst.fileno())
+            except OSError as exc:
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise CacheFullError(
+                        exc.errno, f"cache {self.root}: no space left on the device while writing "
+                        f"{store.shard_url(shard.name)} ({shard.bytes / 1e6:.1f} MB): free space there, "
+                        "lower --cache-limit, or choose another --cache-dir") from exc
+                raise
+        if got < shard.bytes:
+            raise ConnectionError(f"the connection ended after {got} of {shard.bytes} bytes")
+        return h.hexdigest(), got
+
+    def evict(self, limit_bytes: int) -> int:
+        """Delete least recently used copies nobody holds until at most ``limit_bytes`` remain;
+        return the bytes kept."""
+        entries = []
+        for p in (self.root / SHARDS_DIR).glob("*.tar"):
+            try:
+                st = p.stat()
+            except FileNotFoundError:
+                continue
+            entries.append((st.st_atime, st.st_size, p))
+        total = sum(size for _, size, _ in entries)
+        for _, size, p in sorted(entries):
+            if total <= limit_bytes:
+                break
+            lock = self.root / "locks" / f"{p.stem}.lock"
+            fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue  # in use by some process
+            try:
+                p.unlink(missing_ok=True)
+                _VERIFIED.pop(str(p), None)
+                total -= size
+                log.debug("evicted %s (%.1f MB) from %s", p.name, size / 1e6, self.root)
+            finally:
+                os.close(fd)
+        if total > limit_bytes:
+            log.debug("cache %s holds %.1f MB in use, above its %.1f MB limit",
+                      self.root, total / 1e6, limit_bytes / 1e6)
+        return total
+
+
+_VERIFIED: dict[str, tuple[int, int, int]] = {}
+"""Copies this process has hashed, by path: (inode, size, mtime) when they were hashed."""
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    buf = memoryview(bytearray(CHUNK))
+    with open(path, "rb", buffering=0) as f:
+        while n := f.readinto(buf):
+            h.update(buf[:n])
+    return h.hexdigest()
+
+
+def _stream_options(store: Store, size: int | None = None) -> dict:
+    """fsspec ``open`` options that stream a file front to back without read-ahead caches."""
+    if store.protocol in ("http", "https"):
+        # One streamed GET instead of ranged block reads; a known size saves a HEAD request.
+        return {"block_size": 0, **({"size": size} if size is not None else {})}
+    if store.protocol == "s3":
+        return {"cache_type": "none", "block_size": CHUNK}
+    return {}
+
+
+def _cache_error(root: Path, exc: OSError, what: str) -> OSError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return CacheFullError(exc.errno, f"cache {root}: no space left on the device ({what})")
+    return OSError(exc.errno, f"cache {root}: {what}: {exc.strerror}")
+
+
+# --------------------------------------------------------------------------- sources
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardSource:
+    """Where a loader gets each shard file: the dataset folder itself, or the cache.
+
+    Picklable: DataLoader workers receive a copy and fetch through the same cache folder.
+    """
+
+    store: Store
+    cache: ShardCache | None = None
+    """None: read shards in place (local datasets without ``--cache-dir``)."""
+
+    @property
+    def display(self) -> str:
+        return self.store.display
+
+    def prefetcher(self, shards: Sequence[ShardInfo], depth: int = PREFETCH_DEPTH) -> "Prefetcher":
+        """Local paths of ``shards`` in order, fetched ``depth`` ahead in the background."""
+        return Prefetcher(self, list(shards), depth)
+
+    def discard(self, shard: ShardInfo) -> None:
+        """Forget a cached copy that failed its check while it was read."""
+        if self.cache is not None:
+            self.cache.discard(shard)
+
+
+def open_source(location: str | Path, *, cache_dir: Path | str | None = None,
+                cache_limit_gb: float | None = None) -> ShardSource:
+    """The :class:`ShardSource` for ``--data location`` with the cache options.
+
+    A remote dataset without ``cache_dir`` gets a private temporary cache that keeps only
+    the shards in use and is removed when this process exits.
+
+    Raises:
+        ValueError: An unsupported URL scheme, a negative limit.
+    """
+    store = open_store(location)
+    if cache_limit_gb is not None and cache_limit_gb < 0:
+        raise ValueError(f"--cache-limit {cache_limit_gb}: must be >= 0 GB")
+    limit = None if cache_limit_gb is None else int(cache_limit_gb * 1e9)
+    if cache_dir is not None:
+        return ShardSource(store, ShardCache(Path(cache_dir), limit))
+    if store.local is not None:
+        return ShardSource(store, None)
+    tmp = Path(tempfile.mkdtemp(prefix="pneumo-shards-"))
+    atexit.register(shutil.rmtree, tmp, True)
+    log.info("no --cache-dir: shards of %s pass through %s (removed at exit)", store.display, tmp)
+    return ShardSource(store, ShardCache(tmp, 0))
+
+
+class Prefetcher:
+    """Hands out the local paths of a lane's shards in order, fetching ahead on one thread.
+
+    Use :meth:`get` for each shard in turn (a context manager holding the copy), and
+    :meth:`close` at the end (also releases what was fetched but never read).
+    """
+
+    def __init__(self, source: ShardSource, shards: list[ShardInfo], depth: int) -> None:
+        self.source, self.shards, self.depth = source, shards, max(0, depth)
+        self._futures: dict[int, concurrent.futures.Future[int]] = {}
+        self._pool = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shard-prefetch")
+                      if source.cache is not None else None)
+        self._submitted = 0
+
+    def _submit(self, upto: int) -> None:
+        assert self._pool is not None and self.source.cache is not None
+        for i in range(self._submitted, min(upto, len(self.shards))):
+            self._futures[i] = self._pool.submit(self.source.cache.acquire, self.source.store, self.shards[i])
+        self._submitted = max(self._submitted, min(upto, len(self.shards)))
+
+    @contextmanager
+    def get(self, i: int) -> Iterator[Path]:
+        """The local path of shard ``i`` (in the order given), held while inside."""
+        shard = self.shards[i]
+        if self.source.cache is None:
+            local = self.source.store.local
+            assert local is not None
+            yield local / SHARDS_DIR / shard.name
+            return
+        self._submit(i + 1 + self.depth)
+        fd = self._futures.pop(i).result()
+        try:
+            yield self.source.cache.path_of(shard)
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        if self._pool is None:
+            return
+        for f in self._futures.values():
+            f.cancel()
+        self._pool.shutdown(wait=True)
+        for f in self._futures.values():
+            if not f.cancelled() and f.exception() is None:
+                os.close(f.result())
+        self._futures.clear()
+
+
+# --------------------------------------------------------------------------- whole datasets
+
+
+def copy_dataset(store: Store, dest: Path, *, shards: bool = True) -> list[str]:
+    """Copy a remote dataset's files into ``dest`` as they are (nothing is checked here: the
+    copy is for ``python -m shards verify|stats``, which check it); return what was missing.
+
+    Copies ``manifest.json``, ``rejects.jsonl``, ``labels.zarr/`` and, with ``shards``, every
+    file the server lists under ``shards/`` (or, when it cannot list, the manifest's shards).
+    Each file is retried like a shard fetch.
+
+    Raises:
+        DatasetNotFoundError: No ``manifest.json`` at the URL.
+        ShardFetchError, CacheFullError: As for a shard fetch.
+    """
+    from shards.manifest import LABELS_NAME, MANIFEST_NAME, REJECTS_NAME
+    from shards.store import read_manifest_from
+
+    manifest = read_manifest_from(store)  # a wrong URL fails here, with its one-line reason
+    dest.mkdir(parents=True, exist_ok=True)
+    rels = [MANIFEST_NAME, REJECTS_NAME]
+    try:
+        rels += [f"{LABELS_NAME}/{p}" for p in _walk(store, LABELS_NAME)]
+    except (FileNotFoundError, NotImplementedError, ValueError):
+        rels += [f"{LABELS_NAME}/zarr.json"]  # verify then names what is missing
+    if shards:
+        names = store.list_shards()
+        rels += [f"{SHARDS_DIR}/{n}" for n in (names if names is not None else [s.name for s in manifest.shards])]
+    missing = []
+    for rel in rels:
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            _copy_file(store, rel, dest / rel)
+        except DatasetNotFoundError:
+            missing.append(rel)
+    return missing
+
+
+def _walk(store: Store, rel: str) -> list[str]:
+    """Paths of the files under ``rel``, relative to it."""
+    base = store.path(rel).rstrip("/")
+    out = []
+    for p in store.fs.find(base):
+        p = str(p)
+        if not p.startswith(base):  # http lists absolute URLs
+            p = base + "/" + p.split(f"/{rel}/", 1)[-1]
+        sub = p[len(base):].lstrip("/")
+        if sub:
+            out.append(sub)
+    return sorted(out)
+
+
+def _copy_file(store: Store, rel: str, dest: Path) -> None:
+    url = store.url(rel)
+    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
+    for attempt in range(1, FETCH_ATTEMPTS + 1):
+        try:
+            with store.fs.open(store.path(rel), "rb", **_stream_options(store)) as src, open(tmp, "wb") as dst:
+                while chunk := src.read(CHUNK):
+                    dst.write(chunk)
+            os.replace(tmp, dest)
+            return
+        except FileNotFoundError as exc:
+            tmp.unlink(missing_ok=True)
+            raise DatasetNotFoundError(f"{url}: not found") from exc
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise _cache_error(dest.parent, exc, f"writing {url}") from exc
+            last: BaseException = exc
+        except Exception as exc:  # noqa: BLE001 - aiohttp/botocore errors: retried
+            tmp.unlink(missing_ok=True)
+            last = exc
+        log.warning("%s: try %d of %d failed: %s", url, attempt, FETCH_ATTEMPTS, remote_error(url, last))
+        if attempt < FETCH_ATTEMPTS:
+            time.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S)) - 1])
+    raise ShardFetchError(f"{url}: {FETCH_ATTEMPTS} tries failed; the last: "
+                          f"{str(remote_error(url, last)).split(': ', 1)[-1]}")
+
+
+@contextmanager
+def local_copy(location: str | Path, *, shards: bool = True, work_dir: Path | None = None) -> Iterator[tuple[Path, str]]:
+    """``(folder, display)``: the dataset itself when local, else a temporary copy of it
+    (removed on exit) and its redacted URL."""
+    store = open_store(location)
+    if store.local is not None:
+        yield store.local, store.display
+        return
+    tmp = Path(tempfile.mkdtemp(prefix="pneumo-copy-", dir=work_dir))
+    try:
+        log.info("copying %s to %s", store.display, tmp)
+        copy_dataset(store, tmp / "ds", shards=shards)
+        yield tmp / "ds", store.display
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

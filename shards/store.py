@@ -1,0 +1,247 @@
+"""Where a dataset lives: a folder, ``file://``, ``http(s)://`` or ``s3://``, opened through fsspec.
+
+:func:`open_store` turns what a user passes as ``--data`` into a :class:`Store`: an fsspec
+filesystem and the dataset root inside it. Readers then fetch ``manifest.json``,
+``labels.zarr`` (zarr v3 over the same filesystem) and the shards from it.
+
+Credentials are never ours to hold: s3fs reads the environment (``AWS_ACCESS_KEY_ID``,
+``AWS_PROFILE``, ``AWS_ENDPOINT_URL``...), ``~/.aws/{config,credentials}`` and fsspec's own
+configuration (``~/.config/fsspec/*.json``, ``FSSPEC_S3_*``); HTTP(S) servers may take
+``user:password@`` in the URL. Whatever a URL carries, only :func:`redact_url`'s form of it is
+ever logged, printed or written to a file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from shards.format import FormatError
+from shards.labels import LabelTable, read_labels
+from shards.manifest import LABELS_NAME, MANIFEST_NAME, SHARDS_DIR, Manifest
+
+log = logging.getLogger(__name__)
+
+REMOTE_SCHEMES = ("http", "https", "s3")
+"""URL schemes read through fsspec (``file://`` and plain paths are local folders)."""
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+
+
+_USERINFO = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]+@")
+
+
+class _RedactUserinfo(logging.Filter):
+    """Blanks ``user:password@`` in URLs that third-party loggers print (fsspec and zarr at DEBUG)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "@" in text:
+            record.msg, record.args = _USERINFO.sub(r"\1***@", text), None
+        return True
+
+
+for _name in ("fsspec", "fsspec.http", "fsspec.asyn", "fsspec.local", "s3fs", "aiohttp.client", "zarr",
+              "zarr.group", "zarr.core.group", "zarr.core.array", "zarr.storage._fsspec", "zarr.core.sync"):
+    logging.getLogger(_name).addFilter(_RedactUserinfo())
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """The dataset root, or a file every dataset has, does not exist at the URL given."""
+
+
+class RemoteReadError(OSError):
+    """Reading from the server failed (connection refused or dropped, access denied...)."""
+
+
+def redact_url(url: str | Path) -> str:
+    """``url`` with any ``user:password@`` and query string replaced by ``***``.
+
+    >>> redact_url("https://alice:s3cret@host/data?X-Amz-Signature=abc")
+    'https://***@host/data?***'
+    """
+    text = str(url)
+    if not _SCHEME.match(text):
+        return text
+    parts = urlsplit(text)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    return urlunsplit((parts.scheme, netloc, parts.path, "***" if parts.query else "", parts.fragment))
+
+
+def scheme_of(location: str | Path) -> str | None:
+    """The URL scheme of ``location`` in lower case (``s3``, ``https``...), None for a plain path."""
+    m = _SCHEME.match(str(location)) if isinstance(location, str) else None
+    return m.group(1).lower() if m else None
+
+
+def normalize_location(location: str | Path) -> str | Path:
+    """A plain path or ``file://`` URL as a :class:`Path`; a remote URL unchanged (a string).
+
+    Raises:
+        ValueError: An unsupported URL scheme.
+    """
+    scheme = scheme_of(location)
+    if scheme is None:
+        return Path(location)
+    if scheme == "file":
+        return Path(urlsplit(str(location)).path)
+    if scheme not in REMOTE_SCHEMES:
+        raise ValueError(f"{redact_url(location)}: unsupported URL scheme {scheme!r} "
+                         f"(allowed: a path, file://, {', '.join(s + '://' for s in REMOTE_SCHEMES)})")
+    return str(location).rstrip("/")
+
+
+def is_remote(location: str | Path) -> bool:
+    """Whether ``location`` is read over the network (``http(s)://``, ``s3://``)."""
+    return isinstance(normalize_location(location), str)
+
+
+@dataclasses.dataclass(frozen=True)
+class Store:
+    """A dataset root: an fsspec filesystem and the root's path in it.
+
+    Safe to pickle and to fork (DataLoader workers): the filesystem is looked up in each
+    process (fsspec caches one instance per process, with the credentials it finds itself);
+    an async filesystem made before a fork cannot be used after it.
+    """
+
+    location: str | Path
+    """What the user gave (may hold credentials: never log it; use :attr:`display`)."""
+    protocol: str
+    """fsspec protocol: ``file``, ``http``, ``https`` or ``s3``."""
+    root: str
+    """The root in the filesystem's own path form (no trailing slash)."""
+
+    @property
+    def fs(self) -> Any:
+        """This process's fsspec filesystem for :attr:`protocol`."""
+        import fsspec
+
+        try:
+            return fsspec.filesystem(self.protocol)
+        except ImportError as exc:
+            raise RemoteReadError(f"{self.display}: reading {self.protocol}:// needs the `remote` extra "
+                                  f"(pip install 'pneumo-hpc[remote]'): {exc}") from exc
+
+    @property
+    def display(self) -> str:
+        """The location as it may be logged and stored."""
+        return redact_url(self.location)
+
+    @property
+    def local(self) -> Path | None:
+        """The root folder when the dataset is on a local (or shared) filesystem."""
+        return self.location if isinstance(self.location, Path) else None
+
+    def path(self, rel: str) -> str:
+        """The fsspec path of ``rel`` under the root."""
+        return f"{self.root}/{rel}"
+
+    def url(self, rel: str) -> str:
+        """``rel`` under the root, redacted, for messages."""
+        return f"{self.display.rstrip('/')}/{rel}"
+
+    def shard_url(self, name: str) -> str:
+        """A shard's location, redacted, for messages."""
+        return self.url(f"{SHARDS_DIR}/{name}")
+
+    def read_bytes(self, rel: str) -> bytes:
+        """The whole content of ``rel``; :class:`DatasetNotFoundError` or :class:`RemoteReadError`."""
+        try:
+            return self.fs.cat_file(self.path(rel))
+        except FileNotFoundError as exc:
+            raise DatasetNotFoundError(f"{self.url(rel)}: not found") from exc
+        except Exception as exc:  # noqa: BLE001 - aiohttp/botocore errors have no common base
+            raise remote_error(self.url(rel), exc) from exc
+
+    def exists(self, rel: str) -> bool:
+        try:
+            return bool(self.fs.exists(self.path(rel)))
+        except Exception as exc:  # noqa: BLE001
+            raise remote_error(self.url(rel), exc) from exc
+
+    def list_shards(self) -> list[str] | None:
+        """File names under ``shards/``, or None when the server cannot list (HTTP without an index)."""
+        try:
+            entries = self.fs.ls(self.path(SHARDS_DIR), detail=False)
+        except (FileNotFoundError, NotImplementedError, ValueError):
+            return None
+        except Exception as exc:  # noqa: BLE001
+            raise remote_error(self.url(SHARDS_DIR), exc) from exc
+        return sorted({str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries} - {""})
+
+    def zarr_store(self, rel: str) -> Any:
+        """A read-only zarr store over ``rel`` (a folder path for local datasets)."""
+        if self.local is not None:
+            return self.local / rel
+        from zarr.storage import FsspecStore
+
+        from fsspec.implementations.asyn_wrapper import AsyncFileSystemWrapper
+
+        # zarr drives the store from its own event loop; wrapping the blocking API (run in
+        # threads) keeps one filesystem instance, its connections and its credentials.
+        fs = AsyncFileSystemWrapper(self.fs, asynchronous=True)
+        return FsspecStore(fs, path=self.path(rel), read_only=True)
+
+
+def remote_error(where: str, exc: BaseException) -> OSError:
+    """One-line error for a failed read of ``where`` (already redacted)."""
+    if isinstance(exc, PermissionError):
+        return RemoteReadError(f"{where}: access denied ({exc}); check the credentials (AWS_PROFILE, "
+                               "AWS_ACCESS_KEY_ID, ~/.aws/credentials)")
+    reason = str(exc).strip() or type(exc).__name__
+    return RemoteReadError(f"{where}: {redact_url(reason)}")
+
+
+def open_store(location: str | Path) -> Store:
+    """The :class:`Store` of a dataset root given as a path or a URL.
+
+    Raises:
+        ValueError: An unsupported URL scheme.
+        RemoteReadError: The fsspec backend for the scheme is not installed.
+    """
+    where = normalize_location(location)
+    if isinstance(where, Path):
+        return Store(where, "file", str(where.resolve()))
+    scheme = scheme_of(where)
+    assert scheme is not None
+    store = Store(where, scheme, where)
+    if scheme not in ("http", "https"):
+        store = dataclasses.replace(store, root=str(store.fs._strip_protocol(where)).rstrip("/"))
+    return store
+
+
+def read_manifest_from(store: Store) -> Manifest:
+    """``manifest.json`` of the dataset at ``store``.
+
+    Raises:
+        DatasetNotFoundError: No manifest there (a wrong URL, or an unfinished ingest).
+        RemoteReadError: The server could not be read.
+        FormatError: Not a valid manifest.
+    """
+    try:
+        text = store.read_bytes(MANIFEST_NAME)
+    except DatasetNotFoundError as exc:
+        raise DatasetNotFoundError(f"{store.url(MANIFEST_NAME)}: not found (no dataset at "
+                                   f"{store.display}, or its ingest did not finish)") from exc
+    try:
+        return Manifest.from_dict(json.loads(text))
+    except json.JSONDecodeError as exc:
+        raise FormatError(f"{store.url(MANIFEST_NAME)}: not valid JSON ({exc})") from exc
+
+
+def read_labels_from(store: Store) -> LabelTable:
+    """``labels.zarr`` of the dataset at ``store`` (zarr v3, read over fsspec when remote)."""
+    try:
+        return read_labels(store.zarr_store(LABELS_NAME))
+    except FormatError as exc:
+        raise FormatError(f"{store.url(LABELS_NAME)}: {str(exc).split(': ', 1)[-1]}") from exc
+    except (FileNotFoundError, PermissionError, OSError) as exc:
+        raise remote_error(store.url(LABELS_NAME), exc) from exc

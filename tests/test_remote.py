@@ -1,0 +1,331 @@
+"""Datasets at URLs: real servers on loopback (nginx over HTTP, rclone's S3), the shard cache.
+
+The servers are started by the project's own command (``python -m shards.serve``, the one
+users run), once per session; the dropped-connection server is a separate process too
+(``tests/servers/dropping_http.py``: it drops every try at a known byte, so the tries can be
+counted).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import shards.cache
+from shards.cache import CacheFullError, ShardCache, ShardFetchError, local_copy, open_source
+from shards.manifest import SHARDS_DIR, read_manifest
+from shards.reader import ShardChecksumError
+from shards.store import DatasetNotFoundError, normalize_location, open_store, read_manifest_from, redact_url
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _serve(kind: str, root: Path, state: Path) -> dict:
+    done = subprocess.run([sys.executable, "-m", "shards.serve", kind, str(root), "--detach", "--state", str(state),
+                           "--json"], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    if done.returncode != 0:
+        if "run as root" in done.stderr or "no rclone binary" in done.stderr:
+            pytest.skip(done.stderr.strip())
+        raise RuntimeError(f"python -m shards.serve {kind} failed: {done.stderr}")
+    return json.loads(done.stdout)
+
+
+@pytest.fixture(scope="session")
+def served_root(ingested_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``ROOT/bkt/ds``: a copy of the small dataset; ``ROOT/bkt/bad``: one shard altered."""
+    root = tmp_path_factory.mktemp("served")
+    shutil.copytree(ingested_small, root / "bkt" / "ds")
+    shutil.copytree(ingested_small, root / "bkt" / "bad")
+    first = read_manifest(ingested_small).shards[0].name
+    with open(root / "bkt" / "bad" / SHARDS_DIR / first, "r+b") as f:
+        f.seek(2000)
+        byte = f.read(1)
+        f.seek(2000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    return root
+
+
+@pytest.fixture(scope="session")
+def nginx(served_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    """nginx serving ``served_root`` (installed from Debian by ``shards.serve`` if missing)."""
+    state = tmp_path_factory.mktemp("nginx-state")
+    info = _serve("http", served_root, state)
+    yield info
+    subprocess.run([sys.executable, "-m", "shards.serve", "stop", "--state", str(state)], cwd=ROOT, timeout=60)
+
+
+@pytest.fixture(scope="session")
+def s3_server(served_root: Path, tmp_path_factory: pytest.TempPathFactory):
+    """``rclone serve s3`` over ``served_root`` (bucket ``bkt``)."""
+    state = tmp_path_factory.mktemp("s3-state")
+    info = _serve("s3", served_root, state)
+    yield info
+    subprocess.run([sys.executable, "-m", "shards.serve", "stop", "--state", str(state)], cwd=ROOT, timeout=60)
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch):
+    for k, v in s3_server["env"].items():
+        monkeypatch.setenv(k, v)
+    import fsspec
+
+    fsspec.filesystem("s3").clear_instance_cache()  # credentials are read when an instance is made
+    return s3_server
+
+
+def _shard_gets(state: str) -> list[str]:
+    log = Path(state) / "nginx" / "access.log"
+    requests = [line.split('"')[1].split() for line in log.read_text().splitlines()]
+    return [path for method, path, *_ in requests if method == "GET" and path.endswith(".tar")]
+
+
+def _epoch(location, cache_dir=None, workers=0):
+    from train.data import ShardLoader, read_split
+
+    info = read_split(open_source(location, cache_dir=cache_dir), "train")
+    loader = ShardLoader(info, rank=0, world=1, global_batch=4, lanes=2, workers=workers)
+    batches = list(loader.epoch(0))
+    return [k for b in batches for k in b.keys], np.concatenate([b.images.numpy() for b in batches])
+
+
+@pytest.mark.parametrize("url, shown", [
+    ("https://alice:s3cret@host/data", "https://***@host/data"),
+    ("s3://bucket/prefix?X-Amz-Signature=abc", "s3://bucket/prefix?***"),
+    ("http://host:8080/ds", "http://host:8080/ds"),
+    ("/plain/path", "/plain/path"),
+])
+def test_redact_url_hides_userinfo_and_query(url, shown):
+    assert redact_url(url) == shown
+
+
+@pytest.mark.parametrize("given, expected", [
+    ("file:///data/ds", Path("/data/ds")), ("data/ds", Path("data/ds")),
+    ("s3://bkt/ds/", "s3://bkt/ds"), ("HTTPS://h/ds", "HTTPS://h/ds"),
+])
+def test_normalize_location(given, expected):
+    assert normalize_location(given) == expected
+
+
+def test_unsupported_scheme_is_a_value_error():
+    with pytest.raises(ValueError, match="unsupported URL scheme 'ftp'"):
+        normalize_location("ftp://host/ds")
+
+
+def test_http_loader_matches_local_and_warm_cache_fetches_nothing(nginx, ingested_small, tmp_path):
+    keys, images = _epoch(ingested_small)
+    url = nginx["url"] + "bkt/ds"
+    before = len(_shard_gets(nginx["state"]))
+    got_keys, got_images = _epoch(url, cache_dir=tmp_path / "cache", workers=2)
+    assert got_keys == keys and np.array_equal(got_images, images)
+    n_shards = len(read_manifest(ingested_small).shards_of("train"))
+    assert len(_shard_gets(nginx["state"])) - before == n_shards  # each fetched once
+    again_keys, _ = _epoch(url, cache_dir=tmp_path / "cache")
+    assert again_keys == keys
+    assert len(_shard_gets(nginx["state"])) - before == n_shards  # warm: served from the cache
+
+
+def test_s3_loader_matches_local_and_verify_passes(s3_env, ingested_small, tmp_path, capsys):
+    from shards.__main__ import main as shards_main
+
+    keys, images = _epoch(ingested_small)
+    got_keys, got_images = _epoch("s3://bkt/ds", cache_dir=tmp_path / "cache")
+    assert got_keys == keys and np.array_equal(got_images, images)
+    assert shards_main(["verify", "s3://bkt/ds", "--workers", "1", "--no-progress"]) == 0
+    assert "verify quick: s3://bkt/ds:" in capsys.readouterr().out
+
+
+def test_missing_url_is_a_one_line_error_with_exit_2(nginx, s3_env, capsys):
+    from shards.__main__ import main as shards_main
+
+    for url in (nginx["url"] + "bkt/nope", "s3://bkt/nope", "s3://no-such-bucket/ds"):
+        with pytest.raises(DatasetNotFoundError, match="manifest.json: not found"):
+            read_manifest_from(open_store(url))
+        assert shards_main(["verify", url, "--workers", "1"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.startswith(f"error: {url}/manifest.json: not found") and "\n" not in err
+
+
+@pytest.mark.slow
+def test_train_cli_exits_2_naming_the_missing_url(nginx, tmp_path):
+    url = nginx["url"] + "bkt/nope"
+    done = subprocess.run([sys.executable, "-m", "train", "--data", url, "--out", str(tmp_path / "run")],
+                          capture_output=True, text=True, cwd=ROOT, timeout=300,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert done.returncode == 2, done.stderr
+    assert f"{url}/manifest.json: not found" in done.stderr
+
+
+def test_served_shard_with_other_bytes_raises_checksum_error_naming_the_url(nginx, tmp_path):
+    url = nginx["url"] + "bkt/bad"
+    with pytest.raises(ShardChecksumError, match=f"shard {url}/shards/train-000000.tar: sha256"):
+        _epoch(url, cache_dir=tmp_path / "cache")
+    assert not list((tmp_path / "cache" / SHARDS_DIR).glob("*.tar")) or all(
+        p.stat().st_size for p in (tmp_path / "cache" / SHARDS_DIR).glob("*.tar"))
+    assert not list((tmp_path / "cache" / SHARDS_DIR).glob(".*tmp*"))  # nothing half-written left
+
+
+def test_damaged_cached_copy_is_rechecked_and_fetched_again(nginx, ingested_small, tmp_path):
+    url = nginx["url"] + "bkt/ds"
+    store = open_store(url)
+    shard = read_manifest(ingested_small).shards[0]
+    cache = ShardCache(tmp_path / "cache")
+    with cache.hold(store, shard) as path:
+        good = path.read_bytes()
+    damaged = bytearray(good)
+    damaged[100] ^= 1
+    path.write_bytes(bytes(damaged))
+    shards.cache._VERIFIED.clear()  # as in a new process
+    before = _shard_gets(nginx["state"]).count(f"/bkt/ds/shards/{shard.name}")
+    with cache.hold(store, shard) as again:
+        assert again.read_bytes() == good
+    assert _shard_gets(nginx["state"]).count(f"/bkt/ds/shards/{shard.name}") == before + 1
+
+
+RANK_SCRIPT = """
+import sys
+from pathlib import Path
+from shards.cache import ShardCache
+from shards.manifest import read_manifest
+from shards.store import open_store
+store, cache = open_store(sys.argv[1]), ShardCache(Path(sys.argv[2]))
+for shard in read_manifest(sys.argv[3]).shards:
+    with cache.hold(store, shard):
+        pass
+"""
+
+
+def test_ranks_on_a_node_share_the_cache_and_fetch_each_shard_once(nginx, ingested_small, tmp_path):
+    url = nginx["url"] + "bkt/ds"
+    before = _shard_gets(nginx["state"])
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    procs = [subprocess.Popen([sys.executable, "-c", RANK_SCRIPT, url, str(tmp_path / "cache"), str(ingested_small)],
+                              env=env) for _ in range(3)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0, 0]
+    after = _shard_gets(nginx["state"])[len(before):]
+    names = sorted(f"/bkt/ds/shards/{s.name}" for s in read_manifest(ingested_small).shards)
+    assert sorted(after) == names  # three processes, every shard fetched exactly once
+
+
+def test_lru_eviction_keeps_the_cache_under_its_limit(ingested_small, tmp_path):
+    store = open_store(ingested_small)  # the cache works the same for a folder
+    shards_ = read_manifest(ingested_small).shards
+    limit = shards_[0].bytes + shards_[1].bytes
+    cache = ShardCache(tmp_path / "cache", limit_bytes=limit)
+    for s in shards_:
+        with cache.hold(store, s):
+            pass
+    kept = sorted(p.name for p in (tmp_path / "cache" / SHARDS_DIR).glob("*.tar"))
+    assert sum(p.stat().st_size for p in (tmp_path / "cache" / SHARDS_DIR).glob("*.tar")) <= limit
+    assert f"{shards_[-1].sha256}.tar" in kept and f"{shards_[0].sha256}.tar" not in kept  # oldest went first
+
+
+def test_a_held_shard_is_never_evicted(ingested_small, tmp_path):
+    store = open_store(ingested_small)
+    first, *rest = read_manifest(ingested_small).shards
+    cache = ShardCache(tmp_path / "cache", limit_bytes=0)
+    with cache.hold(store, first) as held:
+        for s in rest:
+            with cache.hold(store, s):
+                pass
+        assert held.exists()
+    cache.evict(0)
+    assert not held.exists()
+
+
+@pytest.fixture
+def dropping_server(served_root, tmp_path):
+    def start(drop_first: int | None = None):
+        log = tmp_path / f"requests-{drop_first}.log"
+        cmd = [sys.executable, str(ROOT / "tests" / "servers" / "dropping_http.py"), str(served_root), "--log", str(log)]
+        if drop_first is not None:
+            cmd += ["--drop-first", str(drop_first)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+        procs.append(proc)
+        port = int(proc.stdout.readline())
+        return f"http://127.0.0.1:{port}/bkt/ds", log
+
+    procs: list[subprocess.Popen] = []
+    yield start
+    for p in procs:
+        p.terminate()
+        p.wait(timeout=10)
+
+
+def test_connection_dropped_mid_shard_is_retried_then_reported(dropping_server, ingested_small, tmp_path,
+                                                               monkeypatch):
+    monkeypatch.setattr(shards.cache, "BACKOFF_S", (0.0,))
+    shard = read_manifest(ingested_small).shards[0]
+    url, log = dropping_server()
+    with pytest.raises(ShardFetchError, match=f"^{url}/shards/{shard.name}: {shards.cache.FETCH_ATTEMPTS} tries "
+                                              "failed; the last: "):
+        with ShardCache(tmp_path / "cache").hold(open_store(url), shard):
+            pass
+    assert log.read_text().count(f"/shards/{shard.name}") == shards.cache.FETCH_ATTEMPTS
+    assert not list((tmp_path / "cache" / SHARDS_DIR).iterdir())  # no partial file left
+
+    url, log = dropping_server(drop_first=1)  # one drop, then the server recovers
+    with ShardCache(tmp_path / "cache").hold(open_store(url), shard) as path:
+        assert path.stat().st_size == shard.bytes
+    assert log.read_text().count(f"/shards/{shard.name}") == 2
+
+
+def test_credentials_in_the_url_never_reach_logs_or_config(nginx, tmp_path, caplog, capsys):
+    from shards.__main__ import main as shards_main
+    from train.config import TrainConfig
+
+    url = nginx["url"].replace("http://", "http://alice:s3cret@") + "bkt/ds"
+    caplog.set_level("DEBUG")
+    _epoch(url, cache_dir=tmp_path / "cache")
+    assert shards_main(["verify", url, "--workers", "1", "--no-progress"]) == 0
+    cfg = TrainConfig.from_dict({"data": {"path": url}, "out": str(tmp_path / "run")})
+    text = caplog.text + "".join(capsys.readouterr()) + json.dumps(cfg.to_dict())
+    assert "s3cret" not in text and "***@127.0.0.1" in text
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("mount"), reason="mounting a tmpfs needs root")
+def test_full_cache_disk_is_a_clear_error(ingested_small, tmp_path):
+    shard = max(read_manifest(ingested_small).shards, key=lambda s: s.bytes)
+    mnt = Path(tempfile.mkdtemp(dir=tmp_path))
+    size_kb = 16
+    assert shard.bytes > size_kb * 1024
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(mnt)]).returncode:
+        pytest.skip("cannot mount a tmpfs here")
+    try:
+        with pytest.raises(CacheFullError, match=f"cache {mnt}: no space left on the device while writing "
+                                                 f".*{shard.name}"):
+            with ShardCache(mnt).hold(open_store(ingested_small), shard):
+                pass
+        assert not list((mnt / SHARDS_DIR).iterdir())  # the partial file is gone
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_stats_and_local_copy_of_a_remote_dataset(nginx, capsys):
+    from shards.__main__ import main as shards_main
+
+    url = nginx["url"] + "bkt/ds"
+    assert shards_main(["stats", url]) == 0
+    assert f"dataset: {url}" in capsys.readouterr().out
+    with local_copy(url, shards=False) as (folder, shown):
+        assert shown == url and (folder / "manifest.json").is_file() and not (folder / SHARDS_DIR).exists()
+    assert not folder.exists()
+
+
+def test_prefetcher_releases_what_was_never_read(nginx, ingested_small, tmp_path):
+    source = open_source(nginx["url"] + "bkt/ds", cache_dir=tmp_path / "cache", cache_limit_gb=0)
+    all_shards = read_manifest(ingested_small).shards
+    pre = source.prefetcher(all_shards, depth=3)
+    with pre.get(0) as path:
+        assert path.stat().st_size == all_shards[0].bytes
+    pre.close()  # shards 1..3 were fetched ahead and never read: released, evictable
+    assert source.cache is not None and source.cache.evict(0) == 0
+    assert threading.active_count() < 50
