@@ -36,10 +36,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from shards.cache import ShardSource, open_source
 from shards.cli import EXIT_USAGE, configure_logging
 from shards.format import SPLITS
 from shards.geometry import boxes_from_letterbox
-from shards.cache import ShardSource, open_source
 from shards.store import DatasetNotFoundError, RemoteReadError, read_labels_from, read_manifest_from
 from train.checkpoint import load_export
 from train.data import read_split, to_device
@@ -171,6 +171,14 @@ def main(argv: list[str] | None = None) -> int:
         export = load_export(args.checkpoint)
     except (FileNotFoundError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        source = open_source(args.data, cache_dir=args.cache_dir, cache_limit_gb=args.cache_limit)
+        read_manifest_from(source.store)  # a wrong path or URL: exit 2 before any work
+    except (ValueError, DatasetNotFoundError, RemoteReadError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    rows = predict_rows(source, export, split=args.split, batch_size=args.batch_size,
                         workers=args.workers, conf=args.conf, amp=args.amp)
     n = write_csv(args.out, rows, export["task"])
     log.info("wrote %d patients to %s (%s)", n, args.out, export["task"])
