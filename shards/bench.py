@@ -171,8 +171,16 @@ def verify_section(data: BenchData, args: argparse.Namespace) -> Section:
     return sec
 
 
+def remote_section(data: BenchData, args: argparse.Namespace) -> Section:
+    """The loader from local disk, HTTP cold cache, HTTP warm cache (see :mod:`shards.bench_remote`)."""
+    from shards.bench_remote import remote_section as section
+
+    return section(data, args)
+
+
 SECTIONS: dict[str, Callable[[BenchData, argparse.Namespace], Section]] = {
     "verify": verify_section,
+    "remote": remote_section,
 }
 """Bench sections by name, run in this order."""
 
@@ -182,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--n", type=int, default=256, help="synthetic 1024x1024 images to ingest at 640 px")
     p.add_argument("--shard-size", type=int, default=64, help="samples per shard")
     p.add_argument("--repeat", type=int, default=3, help="runs of each contender; the best is reported")
-    p.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=list(SECTIONS), help="what to measure")
+    p.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=["verify"], help="what to measure")
     p.add_argument("--no-cluster", action="store_true", help="skip the all-cores Dask run")
     p.add_argument("--workdir", type=Path, help="keep the data here (default: a temporary folder, removed)")
     args = p.parse_args(argv)

@@ -10,7 +10,8 @@ served a stale copy, and two URLs of the same dataset share the copies. The prom
 
 * **Atomic writes.** A shard is downloaded to a temporary name beside its final one, hashed
   while it arrives, and renamed into place only if its size and sha256 are the manifest's; a
-  killed download leaves a temporary file that the next fetch of that shard replaces.
+  killed download leaves a temporary file that the next fetch of that shard removes. There
+  is no fsync: a copy torn by a crash fails the check before its next use and is fetched again.
 * **Re-checked before reuse.** A copy found in the cache is hashed again (once per process)
   and compared with the manifest before it is handed out; a copy that differs is replaced.
   The loader then hashes the bytes it streams as it does for a local dataset.
@@ -153,7 +154,11 @@ class ShardCache:
 
     def _fetch(self, store: Store, shard: ShardInfo, path: Path) -> None:
         url = store.shard_url(shard.name)
-        path.unlink(missing_ok=True)  # a damaged copy (we hold the exclusive lock)
+        # We hold the exclusive lock: a damaged copy, and temporary files of downloads killed
+        # before their rename, are nobody's.
+        path.unlink(missing_ok=True)
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):
+            stale.unlink(missing_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
         last: BaseException | None = None
         t0 = time.perf_counter()
@@ -198,8 +203,7 @@ class ShardCache:
                     h.update(chunk)
                     dst.write(chunk)
                     got += len(chunk)
-                dst.flush()
-                os.fsync(dst.fileno())
+                dst.flush()  # no fsync: a copy is hashed before any reuse, so a torn one is refetched
             except OSError as exc:
                 if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise CacheFullError(
@@ -345,6 +349,11 @@ class Prefetcher:
         for i in range(self._submitted, min(upto, len(self.shards))):
             self._futures[i] = self._pool.submit(self.source.cache.acquire, self.source.store, self.shards[i])
         self._submitted = max(self._submitted, min(upto, len(self.shards)))
+
+    def start(self) -> None:
+        """Begin fetching the first shards now (before the first :meth:`get`)."""
+        if self._pool is not None:
+            self._submit(1 + self.depth)
 
     @contextmanager
     def get(self, i: int) -> Iterator[Path]:

@@ -58,7 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shards.cache import ShardSource, open_source
+from shards.cache import Prefetcher, ShardSource, open_source
 from shards.format import FormatError
 from shards.labels import LabelTable
 from shards.manifest import Manifest, ShardInfo
@@ -349,15 +349,22 @@ def _read_raw(info: SplitInfo, spans: Sequence[Span], start: int) -> Iterator[tu
     """Yield (raw position, sample) of a lane's raw sequence from ``start`` on.
 
     Each shard touched is read to its end (its sha256 checked by ``iter_samples``) and its
-    sample count and keys are checked against the manifest and labels.zarr.
+    sample count and keys are checked against the manifest and labels.zarr. Remote (or
+    cached) shards start to be fetched when this is called, a few ahead of the reader, so
+    that every lane's first shards arrive together and reading does not wait on the network.
     """
     pos, todo = 0, []
     for span in spans:  # (raw position of the span, span) of the spans still to be read
         if pos + span.stop - span.start > start:
             todo.append((pos, span))
         pos += span.stop - span.start
-    # Remote (or cached) shards are fetched a few ahead, so reading does not wait on the network.
     fetcher = info.source.prefetcher([info.shards[span.shard] for _, span in todo])
+    fetcher.start()
+    return _read_fetched(info, todo, start, fetcher)
+
+
+def _read_fetched(info: SplitInfo, todo: list[tuple[int, Span]], start: int,
+                  fetcher: Prefetcher) -> Iterator[tuple[int, Sample]]:
     try:
         for k, (pos, span) in enumerate(todo):
             shard = info.shards[span.shard]
