@@ -87,9 +87,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="seed of weights, sample order, augmentation; default 0")
     p.add_argument("--image-size", type=int, help="train at this side (multiple of 32), resized on the device")
     p.add_argument("--log-every", type=int, help="steps between metrics.jsonl lines; default 10")
-    p.add_argument("--ckpt-every", type=int, help="steps between checkpoints; default 500")
+    p.add_argument("--ckpt-every", type=int, help="steps between checkpoints (a restart redoes the "
+                   "steps since the last one); default 500")
     p.add_argument("--resume", action="store_true", default=None,
-                   help="continue from RUN's latest checkpoint (and RUN/config.toml)")
+                   help="continue from RUN's latest checkpoint (and RUN/config.toml); with torchrun "
+                   "--max-restarts N a run survives N lost ranks")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 
@@ -132,7 +134,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
 def main(argv: list[str] | None = None) -> int:
     """Parse, configure logging, build the run, train; always leave the process group."""
     args = build_parser().parse_args(argv)
-    from train.distributed import destroy, detect_launch, init_distributed
+    from train.distributed import RestartUnsafeError, destroy, detect_launch, init_distributed
 
     try:
         cfg = resolve_config(args)
@@ -147,10 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     from train.state import NonFiniteLossError
 
     try:
-        env = init_distributed()
         try:
-            run = build_run(cfg, env)
-        except (ValueError, FileNotFoundError) as exc:
+            run = build_run(cfg, init_distributed())
+        except (ValueError, FileNotFoundError, RestartUnsafeError) as exc:
             log.error("%s", exc)
             return EXIT_USAGE
         train(run)

@@ -36,8 +36,10 @@ from train.config import AMP_CHOICES, STRATEGIES, Amp, Strategy
 __all__ = [
     "DistEnv",
     "LaunchSpec",
+    "RestartUnsafeError",
     "all_gather_object",
     "all_reduce_sum",
+    "attempt_store",
     "autocast_context",
     "barrier",
     "broadcast_buffers",
@@ -218,6 +220,63 @@ def detect_launch(environ: Mapping[str, str] | None = None) -> LaunchSpec:
     )
 
 
+class RestartUnsafeError(RuntimeError):
+    """A torchrun launch whose restarts cannot be told apart in the rendezvous store."""
+
+
+def attempt_store(launch: LaunchSpec, timeout: timedelta,
+                  environ: Mapping[str, str] | None = None) -> dist.Store | None:
+    """The store this launch attempt's process group meets in; None lets ``env://`` make one.
+
+    Under torchrun (``TORCHELASTIC_USE_AGENT_STORE=True``) every rank is a client of the
+    store the elastic agent hosts at ``MASTER_ADDR:MASTER_PORT``, and the agent keeps that
+    store across ``--max-restarts`` restarts: the static rendezvous (``--master-port``)
+    creates it once, the c10d one shares its own. ``env://`` assumes a new store per attempt
+    and adds no prefix (torch 2.13, ``_create_c10d_store``), so a restarted group finds the
+    killed group's gloo (or NCCL) addresses under the very keys it rendezvouses on. A rank
+    that reads a peer's key before the new peer has rewritten it connects to the dead
+    process: connection refused, or, while the killed rank's DataLoader workers still hold
+    its inherited listening socket, a connection that is accepted and later reset
+    ("Connection reset by peer" in DDP's first collective) or never answered (a hang).
+    Hence the flaky restarts: a race between the new ranks' writes and reads.
+
+    So each attempt gets its own key prefix, ``TORCHELASTIC_RESTART_COUNT``. That count is
+    the same on every rank only when one agent started them all (one node): agents on
+    different nodes count their restarts apart. Several nodes with restarts must give every
+    rendezvous round a new store (``--rdzv-backend c10d`` and
+    ``TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1``, as ``jobs/train.sbatch`` does).
+
+    Args:
+        launch: From :func:`detect_launch`.
+        timeout: How long a store operation may wait.
+        environ: The environment to read (default ``os.environ``).
+
+    Returns:
+        A prefixed client of the agent's store, or None outside torchrun's agent store.
+
+    Raises:
+        RestartUnsafeError: Several agents sharing one store with ``--max-restarts`` > 0.
+    """
+    env = os.environ if environ is None else environ
+    if launch.launcher != "torchrun" or env.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    nodes = int(env.get("GROUP_WORLD_SIZE", "1"))
+    restarts = int(env.get("TORCHELASTIC_MAX_RESTARTS", "0"))
+    if nodes > 1 and restarts > 0:
+        raise RestartUnsafeError(
+            f"torchrun on {nodes} nodes with --max-restarts {restarts} keeps one rendezvous "
+            "store across restarts and each node counts its restarts apart, so a restarted "
+            "group could meet the killed one's addresses: use --rdzv-backend c10d with "
+            "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (jobs/train.sbatch does)"
+        )
+    if launch.master_addr is None or launch.master_port is None:
+        raise RuntimeError("torchrun set TORCHELASTIC_USE_AGENT_STORE but no MASTER_ADDR/MASTER_PORT")
+    attempt = int(env.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    client = dist.TCPStore(launch.master_addr, launch.master_port, launch.world_size,
+                           is_master=False, timeout=timeout)
+    return dist.PrefixStore(f"pneumo/attempt-{attempt}", client)
+
+
 def init_distributed(timeout_s: float = 1800.0, *, backend: str | None = None) -> DistEnv:
     """Join the job: pick the device and, with more than one process, create the group.
 
@@ -235,6 +294,7 @@ def init_distributed(timeout_s: float = 1800.0, *, backend: str | None = None) -
     Raises:
         ValueError: Bad environment, timeout or backend.
         RuntimeError: Rendezvous address or port unknown.
+        RestartUnsafeError: See :func:`attempt_store`.
     """
     if timeout_s <= 0:
         raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
@@ -260,12 +320,15 @@ def init_distributed(timeout_s: float = 1800.0, *, backend: str | None = None) -
     os.environ["MASTER_ADDR"] = launch.master_addr
     os.environ["MASTER_PORT"] = str(launch.master_port)
     if not dist.is_initialized():
+        timeout = timedelta(seconds=timeout_s)
+        store = attempt_store(launch, timeout)
         dist.init_process_group(
             backend=chosen,
-            init_method="env://",
+            init_method=None if store is not None else "env://",
+            store=store,
             rank=launch.rank,
             world_size=launch.world_size,
-            timeout=timedelta(seconds=timeout_s),
+            timeout=timeout,
             device_id=device if chosen == "nccl" else None,
         )
     log.info(

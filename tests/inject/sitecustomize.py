@@ -11,6 +11,8 @@ Each rule is ``GLOB=ACTION`` matched against the file's name (first match wins);
 ``segv`` (SIGSEGV, a crashing C decoder), ``kill`` (SIGKILL, the OOM killer), ``exit``
 (``os._exit(3)``), ``sleep:S`` (a decoder busy for S seconds). Without ``PNEUMO_FAULTS`` this
 module does nothing.
+
+``PNEUMO_KILL`` SIGKILLs a torchrun rank at a named function instead: see :mod:`rank_killer`.
 """
 
 from __future__ import annotations
@@ -49,3 +51,9 @@ if _RULES:
         return _real_open(file, *args, **kwargs)
 
     io.open = builtins.open = _faulty_open
+
+
+if os.environ.get("PNEUMO_KILL"):
+    import rank_killer
+
+    rank_killer.arm(os.environ["PNEUMO_KILL"])
