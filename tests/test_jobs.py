@@ -113,7 +113,7 @@ INGEST_DEFAULT = ["-m", "ingest", "--dicom-dir", f"{RSNA}/stage_2_train_images",
                   "--cluster", "slurm", "--jobs", "8", "--worker-timeout", "1800",
                   "--labels", f"{RSNA}/stage_2_train_labels.csv", "--class-info", f"{RSNA}/stage_2_detailed_class_info.csv"]
 TRAIN_TAIL = ["--data", "/shared/datasets/rsna-640", "--task", "classify", "--out", "runs/classify-1234",
-              "--strategy", "ddp", "--amp", "bf16"]
+              "--strategy", "ddp", "--amp", "bf16", "--resume"]
 
 
 @pytest.mark.parametrize(
@@ -140,14 +140,14 @@ TRAIN_TAIL = ["--data", "/shared/datasets/rsna-640", "--task", "classify", "--ou
             "train.sbatch", {}, "srun",
             ["--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--cpus-per-task=32", "--kill-on-bad-exit=1",
              "{python}", "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=4", "--rdzv-backend=c10d",
-             "--rdzv-endpoint=node01:11234", "--rdzv-id=1234", "-m", "train", *TRAIN_TAIL],
-            {"OMP_NUM_THREADS": "8"},
+             "--rdzv-endpoint=node01:11234", "--rdzv-id=1234", "--max-restarts=3", "-m", "train", *TRAIN_TAIL],
+            {"OMP_NUM_THREADS": "8", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"},
         ),
         (
             "train.sbatch", {"LAUNCH": "srun", "TASK": "detect", "TRAIN_ARGS": "--strategy fsdp"}, "srun",
             ["--nodes=2", "--ntasks=8", "--ntasks-per-node=4", "--cpus-per-task=8", "--kill-on-bad-exit=1",
              "{python}", "-m", "train", "--data", "/shared/datasets/rsna-640", "--task", "detect",
-             "--out", "runs/detect-1234", "--strategy", "fsdp"],
+             "--out", "runs/detect-1234", "--strategy", "fsdp", "--resume"],
             {"OMP_NUM_THREADS": "8"},
         ),
     ],
@@ -176,6 +176,30 @@ def test_script_refuses_bad_settings_with_exit_2(stubs: dict[str, Any], name: st
     proc = _render(stubs, name, settings)
     assert proc.returncode == 2
     assert message in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("exits", "max_restarts", "status", "calls"),
+    [
+        ([137, 0], "3", 0, 2),  # a rank SIGKILLed: the step runs again and finishes
+        ([143, 137, 0], "3", 0, 3),
+        ([137, 137], "1", 137, 2),  # out of restarts
+        ([1], "3", 1, 1),  # a non-finite loss would come back: not retried
+        ([2], "3", 2, 1),  # bad settings: not retried
+    ],
+)
+def test_train_srun_launch_restarts_a_failed_step(
+    stubs: dict[str, Any], exits: list[int], max_restarts: str, status: int, calls: int
+) -> None:
+    srun = stubs["dir"] / "bin" / "srun"  # exits with the next of ``exits`` at each call
+    srun.write_text('#!/usr/bin/env bash\necho "$*" >> "$STUB_DIR/srun.calls"\n'
+                    'n=$(wc -l < "$STUB_DIR/srun.calls"); codes=($STUB_EXITS); exit "${codes[n-1]}"\n')
+    proc = _render(stubs, "train.sbatch", {"LAUNCH": "srun", "MAX_RESTARTS": max_restarts,
+                                          "STUB_EXITS": " ".join(map(str, exits))})
+    assert proc.returncode == status, proc.stderr
+    lines = (stubs["dir"] / "srun.calls").read_text().splitlines()
+    assert len(lines) == calls and all(line.endswith("--resume") for line in lines)
+    assert proc.stdout.count("from the last checkpoint") == calls - 1
 
 
 # ---------------------------------------------------------------- real Slurm
@@ -321,14 +345,20 @@ def test_train_sbatch_starts_two_ranks_in_one_process_group(
 
 
 @pytest.mark.slurm
-def test_train_sbatch_runs_a_few_cpu_steps_to_completion(
+def test_train_sbatch_runs_a_few_cpu_steps_to_completion_despite_a_killed_rank(
     slurm_cluster: SlurmInfo, ingested_small: Path, tmp_path: Path
 ) -> None:
-    run, log = tmp_path / "run", tmp_path / "train.out"
+    # rank 1 is SIGKILLed in step 3 (tests/inject/rank_killer.py); torchrun restarts the ranks, which
+    # resume from the step-2 checkpoint: the script's defaults, nothing added
+    run, log, mark = tmp_path / "run", tmp_path / "train.out", tmp_path / "killed"
     env = _submit_env(DATA=str(ingested_small), RUN=str(run), LAUNCH="torchrun", PROCS_PER_NODE="2", TASK="classify",
-                      TRAIN_ARGS="--strategy ddp --amp none --max-steps 3 --batch-size 4 --image-size 64 --workers 0")
+                      TRAIN_ARGS="--strategy ddp --amp none --max-steps 3 --batch-size 4 --image-size 64 --workers 0 "
+                      "--ckpt-every 2", PYTHONPATH=f"{REPO / 'tests' / 'inject'}{os.pathsep}{REPO}",
+                      PNEUMO_KILL="1/0/train.loop:train_step:3", PNEUMO_KILL_MARK=str(mark))
     job = _sbatch("train.sbatch", ["-p", slurm_cluster.partition, *TRAIN_CPU, "-o", str(log)], env)
     assert _wait_for([job], [log]) == {job: "COMPLETED"}, _show([log])
+    assert mark.is_file(), f"rank 1 was not killed\n{_show([log])}"
+    assert re.search(r"resumed from \S+/step-00000002 \(step 2\)", log.read_text()), _show([log])
     metrics = run / "metrics.jsonl"
     assert metrics.exists(), f"no {metrics}\n{_show([log])}"
     steps = [json.loads(line).get("step") for line in metrics.read_text().splitlines() if line.strip()]
