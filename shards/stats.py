@@ -11,7 +11,7 @@ import collections
 import dataclasses
 import json
 import logging
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 import numpy as np
@@ -32,7 +32,8 @@ TARGET_COLORS = {"positive": "#C44E52", "negative": "#4C72B0", "unlabelled": "#8
 class DatasetStats:
     """The distributions of one dataset; every per-split mapping is keyed by split name."""
 
-    out: Path
+    out: Path | str
+    """The dataset: its folder, or the URL it was read from (``python -m shards stats URL``)."""
     size: int
     """Side of the square images (px)."""
     shards: dict[str, int]
@@ -202,7 +203,7 @@ def plot_stats(stats: DatasetStats, png: Path | str) -> Path:
     _plot_views(axes[1, 1], stats)
     _plot_rejects(axes[1, 2], stats)
     fig.suptitle(
-        f"{stats.out.name}: {stats.total} samples ({stats.samples['train']} train / {stats.samples['val']} val), "
+        f"{PurePosixPath(str(stats.out)).name}: {stats.total} samples ({stats.samples['train']} train / {stats.samples['val']} val), "
         f"{stats.size}x{stats.size} px, {sum(stats.shards.values())} shards, {sum(stats.rejects.values())} rejects",
         fontsize=15, fontweight="bold",
     )
