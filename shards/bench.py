@@ -172,8 +172,8 @@ def verify_section(data: BenchData, args: argparse.Namespace) -> Section:
 
 
 def remote_section(data: BenchData, args: argparse.Namespace) -> Section:
-    """The loader from local disk, HTTP cold cache, HTTP warm cache (see :mod:`shards.bench_remote`)."""
-    from shards.bench_remote import remote_section as section
+    """The loader from local disk, HTTP cold cache, HTTP warm cache (see :mod:`shards.remote_bench`)."""
+    from shards.remote_bench import remote_section as section
 
     return section(data, args)
 
