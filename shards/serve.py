@@ -228,9 +228,15 @@ def stop(state: Path) -> bool:
 
 
 def _reap(pid: int) -> bool:
+    """True once ``pid`` has exited: reaped if it is our child, or a zombie left to init."""
     try:
-        return os.waitpid(pid, os.WNOHANG)[0] == pid
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return True
     except ChildProcessError:
+        pass
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except (OSError, IndexError):
         return False
 
 

@@ -24,6 +24,7 @@ import shards.cache
 from shards.cache import CacheFullError, ShardCache, ShardFetchError, local_copy, open_source
 from shards.manifest import SHARDS_DIR, read_manifest
 from shards.reader import ShardChecksumError
+from shards.serve import free_port
 from shards.store import DatasetNotFoundError, normalize_location, open_store, read_manifest_from, redact_url
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -329,3 +330,26 @@ def test_prefetcher_releases_what_was_never_read(nginx, ingested_small, tmp_path
     pre.close()  # shards 1..3 were fetched ahead and never read: released, evictable
     assert source.cache is not None and source.cache.evict(0) == 0
     assert threading.active_count() < 50
+
+
+@pytest.mark.slow
+def test_two_ranks_train_from_http_through_one_cache_and_store_no_credentials(nginx, ingested_small, tmp_path):
+    """torchrun, 2 ranks, --data with a password in the URL, one --cache-dir: the run ends,
+    each shard was fetched once for the node, and no file of the run holds the password."""
+    url = nginx["url"].replace("http://", "http://alice:s3cret@") + "bkt/ds"
+    run, cache = tmp_path / "run", tmp_path / "cache"
+    before = _shard_gets(nginx["state"])
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), "-m", "train", "--data", url, "--cache-dir", str(cache),
+           "--cache-limit", "1", "--out", str(run), "--image-size", "32", "--batch-size", "4",
+           "--eval-batch-size", "4", "--workers", "1", "--epochs", "1", "--amp", "none"]
+    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    fetched = _shard_gets(nginx["state"])[len(before):]
+    assert sorted(fetched) == sorted(set(fetched))  # the two ranks never fetched a shard twice
+    assert "s3cret" not in done.stdout + done.stderr
+    for f in run.rglob("*"):
+        if f.is_file():
+            assert b"s3cret" not in f.read_bytes(), f
+    assert "http://***@127.0.0.1" in (run / "config.toml").read_text()
