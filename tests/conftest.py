@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -39,3 +41,68 @@ def ingested_small(synth_small, tmp_path_factory: pytest.TempPathFactory) -> Pat
     )
     run_ingest(cfg)
     return out
+
+
+# Put on PYTHONPATH ahead of the repository, it makes any import of torchvision fail.
+NO_TORCHVISION = '''
+import sys
+
+class _NoTorchvision:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torchvision" or name.startswith("torchvision."):
+            raise ImportError("this project never imports torchvision")
+        return None
+
+sys.meta_path.insert(0, _NoTorchvision())
+'''
+
+
+@pytest.fixture(scope="session")
+def ultralytics_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A yolov8n checkpoint (3 channels, 80 classes) in ultralytics' release format, written
+    by ultralytics' own code: what ``BaseTrainer.save_model`` saves, finalised by
+    ``strip_optimizer`` (half precision, optimizer dropped, date/version/license added)."""
+    import copy
+
+    import torch
+
+    from train.models import _ultralytics
+
+    _ultralytics()  # offline, writable settings folder: before ultralytics is imported
+    from ultralytics.cfg import get_cfg
+    from ultralytics.nn.tasks import DetectionModel
+    from ultralytics.utils.torch_utils import strip_optimizer
+
+    torch.manual_seed(7)
+    net = DetectionModel("yolov8n.yaml", ch=3, nc=80, verbose=False)
+    net.args = get_cfg()
+    path = tmp_path_factory.mktemp("ultralytics") / "yolov8n.pt"
+    torch.save({"epoch": 0, "best_fitness": None, "model": None,
+                "ema": copy.deepcopy(net).half(), "updates": 1, "optimizer": None,
+                "scaler": None, "train_args": vars(net.args), "train_metrics": {},
+                "train_results": {}}, path)
+    strip_optimizer(path)
+    return path
+
+
+def train_cli(*args: str, pythonpath: tuple[Path, ...] = ()) -> subprocess.CompletedProcess:
+    """``python -m train ARGS`` in a fresh process from the repository root."""
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(map(str, [*pythonpath, repo])),
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "train", *args], cwd=repo, env=env,
+                          capture_output=True, text=True, timeout=240, check=False)
+
+
+@pytest.fixture(scope="session")
+def detector_run(ultralytics_release: Path, ingested_small: Path,
+                 tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, subprocess.CompletedProcess]:
+    """One detector step on ``ingested_small`` at 64 px, started from ``ultralytics_release``
+    with ``--trust-weights`` and torchvision imports blocked: (run folder, the process)."""
+    tmp = tmp_path_factory.mktemp("detector-run")
+    (tmp / "sitecustomize.py").write_text(NO_TORCHVISION)
+    proc = train_cli("--data", str(ingested_small), "--out", str(tmp / "run"), "--task", "detect",
+                     "--weights", str(ultralytics_release), "--trust-weights", "--image-size", "64",
+                     "--batch-size", "4", "--workers", "0", "--amp", "none", "--max-steps", "1",
+                     pythonpath=(tmp,))
+    return tmp / "run", proc

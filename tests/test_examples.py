@@ -1,6 +1,6 @@
 """The examples users copy run as written: the README's "Use the shards from your code"
-snippets and ``notebooks/explore.ipynb`` (executed with nbclient on a small dataset and a
-model trained here).
+snippets and ``notebooks/explore.ipynb`` (executed with nbclient on ``ingested_small`` and
+the one-step detector of the ``detector_run`` fixture).
 """
 
 from __future__ import annotations
@@ -60,17 +60,12 @@ def test_readme_snippet_runs(which: str, cwd_with_dataset: Path) -> None:
 
 
 @pytest.mark.slow
-def test_explore_notebook_runs(ingested_small: Path, tmp_path: Path,
-                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_explore_notebook_runs(ingested_small: Path, monkeypatch: pytest.MonkeyPatch,
+                               detector_run: tuple[Path, subprocess.CompletedProcess]) -> None:
     import nbformat
     from nbclient import NotebookClient
 
-    run = tmp_path / "run"
-    train = subprocess.run(
-        [sys.executable, "-m", "train", "--data", str(ingested_small), "--out", str(run),
-         "--task", "detect", "--image-size", "64", "--batch-size", "4", "--workers", "0",
-         "--amp", "none", "--max-steps", "1"],
-        cwd=REPO, env=_env(), capture_output=True, text=True, timeout=240, check=False)
+    run, train = detector_run  # one step of the detector on ingested_small
     assert train.returncode == 0, train.stderr[-3000:]
 
     nb = nbformat.read(REPO / "notebooks" / "explore.ipynb", as_version=4)
