@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from train.checkpoint import export_model, load_export
+from train.data import ShardLoader, read_split, to_device
 from train.distributed import (
     DistEnv,
     autocast_context,
@@ -26,7 +28,14 @@ from train.distributed import (
     make_grad_scaler,
     parallelize,
 )
-from train.models import ClassifierConfig, PneumoniaCNN, build_detector, detector_blocks
+from train.models import (
+    ClassifierConfig,
+    DetectionLoss,
+    PneumoniaCNN,
+    build_detector,
+    detector_blocks,
+    postprocess_detections,
+)
 
 pytestmark = [
     pytest.mark.gpu,
@@ -123,8 +132,6 @@ def test_sync_batchnorm_under_ddp(nccl: DistEnv) -> None:
 
 
 def test_pinned_batches_copy_non_blocking(ingested_small: Path, cuda: torch.device) -> None:
-    from train.data import ShardLoader, read_split, to_device
-
     info = read_split(ingested_small, "train")
     loader = ShardLoader(info, rank=0, world=1, global_batch=4, lanes=2, workers=1, pin_memory=True)
     for batch in loader.epoch(0):
@@ -138,18 +145,14 @@ def test_pinned_batches_copy_non_blocking(ingested_small: Path, cuda: torch.devi
 
 
 @pytest.mark.parametrize(("amp", "low_precision_params"), [("bf16", False), ("bf16", True), ("fp16", False)])
-def test_fsdp2_on_cuda(nccl: DistEnv, amp: str, low_precision_params: bool) -> None:
+def test_fsdp2_on_cuda(nccl: DistEnv, amp: str, low_precision_params: bool, tmp_path: Path) -> None:
     from torch.distributed.tensor import DTensor
-
-    from train.checkpoint import export_model, load_export
 
     torch.manual_seed(0)
     net = build_detector("yolov8n")
     model = parallelize(net, nccl, strategy="fsdp", blocks=detector_blocks(net), amp=amp,
                         low_precision_params=low_precision_params)
     assert all(isinstance(p, DTensor) for p in model.parameters())
-    from train.models import DetectionLoss
-
     criterion = DetectionLoss(model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     scaler = make_grad_scaler(amp, nccl.device, sharded=True)
@@ -164,16 +167,13 @@ def test_fsdp2_on_cuda(nccl: DistEnv, amp: str, low_precision_params: bool) -> N
         scaler.step(opt)
         scaler.update()
         assert torch.isfinite(loss)
-    path = export_model(Path(os.environ.get("TMPDIR", "/tmp")) / f"fsdp-{os.getpid()}.pt", model, {"task": "detect"})
+    path = export_model(tmp_path / "model.pt", model, {"task": "detect"})  # gathers the shards
     assert path is not None
     state = load_export(path)["state_dict"]
-    path.unlink()
     assert state["model.0.conv.weight"].shape == (16, 1, 3, 3) and state["model.0.conv.weight"].device.type == "cpu"
 
 
 def test_one_detector_step_at_640(cuda: torch.device) -> None:
-    from train.models import DetectionLoss, postprocess_detections
-
     torch.manual_seed(0)
     model = build_detector("yolov8n").to(cuda)
     criterion = DetectionLoss(model)
