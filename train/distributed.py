@@ -319,6 +319,9 @@ def init_distributed(timeout_s: float = 1800.0, *, backend: str | None = None) -
     # env:// reads these; torchrun sets them already, srun does not.
     os.environ["MASTER_ADDR"] = launch.master_addr
     os.environ["MASTER_PORT"] = str(launch.master_port)
+    if int(os.environ.get("TORCHELASTIC_RESTART_COUNT") or 0):
+        log.info("torchrun restart %s of at most %s: the ranks were started again",
+                    os.environ["TORCHELASTIC_RESTART_COUNT"], os.environ.get("TORCHELASTIC_MAX_RESTARTS"))
     if not dist.is_initialized():
         timeout = timedelta(seconds=timeout_s)
         store = attempt_store(launch, timeout)
