@@ -70,7 +70,7 @@ def _verify(args: argparse.Namespace) -> int:
     from shards.store import DatasetNotFoundError, RemoteReadError
 
     try:
-        with local_copy(args.out) as (out, display):
+        with local_copy(args.out, progress=args.progress) as (out, display):
             cfg = VerifyConfig(out=out, deep=args.deep, source=args.source, labels=args.labels,
                                workers=args.workers, progress=args.progress)
             report = verify(cfg)

@@ -386,7 +386,7 @@ class Prefetcher:
 # --------------------------------------------------------------------------- whole datasets
 
 
-def copy_dataset(store: Store, dest: Path, *, shards: bool = True) -> list[str]:
+def copy_dataset(store: Store, dest: Path, *, shards: bool = True, progress: bool = False) -> list[str]:
     """Copy a remote dataset's files into ``dest`` as they are (nothing is checked here: the
     copy is for ``python -m shards verify|stats``, which check it); return what was missing.
 
@@ -411,8 +411,10 @@ def copy_dataset(store: Store, dest: Path, *, shards: bool = True) -> list[str]:
     if shards:
         names = store.list_shards()
         rels += [f"{SHARDS_DIR}/{n}" for n in (names if names is not None else [s.name for s in manifest.shards])]
+    from tqdm import tqdm
+
     missing = []
-    for rel in rels:
+    for rel in tqdm(rels, desc=f"copy {store.display}", unit="file", disable=not progress):
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         try:
             _copy_file(store, rel, dest / rel)
@@ -464,7 +466,8 @@ def _copy_file(store: Store, rel: str, dest: Path) -> None:
 
 
 @contextmanager
-def local_copy(location: str | Path, *, shards: bool = True, work_dir: Path | None = None) -> Iterator[tuple[Path, str]]:
+def local_copy(location: str | Path, *, shards: bool = True, work_dir: Path | None = None,
+               progress: bool = False) -> Iterator[tuple[Path, str]]:
     """``(folder, display)``: the dataset itself when local, else a temporary copy of it
     (removed on exit) and its redacted URL."""
     store = open_store(location)
@@ -474,7 +477,7 @@ def local_copy(location: str | Path, *, shards: bool = True, work_dir: Path | No
     tmp = Path(tempfile.mkdtemp(prefix="pneumo-copy-", dir=work_dir))
     try:
         log.info("copying %s to %s", store.display, tmp)
-        copy_dataset(store, tmp / "ds", shards=shards)
+        copy_dataset(store, tmp / "ds", shards=shards, progress=progress)
         yield tmp / "ds", store.display
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
