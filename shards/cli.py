@@ -7,7 +7,8 @@ import logging
 EXIT_USAGE = 2
 """Exit status of every entry point for a usage error (bad flags, missing or unusable input)."""
 
-NOISY = ("distributed", "dask_jobqueue", "bokeh", "tornado", "matplotlib", "PIL", "ultralytics", "torch.distributed")
+NOISY = ("distributed", "dask_jobqueue", "bokeh", "tornado", "matplotlib", "PIL", "ultralytics", "torch.distributed",
+         "s3fs", "fsspec", "aiohttp")
 """Third-party loggers held at WARNING unless ``--verbose``."""
 
 

@@ -51,6 +51,12 @@ for _name in ("fsspec", "fsspec.http", "fsspec.asyn", "fsspec.local", "s3fs", "a
     logging.getLogger(_name).addFilter(_RedactUserinfo())
 
 
+# botocore's DEBUG lines carry signed request headers (session tokens among them), and its INFO
+# lines say where credentials were found on every client made: never let either reach a log.
+for _name in ("botocore", "aiobotocore"):
+    logging.getLogger(_name).setLevel(logging.WARNING)
+
+
 class DatasetNotFoundError(FileNotFoundError):
     """The dataset root, or a file every dataset has, does not exist at the URL given."""
 
