@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import json
 import logging
@@ -10,27 +11,18 @@ import shutil
 import sys
 import time
 from importlib import metadata
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import dask
-from distributed import Client, Future, KilledWorker, wait
-from tqdm import tqdm
+from distributed import Client
 
-from ingest.cluster import open_client
 from ingest.config import IngestConfig
-from ingest.plan import Plan, Reject, ShardTask, make_plan
-from ingest.worker import (
-    DONE_DIR,
-    WORK_DIR,
-    abandon_shard,
-    build_shard,
-    build_shard_isolated,
-    label_row,
-    read_suspects,
-)
+from ingest.plan import Plan, ShardTask, make_plan
+from ingest.runner import build_shards, cluster, read_tags
+from ingest.worker import DONE_DIR, WORK_DIR, label_row, mismatch
 from shards.format import FORMAT_VERSION, SPLITS
-from shards.label_csv import LabelFileError, read_label_csv
+from shards.label_csv import LabelFileError, LabelProblem, PatientLabel, read_label_csv
 from shards.labels import LabelTable, write_labels
 from shards.manifest import (
     LABELS_NAME,
@@ -44,22 +36,12 @@ from shards.manifest import (
     sha256_file,
     write_manifest,
 )
-from shards.source import discover
+from shards.source import discover, patient_id_of, source_fingerprint
 
 log = logging.getLogger(__name__)
 
 PACKAGES = ("pneumo-hpc", "numpy", "opencv-python-headless", "pydicom", "pylibjpeg", "dask", "distributed", "zarr")
 PARAMS_FILE = f"{WORK_DIR}/params.json"
-SCHEDULER_CONFIG = {
-    # A worker death fails its task at once (KilledWorker, caught below) instead of dask
-    # retrying it on three more workers: the driver decides what a death means.
-    "distributed.scheduler.allowed-failures": 0,
-}
-POLL_S = 2.0
-"""How often the driver looks for new workers while it waits for shards."""
-ISOLATED_TRIES = 2
-"""Isolated rebuilds of a shard before its files are given up as ``worker_crashed``."""
-
 
 class IngestUsageError(ValueError):
     """Bad input found before any work: the CLI exits 2 with this one-line message."""
@@ -108,12 +90,12 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def _identity(cfg: IngestConfig, plan: Plan, labels_sha: str | None) -> dict[str, Any]:
+def _identity(cfg: IngestConfig, fingerprint: str, labels_sha: str | None) -> dict[str, Any]:
     params = cfg.dataset_params()
     return {
         "params": params,
         "params_hash": params_hash(params),
-        "source_fingerprint": plan.fingerprint,
+        "source_fingerprint": fingerprint,
         "labels_sha256": labels_sha,
     }
 
@@ -151,6 +133,41 @@ def _check_out(cfg: IngestConfig, identity: dict[str, Any]) -> bool:
     return (out / MANIFEST_NAME).exists() and not (out / PARAMS_FILE).exists()
 
 
+def _plan(
+    cfg: IngestConfig,
+    client: Callable[[], Client],
+    inputs: list[tuple[str, int]],
+    ignored: int,
+    labels: dict[str, PatientLabel] | None,
+    problems: list[LabelProblem],
+) -> Plan:
+    """The plan, by file names or (``--patient-id tag``) by PatientID tags, with the
+    ``patient_id_mismatch`` lines that can be known before decoding."""
+    by_tag = cfg.patient_id == "tag"
+    tags = read_tags(cfg, client, [rel for rel, _ in inputs]) if by_tag else {}
+    plan = make_plan(
+        inputs=inputs,
+        ignored=ignored,
+        patient_ids={rel: tag for rel, (tag, _) in tags.items() if tag} if by_tag else None,
+        dicom_dir=cfg.dicom_dir.resolve(),
+        out=cfg.out.resolve(),
+        labels=labels,
+        label_problems=problems,
+        shard_size=cfg.shard_size,
+        val_fraction=cfg.val_fraction,
+        seed=cfg.seed,
+        processing=cfg.processing_params(),
+    )
+    plan.rejects.extend(rej for _, rej in tags.values() if rej is not None)
+    if not by_tag:  # a renamed file finds no label: show its tag (samples' tags the workers compare)
+        tags = read_tags(cfg, client, [r.path for r in plan.rejects if r.reason == "no_label"])
+    for rel, (tag, _) in sorted(tags.items()):
+        name_id = patient_id_of(rel)
+        if tag and tag != name_id:
+            plan.problems.append(mismatch(rel, tag, name_id, tag if by_tag else name_id))
+    return plan
+
+
 def _reusable(out: Path, task: ShardTask) -> dict[str, Any] | None:
     """The persisted result of a shard finished by an earlier, interrupted run, if intact."""
     done = out / DONE_DIR / f"{task.name}.json"
@@ -181,152 +198,47 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
         except LabelFileError as exc:
             raise IngestUsageError(str(exc)) from exc
     found = discover(cfg.dicom_dir)
-    plan = make_plan(
-        inputs=found.inputs,
-        ignored=found.ignored,
-        dicom_dir=cfg.dicom_dir.resolve(),
-        out=cfg.out.resolve(),
-        labels=labels,
-        label_problems=problems,
-        shard_size=cfg.shard_size,
-        val_fraction=cfg.val_fraction,
-        seed=cfg.seed,
-        processing=cfg.processing_params(),
-    )
     labels_sha = sha256_file(cfg.labels) if cfg.labels else None
-    identity = _identity(cfg, plan, labels_sha)
+    identity = _identity(cfg, source_fingerprint(found.inputs), labels_sha)
     if _check_out(cfg, identity):
         summary = _summary_from_manifest(cfg.out, t0)
         return summary
-    if not plan.inputs:
+    if not found.inputs:
         raise IngestUsageError(f"--dicom-dir {cfg.dicom_dir}: no DICOM files found (*.dcm or files with the DICOM preamble)")
-    log.info(
-        "plan: %d input files (%d other files ignored), %d early rejects, %d shards (shard size %d)",
-        len(plan.inputs), plan.ignored, len(plan.rejects), len(plan.tasks), cfg.shard_size,
-    )
     (cfg.out / DONE_DIR).mkdir(parents=True, exist_ok=True)
     (cfg.out / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
     atomic_write_text(cfg.out / PARAMS_FILE, json.dumps(identity, indent=2, sort_keys=True))
 
-    records: dict[str, dict[str, Any]] = {}
-    pending: list[ShardTask] = []
-    for task in plan.tasks:
-        record = _reusable(cfg.out, task)
-        if record is None:
-            pending.append(task)
-        else:
-            records[task.name] = record
-    if records:
-        log.info("resuming: %d of %d shards already complete", len(records), len(plan.tasks))
-    if pending:
-        _run_tasks(cfg, pending, records)
+    with contextlib.ExitStack() as stack:
+        opened: list[Client] = []
+
+        def client() -> Client:  # the cluster starts only when there is work for it
+            if not opened:
+                opened.append(stack.enter_context(cluster(cfg)))
+            return opened[0]
+
+        plan = _plan(cfg, client, found.inputs, found.ignored, labels, problems)
+        log.info(
+            "plan: %d input files (%d other files ignored), %d early rejects, %d shards (shard size %d)",
+            len(plan.inputs), plan.ignored, len(plan.rejects), len(plan.tasks), cfg.shard_size,
+        )
+        records: dict[str, dict[str, Any]] = {}
+        pending: list[ShardTask] = []
+        for task in plan.tasks:
+            record = _reusable(cfg.out, task)
+            if record is None:
+                pending.append(task)
+            else:
+                records[task.name] = record
+        if records:
+            log.info("resuming: %d of %d shards already complete", len(records), len(plan.tasks))
+        if pending:
+            build_shards(cfg, client(), pending, records)
     _remove_stale(cfg.out, {t.name for t in plan.tasks})
     summary = _finish(cfg, plan, records, identity, t0, built=len(pending))
     summary.records = [records[t.name] for t in pending]
     shutil.rmtree(cfg.out / WORK_DIR, ignore_errors=True)
     return summary
-
-
-class _KilledWorkerFilter(logging.Filter):
-    """Hide the scheduler's "marked as failed because N workers died": the driver handles
-    every such death and logs what it does instead."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "workers died" not in str(record.msg)
-
-
-@dataclasses.dataclass
-class _ShardState:
-    """What the driver knows about one pending shard."""
-
-    task: ShardTask
-    known: dict[str, Reject]
-    """Poison files found so far (watchdog notes), rejected without being opened again."""
-    deaths: int = 0
-    """Worker deaths while building it that named no file."""
-    attempt: int = 0
-
-
-def _submit(client: Client, cfg: IngestConfig, state: _ShardState) -> Future:
-    state.attempt += 1
-    isolated = state.deaths >= 2
-    fn = build_shard_isolated if isolated else build_shard
-    key = f"shard-{state.task.name}-{state.task.processing['size']}-{'isolated-' if isolated else ''}{state.attempt}"
-    return client.submit(fn, state.task, cfg.sample_timeout, state.known, key=key, pure=False, retries=3)
-
-
-def _after_death(cfg: IngestConfig, state: _ShardState) -> bool:
-    """Account for a worker that died building ``state``'s shard; False to give it up."""
-    task = state.task
-    notes = read_suspects(cfg.out, task.name)
-    new = {p: r for p, r in notes.items() if p not in state.known}
-    if new:
-        state.known.update(new)
-        for rej in new.values():
-            log.warning("shard %s: %s: %s (%s); rebuilding the shard without it", task.name, rej.path, rej.reason, rej.detail)
-        return True
-    state.deaths += 1
-    if state.deaths == 1:
-        log.warning("shard %s: its worker died; retrying it once", task.name)
-    elif state.deaths == 2:
-        log.warning("shard %s: its worker died again; rebuilding it file by file in isolated processes", task.name)
-    elif state.deaths < 2 + ISOLATED_TRIES:
-        log.warning("shard %s: the worker of its isolated rebuild died; trying once more", task.name)
-    else:
-        return False
-    return True
-
-
-def _run_tasks(cfg: IngestConfig, pending: list[ShardTask], records: dict[str, dict[str, Any]]) -> None:
-    """Build the pending shards; never more in flight than the cluster has worker threads, so
-    that a worker that dies takes only the shard it was building with it (dask would queue
-    further tasks on it, and count the death against them too)."""
-    total = sum(len(t.samples) for t in pending)
-    quiet = _KilledWorkerFilter()
-    scheduler_log = logging.getLogger("distributed.scheduler")
-    scheduler_log.addFilter(quiet)
-    bar = tqdm(total=total, unit="img", desc="ingest", disable=not cfg.progress, file=sys.stderr, smoothing=0.1)
-    try:
-        with dask.config.set(SCHEDULER_CONFIG), open_client(cfg) as client:
-            queue = collections.deque(_ShardState(t, read_suspects(cfg.out, t.name)) for t in pending)
-            in_flight: dict[Future, _ShardState] = {}
-            while queue or in_flight:
-                slots = max(1, sum(client.nthreads().values()))  # workers come and go (Slurm)
-                while queue and len(in_flight) < slots:
-                    state = queue.popleft()
-                    in_flight[_submit(client, cfg, state)] = state
-                try:
-                    finished = wait(list(in_flight), timeout=POLL_S, return_when="FIRST_COMPLETED").done
-                except TimeoutError:
-                    continue  # look again for new workers
-                for future in finished:
-                    state = in_flight.pop(future)
-                    record = _outcome(cfg, future, state)
-                    # Let the scheduler forget the result: a lost worker then costs only its
-                    # in-flight shard, not the shards it already finished.
-                    future.release()
-                    if record is None:
-                        queue.appendleft(state)  # to be built again
-                        continue
-                    records[record["name"]] = record
-                    bar.update(record["samples"] + len(record["rejects"]))
-    finally:
-        bar.close()
-        scheduler_log.removeFilter(quiet)
-
-
-def _outcome(cfg: IngestConfig, future: Future, state: _ShardState) -> dict[str, Any] | None:
-    """The record of a finished shard task; None when its worker died and it is to be built
-    again; the record of an abandoned shard when its workers keep dying."""
-    try:
-        return future.result()
-    except KilledWorker:
-        if _after_death(cfg, state):
-            return None
-    detail = (f"the workers building shard {state.task.name} died {state.deaths} times, "
-              f"{ISOLATED_TRIES} of them decoding its files one by one in isolated processes")
-    log.error("shard %s: %s; its files are rejected as worker_crashed", state.task.name, detail)
-    return abandon_shard(state.task, detail)
 
 
 def _remove_stale(out: Path, names: set[str]) -> None:

@@ -106,19 +106,26 @@ def make_plan(
     processing: dict,
     inputs: list[tuple[str, int]],
     ignored: int = 0,
+    patient_ids: dict[str, str] | None = None,
 ) -> Plan:
     """Turn the file list (from :func:`shards.source.discover`) and the labels into shard
     tasks, early rejects and label problems.
 
     No file is opened here: a ``*.dcm`` file that is not DICOM is planned like any other and
     rejected (``not_dicom``) by the worker that decodes it.
+
+    Args:
+        patient_ids: ``--patient-id tag``: the PatientID of each input by path; an input
+            missing from it is left out (the caller rejects it). None: ids from file names.
     """
     rejects: list[Reject] = []
     problems = list(label_problems)
     chosen: dict[str, str] = {}  # patient id -> path
     by_key: dict[str, str] = {}  # key -> patient id
     for rel, _size in inputs:
-        pid = patient_id_of(rel)
+        if patient_ids is not None and rel not in patient_ids:
+            continue
+        pid = patient_ids[rel] if patient_ids is not None else patient_id_of(rel)
         key = key_for(pid)
         if pid in chosen:
             rejects.append(Reject(rel, "duplicate_patient", f"patient {pid} already ingested from {chosen[pid]}"))

@@ -29,6 +29,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+from distributed import get_worker
 
 from ingest import transforms
 from ingest.dicom import DicomRejected, describe
@@ -51,6 +52,8 @@ DONE_DIR = f"{WORK_DIR}/done"
 SUSPECTS_DIR = f"{WORK_DIR}/suspects"
 """Notes of files that kept a worker busy past the timeout, one JSON per file."""
 WATCHDOG_POLL_S = 0.5
+STARTED_TOPIC = "pneumo-ingest-started"
+"""Dask event topic on which each task says that it runs (see :func:`announce_start`)."""
 
 
 @dataclasses.dataclass
@@ -69,8 +72,9 @@ def process_sample(data: bytes, sample: PlannedSample, processing: dict) -> Proc
     image, geom, decoded = rendered.image, rendered.geom, rendered.decoded
     rows, cols = decoded.rows, decoded.cols
     problems: list[LabelProblem] = []
+    # By name, the tag is compared here, at no cost; by tag, the plan has compared it already.
     if decoded.patient_id and decoded.patient_id != sample.patient_id:
-        problems.append(mismatch(sample.path, decoded.patient_id, sample.patient_id))
+        problems.append(mismatch(sample.path, decoded.patient_id, sample.patient_id, sample.patient_id))
 
     boxes_out: list[list[float]] = []
     for x, y, w, h in sample.boxes:
@@ -116,10 +120,11 @@ def label_row(meta: dict[str, Any], shard: int) -> dict[str, Any]:
     }
 
 
-def mismatch(path: str, tag: str, name_id: str) -> LabelProblem:
-    """The ``patient_id_mismatch`` line of a file whose PatientID tag differs from its name."""
+def mismatch(path: str, tag: str, name_id: str, used: str) -> LabelProblem:
+    """The ``patient_id_mismatch`` line of a file whose PatientID tag differs from the id its
+    name gives; ``used`` is the one the ingest went by (``--patient-id``)."""
     return LabelProblem(
-        "patient_id_mismatch", f"PatientID tag {tag!r} differs from the file-name id {name_id!r}", name_id, path
+        "patient_id_mismatch", f"PatientID tag {tag!r} differs from the file-name id {name_id!r}", used, path
     )
 
 
@@ -141,6 +146,16 @@ def sample_outcome(dicom_dir: str, sample: PlannedSample, processing: dict) -> P
         return Reject(sample.path, "decode_error", describe(exc))
 
 
+def announce_start() -> None:
+    """Tell the scheduler that this task now runs: when its worker dies, the driver counts the
+    death against this task, not against one that was only queued behind it."""
+    try:
+        worker = get_worker()
+    except ValueError:
+        return  # called outside a Dask worker (tests, the driver)
+    worker.log_event(STARTED_TOPIC, str(worker.get_current_task()))
+
+
 class _Watchdog:
     """Kills this worker process when one file keeps it busy past its deadline, after leaving
     a note that names the file (see the module docstring)."""
@@ -149,11 +164,12 @@ class _Watchdog:
         self._armed: tuple[float, Path, dict[str, Any]] | None = None
         self._thread: threading.Thread | None = None
 
-    def arm(self, deadline: float, note_path: Path, note: dict[str, Any]) -> None:
+    def arm(self, timeout_s: float, note_path: Path, note: dict[str, Any]) -> None:
+        """Watch the file now in work: past ``timeout_s`` write ``note`` to ``note_path``, then die."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._watch, name="pneumo-sample-watchdog", daemon=True)
             self._thread.start()
-        self._armed = (deadline, note_path, note)
+        self._armed = (time.monotonic() + timeout_s, note_path, note)
 
     def disarm(self) -> None:
         self._armed = None
@@ -171,7 +187,8 @@ class _Watchdog:
             os.kill(os.getpid(), signal.SIGKILL)
 
 
-_WATCHDOG = _Watchdog()
+WATCHDOG = _Watchdog()
+"""The one watchdog of this worker process."""
 
 
 def suspect_note_path(out: Path, shard: str, path: str) -> Path:
@@ -205,16 +222,17 @@ def build_shard(task: ShardTask, timeout_s: float = 300.0, known: dict[str, Reje
     The record holds the shard's name, split, sample count, bytes, sha256, first/last key, the
     per-sample metadata, the rejects and the label problems found while building it.
     """
+    announce_start()
     out = Path(task.out)
 
     def outcome(sample: PlannedSample) -> ProcessedSample | Reject:
         note = {"path": sample.path, "reason": "sample_timeout",
                 "detail": f"still busy after {timeout_s:g} s (--sample-timeout); its worker was restarted"}
-        _WATCHDOG.arm(time.monotonic() + timeout_s, suspect_note_path(out, task.name, sample.path), note)
+        WATCHDOG.arm(timeout_s, suspect_note_path(out, task.name, sample.path), note)
         try:
             return sample_outcome(task.dicom_dir, sample, task.processing)
         finally:
-            _WATCHDOG.disarm()
+            WATCHDOG.disarm()
 
     return _write_shard(task, outcome, known or {}, isolated=False)
 
@@ -233,6 +251,7 @@ def build_shard_isolated(task: ShardTask, timeout_s: float = 300.0, known: dict[
 
     The shard's bytes are those :func:`build_shard` writes for the same rejects.
     """
+    announce_start()
     with IsolatedProcess() as child:
 
         def outcome(sample: PlannedSample) -> ProcessedSample | Reject:

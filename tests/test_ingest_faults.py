@@ -143,3 +143,50 @@ def test_slurm_poison_files_cost_one_reject_each(
     assert rejects == {crash: "worker_crashed", hang: "sample_timeout"}, proc.stderr[-3000:]
     _assert_same_samples(out, ingested_small, set(rejects))
     assert _no_jobs_left(name), "worker jobs are cancelled when the run ends"
+
+
+def _label_lines(out: Path, reason: str) -> dict[str, dict[str, Any]]:
+    lines = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
+    return {p["path"]: p for p in lines if p["kind"] == "label" and p["reason"] == reason}
+
+
+def test_patient_ids_by_tag_or_by_name_on_a_renamed_set(synth_small: Any, tmp_path: Path) -> None:
+    """Five files renamed as a PACS export would (``normal (i).dcm``) and one file named after
+    another patient: by tag all six are ingested with their labels; by name the renamed ones
+    are ``no_label`` rejects and every mismatch is a ``patient_id_mismatch`` line."""
+    import shutil
+
+    from shards.labels import read_labels
+
+    recs = synth_small.records
+    src = tmp_path / "renamed"
+    src.mkdir()
+    for i, rec in enumerate(recs[:5]):
+        shutil.copy(rec.path, src / f"normal ({i}).dcm")
+    shutil.copy(recs[6].path, src / f"{recs[5].patient_id}.dcm")  # tag recs[6], name recs[5]
+    tag_of = {f"normal ({i}).dcm": rec.patient_id for i, rec in enumerate(recs[:5])}
+    tag_of[f"{recs[5].patient_id}.dcm"] = recs[6].patient_id
+
+    def ingest(mode: str) -> Path:
+        out = tmp_path / mode
+        run_ingest(IngestConfig(dicom_dir=src, out=out, labels=synth_small.labels_csv, size=32, shard_size=4,
+                                workers=1, progress=False, patient_id=mode))  # type: ignore[arg-type]
+        return out
+
+    by_tag = ingest("tag")
+    table = read_labels(by_tag / "labels.zarr")
+    want = [*recs[:5], recs[6]]
+    assert sorted(map(str, table.patient_id)) == sorted(r.patient_id for r in want)
+    assert sorted(map(int, table.target)) == sorted(r.target for r in want)
+    assert _file_rejects(by_tag) == {}
+    lines = _label_lines(by_tag, "patient_id_mismatch")
+    assert {p: line["patient_id"] for p, line in lines.items()} == tag_of
+
+    by_name = ingest("name")
+    assert _file_rejects(by_name) == {f"normal ({i}).dcm": "no_label" for i in range(5)}
+    assert [str(p) for p in read_labels(by_name / "labels.zarr").patient_id] == [recs[5].patient_id]
+    lines = _label_lines(by_name, "patient_id_mismatch")
+    assert sorted(lines) == sorted(tag_of)
+    for path, line in lines.items():
+        assert repr(tag_of[path]) in line["detail"] and repr(Path(path).stem) in line["detail"]
+        assert line["patient_id"] == Path(path).stem

@@ -1,0 +1,250 @@
+"""Running the ingest's tasks on the cluster so that no worker death can stop the run.
+
+Dask would retry a task whose worker died on three more workers and then raise
+``KilledWorker`` into the driver, ending the run. Here the scheduler fails such a task at once
+(``allowed-failures`` 0) and the driver decides. A task that had not started (it was queued
+behind the one that killed the worker: each task says when it starts, on a Dask event topic)
+is simply submitted again. For a task that had started:
+
+- shards (:func:`build_shards`): a file that kept a worker busy past ``--sample-timeout`` left
+  a watchdog note, and the shard is rebuilt without it (``sample_timeout``); a shard whose
+  worker died without a note is retried once, then rebuilt file by file in isolated child
+  processes (the culprit becomes ``worker_crashed``), twice at most; then its files are given
+  up as ``worker_crashed`` rejects and its shard is written empty;
+- headers (:func:`read_tags`): a batch whose worker died is split into one task per file; a
+  file whose worker died twice is given up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import dask
+from distributed import Client, Future, KilledWorker, as_completed
+from tqdm import tqdm
+
+from ingest.cluster import open_client
+from ingest.config import IngestConfig
+from ingest.plan import Reject, ShardTask
+from ingest.tags import BATCH, NOTE_SHARD, TagResult, load_cached, read_patient_ids, save_cache
+from ingest.worker import STARTED_TOPIC, WORK_DIR, abandon_shard, build_shard, build_shard_isolated, read_suspects
+
+log = logging.getLogger(__name__)
+
+SCHEDULER_CONFIG = {
+    # A worker death fails its tasks at once (KilledWorker) instead of dask retrying them on
+    # three more workers: the driver decides what the death means.
+    "distributed.scheduler.allowed-failures": 0,
+}
+QUEUED_DEATHS = 2
+"""Deaths of a worker a task was only queued on that are forgiven before they count (the
+start event of a task that crashes at once may be lost with its worker)."""
+
+POISON_REASONS = ("worker_crashed", "sample_timeout")
+"""Rejects the driver also logs: the files that killed or hung a worker."""
+
+Job = TypeVar("Job")
+
+
+class _KilledWorkerFilter(logging.Filter):
+    """Hide the scheduler's "marked as failed because N workers died": the driver handles
+    every such death and logs what it does instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "workers died" not in str(record.msg)
+
+
+@contextlib.contextmanager
+def cluster(cfg: IngestConfig) -> Iterator[Client]:
+    """The configured cluster with the scheduler settings above; see :func:`open_client`."""
+    quiet = _KilledWorkerFilter()
+    scheduler_log = logging.getLogger("distributed.scheduler")
+    scheduler_log.addFilter(quiet)
+    try:
+        with dask.config.set(SCHEDULER_CONFIG), open_client(cfg) as client:
+            yield client
+    finally:
+        scheduler_log.removeFilter(quiet)
+
+
+def drive(
+    client: Client,
+    jobs: list[Job],
+    submit: Callable[[Job], Future],
+    finish: Callable[[Job, Future], list[Job]],
+) -> None:
+    """Run ``jobs``; ``finish(job, future)`` handles a finished task and returns the jobs to
+    run next (the same one again, or its parts)."""
+    job_of: dict[str, Job] = {}
+    futures = []
+    for job in jobs:
+        future = submit(job)
+        job_of[future.key] = job
+        futures.append(future)
+    running = as_completed(futures)
+    for future in running:
+        job = job_of.pop(future.key)
+        follow = finish(job, future)
+        # Let the scheduler forget the result: a lost worker then costs only its in-flight
+        # task, not the results it already handed over.
+        future.release()
+        for nxt in follow:
+            again = submit(nxt)
+            job_of[again.key] = nxt
+            running.add(again)
+
+
+def _started(client: Client, key: str) -> bool:
+    """True if the task ``key`` announced that it started (``announce_start``)."""
+    return any(msg == key for _, msg in client.get_events(STARTED_TOPIC))
+
+
+@dataclasses.dataclass
+class _ShardState:
+    """What the driver knows about one pending shard."""
+
+    task: ShardTask
+    known: dict[str, Reject]
+    """Poison files found so far (watchdog notes), rejected without being opened again."""
+    deaths: int = 0
+    """Deaths of the worker while it was building this shard, that named no file."""
+    queued_deaths: int = 0
+    attempt: int = 0
+
+
+def _submit_shard(client: Client, cfg: IngestConfig, state: _ShardState) -> Future:
+    state.attempt += 1
+    isolated = state.deaths >= 2
+    fn = build_shard_isolated if isolated else build_shard
+    key = f"shard-{state.task.name}-{state.task.processing['size']}-{'isolated-' if isolated else ''}{state.attempt}"
+    return client.submit(fn, state.task, cfg.sample_timeout, state.known, key=key, pure=False, retries=3)
+
+
+def _after_death(cfg: IngestConfig, client: Client, key: str, state: _ShardState) -> bool:
+    """Account for a worker that died with ``state``'s shard on it; False to give it up."""
+    task = state.task
+    notes = read_suspects(cfg.out, task.name)
+    new = {p: r for p, r in notes.items() if p not in state.known}
+    if new:
+        state.known.update(new)
+        for rej in new.values():
+            log.warning("shard %s: %s: %s (%s); rebuilding the shard without it", task.name, rej.path, rej.reason, rej.detail)
+        return True
+    if state.queued_deaths < QUEUED_DEATHS and not _started(client, key):
+        state.queued_deaths += 1
+        log.info("shard %s was queued on a worker that died; submitting it again", task.name)
+        return True
+    state.deaths += 1
+    if state.deaths == 1:
+        log.warning("shard %s: its worker died; retrying it once", task.name)
+    elif state.deaths == 2:
+        log.warning("shard %s: its worker died again; rebuilding it file by file in isolated processes", task.name)
+    elif state.deaths == 3:
+        log.warning("shard %s: the worker of its isolated rebuild died; trying once more", task.name)
+    else:
+        return False
+    return True
+
+
+def _shard_outcome(cfg: IngestConfig, client: Client, future: Future, state: _ShardState) -> dict[str, Any] | None:
+    """The record of a finished shard task; None when its worker died and it is to be built
+    again; the record of an abandoned shard when its workers keep dying."""
+    try:
+        return future.result()
+    except KilledWorker:
+        if _after_death(cfg, client, str(future.key), state):
+            return None
+    detail = (f"the workers building shard {state.task.name} died {state.deaths} times, "
+              f"twice while decoding its files one by one in isolated processes")
+    log.error("shard %s: %s; its files are rejected as worker_crashed", state.task.name, detail)
+    return abandon_shard(state.task, detail)
+
+
+def build_shards(cfg: IngestConfig, client: Client, pending: list[ShardTask], records: dict[str, dict[str, Any]]) -> None:
+    """Build the pending shards; put each one's result record in ``records``."""
+    bar = tqdm(total=sum(len(t.samples) for t in pending), unit="img", desc="ingest", disable=not cfg.progress,
+               file=sys.stderr, smoothing=0.1)
+
+    def finish(state: _ShardState, future: Future) -> list[_ShardState]:
+        record = _shard_outcome(cfg, client, future, state)
+        if record is None:
+            return [state]
+        records[record["name"]] = record
+        for rej in record["rejects"]:
+            if rej["reason"] in POISON_REASONS:
+                log.warning("%s: %s (%s)", rej["path"], rej["reason"], rej["detail"])
+        bar.update(record["samples"] + len(record["rejects"]))
+        return []
+
+    try:
+        jobs = [_ShardState(t, read_suspects(cfg.out, t.name)) for t in pending]
+        drive(client, jobs, lambda state: _submit_shard(client, cfg, state), finish)
+    finally:
+        bar.close()
+
+
+@dataclasses.dataclass
+class _TagJob:
+    rels: list[str]
+    deaths: int = 0
+    queued_deaths: int = 0
+
+
+def read_tags(cfg: IngestConfig, client: Callable[[], Client], rels: list[str]) -> dict[str, TagResult]:
+    """The PatientID of each of ``rels`` (or why there is none), read on the workers.
+
+    Args:
+        client: Called only when some tag is not cached from an interrupted run.
+    """
+    work = cfg.out / WORK_DIR
+    tags = load_cached(work)
+    todo = [r for r in rels if r not in tags]
+    if todo:
+        log.info("reading the PatientID of %d files (headers only)", len(todo))
+        dicom_dir, out = str(cfg.dicom_dir.resolve()), str(cfg.out.resolve())
+        jobs = [_TagJob(todo[i : i + BATCH]) for i in range(0, len(todo), BATCH)]
+        bar = tqdm(total=len(todo), unit="file", desc="headers", disable=not cfg.progress, file=sys.stderr)
+        c = client()
+
+        def submit(job: _TagJob) -> Future:
+            return c.submit(read_patient_ids, dicom_dir, job.rels, out, cfg.sample_timeout, pure=False, retries=3)
+
+        def finish(job: _TagJob, future: Future) -> list[_TagJob]:
+            try:
+                tags.update(future.result())
+            except KilledWorker:
+                return _tag_death(cfg, c, str(future.key), job, tags)
+            bar.update(len(job.rels))
+            return []
+
+        try:
+            drive(c, jobs, submit, finish)
+        finally:
+            bar.close()
+        save_cache(work, tags)
+    return {r: tags[r] for r in rels}
+
+
+def _tag_death(cfg: IngestConfig, client: Client, key: str, job: _TagJob, tags: dict[str, TagResult]) -> list[_TagJob]:
+    """A header-reading task's worker died: submit it again if it had not started; split a
+    batch into one task per file; retry a file once, then give it up."""
+    if job.queued_deaths < QUEUED_DEATHS and not _started(client, key):
+        job.queued_deaths += 1
+        return [job]
+    if len(job.rels) > 1:
+        log.warning("the worker reading %d headers died; reading them one per task", len(job.rels))
+        return [_TagJob([rel]) for rel in job.rels]
+    rel = job.rels[0]
+    noted = read_suspects(Path(cfg.out), NOTE_SHARD).get(rel)
+    job.deaths += 1
+    if noted is None and job.deaths < 2:
+        return [job]
+    tags[rel] = (None, noted or Reject(rel, "worker_crashed", "the worker reading its header died twice"))
+    log.warning("%s: %s (%s)", rel, tags[rel][1].reason, tags[rel][1].detail)  # type: ignore[union-attr]
+    return []

@@ -1,0 +1,81 @@
+"""The PatientID tag of many files, read on the Dask workers before planning.
+
+``--patient-id tag`` plans by the tag, so every input's tag is read first; with the default
+``--patient-id name`` only the files rejected before decoding as ``no_label`` are read, so
+that their ``patient_id_mismatch`` lines show why a renamed file found no label. Headers are
+read up to the pixel data, never the pixels, in batches of :data:`BATCH` files per task.
+
+A batch whose worker dies is split into one task per file; a file whose worker dies twice is
+given up (``worker_crashed``); a file that keeps its worker busy past ``--sample-timeout`` is
+noted by the worker's watchdog and given up (``sample_timeout``), as when building shards.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pydicom
+
+from ingest.dicom import describe
+from ingest.plan import Reject
+from ingest.worker import WATCHDOG, announce_start, suspect_note_path
+
+log = logging.getLogger(__name__)
+
+BATCH = 256
+"""Files per header-reading task: a task costs a few ms, a header about 1 ms."""
+TAGS_FILE = "tags.json"
+"""Tags already read, under ``OUT/.ingest/``, so that a resumed run does not read them again."""
+NOTE_SHARD = "tags"
+"""Shard name under which the watchdog notes a file that hangs its header read."""
+
+TagResult = tuple[str | None, Reject | None]
+"""``(PatientID, None)``, or ``(None, why it could not be read)``."""
+
+
+def read_patient_id(path: Path) -> str | None:
+    """The PatientID of one file (header only, stops before the pixel data); None if empty.
+
+    Raises:
+        Exception: whatever pydicom raises on an unreadable header.
+    """
+    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
+    value = str(ds.get("PatientID", "") or "").strip()
+    return value or None
+
+
+def read_patient_ids(dicom_dir: str, rels: list[str], out: str, timeout_s: float) -> dict[str, TagResult]:
+    """:func:`read_patient_id` for ``rels`` (run as one Dask task)."""
+    announce_start()
+    found: dict[str, TagResult] = {}
+    for rel in rels:
+        note = {"path": rel, "reason": "sample_timeout",
+                "detail": f"reading its header took more than {timeout_s:g} s (--sample-timeout); its worker was restarted"}
+        WATCHDOG.arm(timeout_s, suspect_note_path(Path(out), NOTE_SHARD, rel), note)
+        try:
+            tag = read_patient_id(Path(dicom_dir) / rel)
+        except Exception as exc:  # any unreadable header: the decoder will say more, if it gets the file
+            found[rel] = (None, Reject(rel, "no_patient_id", f"header unreadable ({describe(exc)})"))
+        else:
+            found[rel] = (tag, None) if tag else (None, Reject(rel, "no_patient_id", "no PatientID tag, or it is empty"))
+        finally:
+            WATCHDOG.disarm()
+    return found
+
+
+def load_cached(work_dir: Path) -> dict[str, TagResult]:
+    """Tags read by an earlier, interrupted run of the same ingest."""
+    try:
+        raw = json.loads((work_dir / TAGS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {rel: (tag, Reject(**rej) if rej else None) for rel, (tag, rej) in raw.items()}
+
+
+def save_cache(work_dir: Path, tags: dict[str, TagResult]) -> None:
+    from shards.manifest import atomic_write_text
+
+    raw = {rel: (tag, {"path": r.path, "reason": r.reason, "detail": r.detail} if r else None) for rel, (tag, r) in tags.items()}
+    atomic_write_text(work_dir / TAGS_FILE, json.dumps(raw, sort_keys=True))
