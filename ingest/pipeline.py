@@ -10,8 +10,8 @@ import logging
 import shutil
 import sys
 import time
-from importlib import metadata
 from collections.abc import Callable
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +20,7 @@ from distributed import Client
 from ingest.config import IngestConfig
 from ingest.plan import Plan, ShardTask, make_plan
 from ingest.runner import build_shards, cluster, read_tags
-from ingest.worker import DONE_DIR, WORK_DIR, label_row, mismatch
+from ingest.worker import DONE_DIR, WORK_DIR, label_row, mismatch, reusable_record
 from shards.format import FORMAT_VERSION, SPLITS
 from shards.label_csv import LabelFileError, LabelProblem, PatientLabel, read_label_csv
 from shards.labels import LabelTable, write_labels
@@ -168,19 +168,6 @@ def _plan(
     return plan
 
 
-def _reusable(out: Path, task: ShardTask) -> dict[str, Any] | None:
-    """The persisted result of a shard finished by an earlier, interrupted run, if intact."""
-    done = out / DONE_DIR / f"{task.name}.json"
-    shard = out / SHARDS_DIR / task.name
-    try:
-        record = json.loads(done.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if not shard.is_file() or shard.stat().st_size != record.get("bytes"):
-        return None
-    return record
-
-
 def run_ingest(cfg: IngestConfig) -> IngestSummary:
     """Run (or resume) an ingest; see the SPEC for the output it writes.
 
@@ -225,7 +212,7 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
         records: dict[str, dict[str, Any]] = {}
         pending: list[ShardTask] = []
         for task in plan.tasks:
-            record = _reusable(cfg.out, task)
+            record = reusable_record(cfg.out, task)
             if record is None:
                 pending.append(task)
             else:

@@ -9,7 +9,8 @@ is simply submitted again. For a task that had started:
 - shards (:func:`build_shards`): a file that kept a worker busy past ``--sample-timeout`` left
   a watchdog note, and the shard is rebuilt without it (``sample_timeout``); a shard whose
   worker died without a note is retried once, then rebuilt file by file in isolated child
-  processes (the culprit becomes ``worker_crashed``), twice at most; then its files are given
+  processes (the culprit becomes ``worker_crashed``), :data:`ISOLATED_TRIES` times at most;
+  then its files are given
   up as ``worker_crashed`` rejects and its shard is written empty;
 - headers (:func:`read_tags`): a batch whose worker died is split into one task per file; a
   file whose worker died twice is given up.
@@ -33,7 +34,15 @@ from ingest.cluster import open_client
 from ingest.config import IngestConfig
 from ingest.plan import Reject, ShardTask
 from ingest.tags import BATCH, NOTE_SHARD, TagResult, load_cached, read_patient_ids, save_cache
-from ingest.worker import STARTED_TOPIC, WORK_DIR, abandon_shard, build_shard, build_shard_isolated, read_suspects
+from ingest.worker import (
+    STARTED_TOPIC,
+    WORK_DIR,
+    abandon_shard,
+    build_shard,
+    build_shard_isolated,
+    read_suspects,
+    reusable_record,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +51,9 @@ SCHEDULER_CONFIG = {
     # three more workers: the driver decides what the death means.
     "distributed.scheduler.allowed-failures": 0,
 }
+ISOLATED_TRIES = 3
+"""Isolated rebuilds of a shard before its files are given up: more than one, because the
+worker of an isolated rebuild dies only of causes outside it (another task, the machine)."""
 QUEUED_DEATHS = 2
 """Deaths of a worker a task was only queued on that are forgiven before they count (the
 start event of a task that crashes at once may be lost with its worker)."""
@@ -145,8 +157,8 @@ def _after_death(cfg: IngestConfig, client: Client, key: str, state: _ShardState
         log.warning("shard %s: its worker died; retrying it once", task.name)
     elif state.deaths == 2:
         log.warning("shard %s: its worker died again; rebuilding it file by file in isolated processes", task.name)
-    elif state.deaths == 3:
-        log.warning("shard %s: the worker of its isolated rebuild died; trying once more", task.name)
+    elif state.deaths < 2 + ISOLATED_TRIES:
+        log.warning("shard %s: the worker of its isolated rebuild died; trying again", task.name)
     else:
         return False
     return True
@@ -158,10 +170,13 @@ def _shard_outcome(cfg: IngestConfig, client: Client, future: Future, state: _Sh
     try:
         return future.result()
     except KilledWorker:
+        done = reusable_record(cfg.out, state.task)
+        if done is not None:  # it finished; its worker died before the result was fetched
+            return done
         if _after_death(cfg, client, str(future.key), state):
             return None
     detail = (f"the workers building shard {state.task.name} died {state.deaths} times, "
-              f"twice while decoding its files one by one in isolated processes")
+              f"{ISOLATED_TRIES} times while decoding its files one by one in isolated processes")
     log.error("shard %s: %s; its files are rejected as worker_crashed", state.task.name, detail)
     return abandon_shard(state.task, detail)
 

@@ -191,6 +191,20 @@ WATCHDOG = _Watchdog()
 """The one watchdog of this worker process."""
 
 
+def reusable_record(out: Path, task: ShardTask) -> dict[str, Any] | None:
+    """The persisted result of a shard already finished (by an earlier, interrupted run, or by
+    a task whose result was lost with its worker), if the shard is intact."""
+    done = out / DONE_DIR / f"{task.name}.json"
+    shard = out / SHARDS_DIR / task.name
+    try:
+        record = json.loads(done.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if not shard.is_file() or shard.stat().st_size != record.get("bytes"):
+        return None
+    return record
+
+
 def suspect_note_path(out: Path, shard: str, path: str) -> Path:
     """Where the watchdog notes that ``path`` of ``shard`` kept its worker busy too long."""
     digest = hashlib.sha256(path.encode()).hexdigest()[:16]
