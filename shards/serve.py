@@ -268,7 +268,10 @@ def main(argv: list[str] | None = None) -> int:
     except ServeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    (state / STATE_FILE).write_text(json.dumps(dataclasses.asdict(info)))
+    # The record holds the S3 key pair made for this server: readable by its owner only.
+    fd = os.open(state / STATE_FILE, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(dataclasses.asdict(info)))
     print(json.dumps(dataclasses.asdict(info)) if args.json else "\n".join(info.lines()), flush=True)
     if args.detach:
         return 0
