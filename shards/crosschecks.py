@@ -371,7 +371,10 @@ def check_patients(
             elif meta.get("target") != label.target:
                 out.append(Problem("label_mismatch", f"target {meta.get('target')!r}", f"{label.target} (labels file)",
                                    shard=scan.name, key=meta["key"]))
-    rejected = {patient_id_of(r["path"]) for r in rejects if r["kind"] == "file"}
+    # A file's patient is the id the ingest went by: its patient_id_mismatch line names it
+    # where the name does not (--patient-id tag on renamed files).
+    went_by = {r.get("path"): r.get("patient_id") for r in rejects if r["kind"] == "label" and r["reason"] == "patient_id_mismatch"}
+    rejected = {went_by.get(r["path"]) or patient_id_of(r["path"]) for r in rejects if r["kind"] == "file"}
     without = {r.get("patient_id") for r in rejects if r["kind"] == "label" and r["reason"] == "label_without_image"}
     for pid in sorted(set(labels) - sampled - rejected - without):
         out.append(Problem("patient_unaccounted", "labelled patient is no sample, no file reject and no "

@@ -157,6 +157,7 @@ def test_patient_ids_by_tag_or_by_name_on_a_renamed_set(synth_small: Any, tmp_pa
     import shutil
 
     from shards.labels import read_labels
+    from shards.verify import VerifyConfig, verify
 
     recs = synth_small.records
     src = tmp_path / "renamed"
@@ -164,8 +165,10 @@ def test_patient_ids_by_tag_or_by_name_on_a_renamed_set(synth_small: Any, tmp_pa
     for i, rec in enumerate(recs[:5]):
         shutil.copy(rec.path, src / f"normal ({i}).dcm")
     shutil.copy(recs[6].path, src / f"{recs[5].patient_id}.dcm")  # tag recs[6], name recs[5]
+    (src / "cut (9).dcm").write_bytes(recs[7].path.read_bytes()[:3000])  # its header holds, its pixels end early
     tag_of = {f"normal ({i}).dcm": rec.patient_id for i, rec in enumerate(recs[:5])}
     tag_of[f"{recs[5].patient_id}.dcm"] = recs[6].patient_id
+    tag_of["cut (9).dcm"] = recs[7].patient_id
 
     def ingest(mode: str) -> Path:
         out = tmp_path / mode
@@ -178,12 +181,14 @@ def test_patient_ids_by_tag_or_by_name_on_a_renamed_set(synth_small: Any, tmp_pa
     want = [*recs[:5], recs[6]]
     assert sorted(map(str, table.patient_id)) == sorted(r.patient_id for r in want)
     assert sorted(map(int, table.target)) == sorted(r.target for r in want)
-    assert _file_rejects(by_tag) == {}
+    assert _file_rejects(by_tag) == {"cut (9).dcm": "truncated"}
     lines = _label_lines(by_tag, "patient_id_mismatch")
     assert {p: line["patient_id"] for p, line in lines.items()} == tag_of
+    report = verify(VerifyConfig(out=by_tag, deep=True, source=src, labels=synth_small.labels_csv, workers=1, progress=False))
+    assert report.ok, report  # the truncated file's patient is its tag's
 
     by_name = ingest("name")
-    assert _file_rejects(by_name) == {f"normal ({i}).dcm": "no_label" for i in range(5)}
+    assert _file_rejects(by_name) == {**{f"normal ({i}).dcm": "no_label" for i in range(5)}, "cut (9).dcm": "no_label"}
     assert [str(p) for p in read_labels(by_name / "labels.zarr").patient_id] == [recs[5].patient_id]
     lines = _label_lines(by_name, "patient_id_mismatch")
     assert sorted(lines) == sorted(tag_of)
