@@ -3,14 +3,19 @@
 Modules, one per stage:
 
 * :mod:`ingest.config`: ``IngestConfig``, the one config of a run (CLI flags map onto it).
-* :mod:`ingest.plan`: discovery of the input files, patient-level split, the shard plan.
+* :mod:`ingest.plan`: patient-level split and the shard plan (the inputs come from
+  :mod:`shards.source`); :mod:`ingest.tags`: PatientID tags read on the workers
+  (``--patient-id tag``, ``patient_id_mismatch``).
 * :mod:`ingest.dicom`: strict decoding of one DICOM to uint8 pixels (or a reject reason), with
   :mod:`ingest.dicom_header` (the fast path's header read without pydicom) and
   :mod:`ingest.codestream` (JPEG SOF / JPEG 2000 SIZ geometry, strict libjpeg-turbo decoding).
 * :mod:`ingest.render`: one file's bytes -> the training image under ``--resample dct|area``.
 * :mod:`ingest.transforms`: CLAHE and the letterbox resize (the geometry is
   :mod:`shards.geometry`).
-* :mod:`ingest.worker`: one shard task: decode, transform, write the shard.
+* :mod:`ingest.worker`: one shard task: decode, transform, write the shard; its watchdog
+  (``--sample-timeout``) and the file-by-file rebuild in :mod:`ingest.isolate` child processes.
+* :mod:`ingest.runner`: the driver's side of the tasks: what a worker death means (retry,
+  isolate, give up), never ``KilledWorker``.
 * :mod:`ingest.pipeline`: ``run_ingest``, the driver: plan, Dask tasks, labels, manifest last.
 * :mod:`ingest.cluster`, :mod:`ingest.slurm`, :mod:`ingest.cluster_base`: the Dask cluster
   (a ``LocalCluster`` or Slurm worker jobs).

@@ -21,6 +21,7 @@ import pydicom
 from ingest.dicom import describe
 from ingest.plan import Reject
 from ingest.worker import WATCHDOG, announce_start, suspect_note_path
+from shards.manifest import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,6 @@ def load_cached(work_dir: Path) -> dict[str, TagResult]:
 
 
 def save_cache(work_dir: Path, tags: dict[str, TagResult]) -> None:
-    from shards.manifest import atomic_write_text
-
+    """Keep the tags read for a resumed run (see :func:`load_cached`)."""
     raw = {rel: (tag, {"path": r.path, "reason": r.reason, "detail": r.detail} if r else None) for rel, (tag, r) in tags.items()}
     atomic_write_text(work_dir / TAGS_FILE, json.dumps(raw, sort_keys=True))
