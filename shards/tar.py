@@ -78,7 +78,7 @@ class ByteSource(Protocol):
         """Pass over the next ``n`` bytes; return how many there were."""
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
+@dataclasses.dataclass(slots=True)  # not frozen: a frozen __init__ costs the loader ~1 us a member
 class TarMember:
     """One member as its header (and any long-name header before it) describes it."""
 
