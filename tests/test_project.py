@@ -25,7 +25,7 @@ def test_requires_python_is_no_lower_than_any_dependency_needs() -> None:
     for dep in deps:
         name = re.split(r"[\s<>=!~\[;]", dep, maxsplit=1)[0]
         try:
-            theirs = _floor(metadata.metadata(name)["Requires-Python"])
+            theirs = _floor(metadata.metadata(name).get("Requires-Python"))  # a wheel may not declare it
         except metadata.PackageNotFoundError:
             continue  # an extra that is not installed here
         if theirs > ours:
