@@ -12,9 +12,16 @@ served a stale copy, and two URLs of the same dataset share the copies. The prom
   while it arrives, and renamed into place only if its size and sha256 are the manifest's; a
   killed download leaves a temporary file that the next fetch of that shard removes. There
   is no fsync: a copy torn by a crash fails the check before its next use and is fetched again.
-* **Re-checked before reuse.** A copy found in the cache is hashed again (once per process)
-  and compared with the manifest before it is handed out; a copy that differs is replaced.
-  The loader then hashes the bytes it streams as it does for a local dataset.
+* **Re-checked before reuse, hashed once per read.** A copy found in the cache is read whole
+  into memory and hashed, and compared with the manifest before any of it is handed out; a
+  copy that differs is dropped and fetched again. A download is kept in memory as it is
+  written and hashed as it arrives. Either way the reader gets those very bytes as a
+  :class:`shards.reader.VerifiedShard` and parses them without hashing them again: every
+  byte is hashed exactly once per read (as for a local dataset, whose reader hashes what it
+  streams), the bytes parsed are the bytes hashed (no re-read of the file after the check),
+  and nothing of a damaged copy is ever yielded. The price is memory: each shard being read
+  or fetched ahead is held whole (``(1 + PREFETCH_DEPTH) x`` shard bytes per lane, about
+  0.3 GB per lane with 256-sample shards).
 * **Shared by the ranks of a node.** A process fetches a shard holding an exclusive lock on
   its lock file; another process that needs it meanwhile waits on that lock and then finds
   it in place: each shard is fetched once per node. Readers hold a shared lock while they
@@ -48,7 +55,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from shards.manifest import SHARDS_DIR, ShardInfo
-from shards.reader import ShardChecksumError
+from shards.reader import ShardChecksumError, VerifiedShard
 from shards.store import DatasetNotFoundError, RemoteReadError, Store, open_store, remote_error
 
 log = logging.getLogger(__name__)
@@ -99,15 +106,16 @@ class ShardCache:
     @contextmanager
     def hold(self, store: Store, shard: ShardInfo) -> Iterator[Path]:
         """A verified local copy of ``shard``, fetched if needed, held (not evictable) inside."""
-        fd = self.acquire(store, shard)
+        fd, _ = self.acquire(store, shard)
         try:
             yield self.path_of(shard)
         finally:
             os.close(fd)
 
-    def acquire(self, store: Store, shard: ShardInfo) -> int:
+    def acquire(self, store: Store, shard: ShardInfo) -> tuple[int, VerifiedShard]:
         """Make sure a verified copy of ``shard`` is in the cache; return the open lock file
-        descriptor that holds it (shared lock). Close it to release the copy."""
+        descriptor that holds it (shared lock; close it to release the copy) and the copy's
+        bytes, hashed once here against the manifest (the reader does not hash them again)."""
         self._prepare()
         fd = os.open(self._lock_path(shard), os.O_RDWR | os.O_CREAT, 0o644)
         path = self.path_of(shard)
@@ -117,18 +125,22 @@ class ShardCache:
             # copy, so the exclusive lock waits only for another fetch of the same shard.
             fcntl.flock(fd, fcntl.LOCK_SH)
             fetched = False
-            if not self._valid_copy(path, shard, store):
+            verified = self._valid_copy(path, shard, store)
+            if verified is None:
                 fcntl.flock(fd, fcntl.LOCK_UN)
                 fcntl.flock(fd, fcntl.LOCK_EX)
-                if not self._valid_copy(path, shard, store):  # another process may have fetched it
-                    self._fetch(store, shard, path)
+                # Another process may have fetched it meanwhile (hashing a copy twice happens
+                # only on this rare path, or after a damaged copy).
+                verified = self._valid_copy(path, shard, store)
+                if verified is None:
+                    verified = self._fetch(store, shard, path)
                     fetched = True
                 fcntl.flock(fd, fcntl.LOCK_SH)
             st = path.stat()
             os.utime(path, (time.time(), st.st_mtime))  # atime = last use, for the LRU order
             if fetched and self.limit_bytes is not None:
                 self.evict(self.limit_bytes)
-            return fd
+            return fd, verified
         except BaseException:
             os.close(fd)
             raise
@@ -136,23 +148,26 @@ class ShardCache:
     def discard(self, shard: ShardInfo) -> None:
         """Drop the copy of ``shard`` (found damaged while it was read)."""
         self.path_of(shard).unlink(missing_ok=True)
-        _VERIFIED.pop(str(self.path_of(shard)), None)
 
-    def _valid_copy(self, path: Path, shard: ShardInfo, store: Store) -> bool:
+    def _valid_copy(self, path: Path, shard: ShardInfo, store: Store) -> VerifiedShard | None:
+        """The cached copy read whole and hashed, or None when it is missing or differs."""
+        buf = bytearray(shard.bytes + 1)  # one byte more: a longer copy is caught
+        got = 0
         try:
-            st = path.stat()
+            with open(path, "rb", buffering=0) as f:
+                view = memoryview(buf)
+                while got < len(buf) and (n := f.readinto(view[got:])):
+                    got += n
         except FileNotFoundError:
-            return False
-        stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
-        if _VERIFIED.get(str(path)) == stamp:
-            return True
-        if st.st_size == shard.bytes and _sha256_file(path) == shard.sha256:
-            _VERIFIED[str(path)] = stamp
-            return True
+            return None
+        if got == shard.bytes:
+            verified = _verified(shard, buf, hashlib.sha256(memoryview(buf)[:got]).hexdigest())
+            if verified is not None:
+                return verified
         log.warning("cached copy of %s differs from the manifest: fetching it again", store.shard_url(shard.name))
-        return False
+        return None
 
-    def _fetch(self, store: Store, shard: ShardInfo, path: Path) -> None:
+    def _fetch(self, store: Store, shard: ShardInfo, path: Path) -> VerifiedShard:
         url = store.shard_url(shard.name)
         # We hold the exclusive lock: a damaged copy, and temporary files of downloads killed
         # before their rename, are nobody's.
@@ -164,7 +179,7 @@ class ShardCache:
         t0 = time.perf_counter()
         for attempt in range(1, FETCH_ATTEMPTS + 1):
             try:
-                digest, got = self._download(store, shard, tmp)
+                digest, buf, got = self._download(store, shard, tmp)
             except (DatasetNotFoundError, CacheFullError, PermissionError):
                 tmp.unlink(missing_ok=True)
                 raise
@@ -175,19 +190,22 @@ class ShardCache:
                 if attempt < FETCH_ATTEMPTS:
                     time.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S)) - 1])
                 continue
-            if got != shard.bytes or digest != shard.sha256:
+            verified = _verified(shard, buf, digest) if got == shard.bytes else None
+            if verified is None:
                 tmp.unlink(missing_ok=True)
                 raise ShardChecksumError(url, shard.sha256, digest)
             os.replace(tmp, path)
-            _VERIFIED[str(path)] = (lambda st: (st.st_ino, st.st_size, st.st_mtime_ns))(path.stat())
             log.debug("fetched %s (%.1f MB) in %.2f s", url, got / 1e6, time.perf_counter() - t0)
-            return
+            return verified
         raise ShardFetchError(f"{url}: {FETCH_ATTEMPTS} tries failed; the last: "
                               f"{str(remote_error(url, last)).split(': ', 1)[-1]}") from last
 
-    def _download(self, store: Store, shard: ShardInfo, tmp: Path) -> tuple[str, int]:
-        """One try: stream the shard into ``tmp``, hashing it; return (sha256, bytes)."""
+    def _download(self, store: Store, shard: ShardInfo, tmp: Path) -> tuple[str, bytearray, int]:
+        """One try: stream the shard into ``tmp`` and into memory, hashing it as it arrives;
+        return (sha256, the bytes, how many arrived)."""
         h = hashlib.sha256()
+        buf = bytearray(shard.bytes + 1)  # one byte more: a longer file is caught
+        view = memoryview(buf)
         got = 0
         src_path = store.path(f"{SHARDS_DIR}/{shard.name}")
         try:
@@ -202,6 +220,7 @@ class ShardCache:
                         break
                     h.update(chunk)
                     dst.write(chunk)
+                    view[got:got + len(chunk)] = chunk
                     got += len(chunk)
                 dst.flush()  # no fsync: a copy is hashed before any reuse, so a torn one is refetched
             except OSError as exc:
@@ -213,7 +232,7 @@ class ShardCache:
                 raise
         if got < shard.bytes:
             raise ConnectionError(f"the connection ended after {got} of {shard.bytes} bytes")
-        return h.hexdigest(), got
+        return h.hexdigest(), buf, got
 
     def evict(self, limit_bytes: int) -> int:
         """Delete least recently used copies nobody holds until at most ``limit_bytes`` remain;
@@ -238,7 +257,6 @@ class ShardCache:
                 continue  # in use by some process
             try:
                 p.unlink(missing_ok=True)
-                _VERIFIED.pop(str(p), None)
                 total -= size
                 log.debug("evicted %s (%.1f MB) from %s", p.name, size / 1e6, self.root)
             finally:
@@ -249,17 +267,13 @@ class ShardCache:
         return total
 
 
-_VERIFIED: dict[str, tuple[int, int, int]] = {}
-"""Copies this process has hashed, by path: (inode, size, mtime) when they were hashed."""
-
-
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    buf = memoryview(bytearray(CHUNK))
-    with open(path, "rb", buffering=0) as f:
-        while n := f.readinto(buf):
-            h.update(buf[:n])
-    return h.hexdigest()
+def _verified(shard: ShardInfo, buf: bytearray, digest: str) -> VerifiedShard | None:
+    """``buf[:shard.bytes]``, just hashed to ``digest``, as a :class:`VerifiedShard` if that is
+    the manifest's sha256 (else None). The caller must drop ``buf``: the read-only view is
+    then the only way to its bytes, so they cannot change after the check."""
+    if digest != shard.sha256:
+        return None
+    return VerifiedShard(shard.name, digest, memoryview(buf)[: shard.bytes].toreadonly())
 
 
 def _stream_options(store: Store, size: int | None = None) -> dict:
@@ -297,7 +311,7 @@ class ShardSource:
         return self.store.display
 
     def prefetcher(self, shards: Sequence[ShardInfo], depth: int = PREFETCH_DEPTH) -> "Prefetcher":
-        """Local paths of ``shards`` in order, fetched ``depth`` ahead in the background."""
+        """``shards`` in order, fetched and checked ``depth`` ahead in the background."""
         return Prefetcher(self, list(shards), depth)
 
     def discard(self, shard: ShardInfo) -> None:
@@ -331,7 +345,7 @@ def open_source(location: str | Path, *, cache_dir: Path | str | None = None,
 
 
 class Prefetcher:
-    """Hands out the local paths of a lane's shards in order, fetching ahead on one thread.
+    """Hands out a lane's shards in order, fetching (and checking) ahead on one thread.
 
     Use :meth:`get` for each shard in turn (a context manager holding the copy), and
     :meth:`close` at the end (also releases what was fetched but never read).
@@ -339,7 +353,7 @@ class Prefetcher:
 
     def __init__(self, source: ShardSource, shards: list[ShardInfo], depth: int) -> None:
         self.source, self.shards, self.depth = source, shards, max(0, depth)
-        self._futures: dict[int, concurrent.futures.Future[int]] = {}
+        self._futures: dict[int, concurrent.futures.Future[tuple[int, VerifiedShard]]] = {}
         self._pool = (concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="shard-prefetch")
                       if source.cache is not None else None)
         self._submitted = 0
@@ -356,8 +370,10 @@ class Prefetcher:
             self._submit(1 + self.depth)
 
     @contextmanager
-    def get(self, i: int) -> Iterator[Path]:
-        """The local path of shard ``i`` (in the order given), held while inside."""
+    def get(self, i: int) -> Iterator[Path | VerifiedShard]:
+        """Shard ``i`` (in the order given) for :func:`shards.reader.iter_samples`: its path in
+        the dataset folder (the reader hashes it), or its cached copy's bytes, already checked
+        (held in the cache while inside)."""
         shard = self.shards[i]
         if self.source.cache is None:
             local = self.source.store.local
@@ -365,9 +381,9 @@ class Prefetcher:
             yield local / SHARDS_DIR / shard.name
             return
         self._submit(i + 1 + self.depth)
-        fd = self._futures.pop(i).result()
+        fd, verified = self._futures.pop(i).result()
         try:
-            yield self.source.cache.path_of(shard)
+            yield verified
         finally:
             os.close(fd)
 
@@ -379,7 +395,7 @@ class Prefetcher:
         self._pool.shutdown(wait=True)
         for f in self._futures.values():
             if not f.cancelled() and f.exception() is None:
-                os.close(f.result())
+                os.close(f.result()[0])
         self._futures.clear()
 
 

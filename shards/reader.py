@@ -20,7 +20,7 @@ import numpy as np
 
 from shards.format import IMAGE_EXT, MEMBER_EXTS, META_EXT, FormatError, check_member_name, decode_image, decode_meta, split_member
 from shards.manifest import READ_CHUNK
-from shards.tar import TarParser
+from shards.tar import ByteSource, TarParser
 
 
 
@@ -111,8 +111,39 @@ class _OwnBuffers:
             self.sha256.update(chunk)
 
 
+@dataclasses.dataclass(frozen=True)
+class VerifiedShard:
+    """A shard's whole content in memory, already hashed and found equal to :attr:`sha256`.
+
+    Made only by code that has just hashed these very bytes against the manifest
+    (:class:`shards.cache.ShardCache`); :func:`iter_samples` parses it without hashing it again,
+    so a cached or downloaded shard is hashed once per read. ``data`` is a read-only view of a
+    buffer nobody else holds: the bytes parsed are exactly the bytes hashed.
+    """
+
+    name: str
+    sha256: str
+    data: memoryview
+
+
+class _VerifiedBytes:
+    """A :class:`shards.tar.ByteSource` over a :class:`VerifiedShard` (views, no copy, no hash)."""
+
+    def __init__(self, data: memoryview) -> None:
+        self._data = data
+        self.offset = 0
+
+    def read(self, n: int) -> memoryview:
+        out = self._data[self.offset:self.offset + n]
+        self.offset += len(out)
+        return out
+
+    def skip(self, n: int) -> int:
+        return len(self.read(n))
+
+
 def iter_samples(
-    path: Path | str,
+    path: Path | str | VerifiedShard,
     *,
     expected_sha256: str | None = None,
     size: int | None = None,
@@ -123,46 +154,57 @@ def iter_samples(
     Members of one key must be adjacent and complete (``.npy`` and ``.json``). The whole file
     is hashed as it is read; with ``expected_sha256`` a mismatch raises
     :class:`ShardChecksumError` naming the shard once the last byte has been read. Images are
-    views of the buffers read (no copy) and never unpickled.
+    views of the buffers read (no copy) and never unpickled. A :class:`VerifiedShard` was
+    hashed before any of it is parsed: only its recorded digest is compared (at once).
 
     Args:
-        path: the shard file.
+        path: the shard file, or its content already verified.
         expected_sha256: hex digest from the manifest, or None to skip the check.
         size: expected image side, or None to accept any 2-D uint8 image.
         decode: parse the ``.npy`` (True) or leave ``image`` as an empty array.
     """
+    if isinstance(path, VerifiedShard):
+        if expected_sha256 is not None and path.sha256 != expected_sha256:
+            raise ShardChecksumError(path.name, expected_sha256, path.sha256)
+        yield from _parse(_VerifiedBytes(path.data), path.name, size, decode)
+        return
     path = Path(path)
     name = path.name
     with open(path, "rb", buffering=READ_CHUNK) as f:
         stream = _OwnBuffers(f)
         try:
-            pending: dict[str, Any] = {}
-            pending_key: str | None = None
-            for key, ext, data in _sample_members(TarParser(stream, name), name):
-                if pending_key is not None and key != pending_key:
-                    raise FormatError(f"{name}: sample {pending_key!r} is missing {_missing(pending)}")
-                if ext not in MEMBER_EXTS:
-                    raise FormatError(f"{name}: unexpected member {key}.{ext}")
-                if ext in pending:
-                    raise FormatError(f"{name}: duplicate member {key}.{ext}")
-                pending_key = key
-                pending[ext] = data
-                if len(pending) == 2:
-                    meta = decode_meta(bytes(pending[META_EXT]))
-                    if meta.get("key") != key:
-                        raise FormatError(f"{name}: {key}.json names key {meta.get('key')!r}")
-                    image = decode_image(pending[IMAGE_EXT], size) if decode else np.empty((0, 0), np.uint8)
-                    image.flags.writeable = False  # its bytes may still be waiting to be hashed
-                    yield Sample(key, image, meta)
-                    pending, pending_key = {}, None
-            if pending_key is not None:
-                raise FormatError(f"{name}: sample {pending_key!r} is missing {_missing(pending)}")
+            yield from _parse(stream, name, size, decode)
             stream.drain()
         finally:
             stream.sha256.close()  # also when the caller stops early: no thread left behind
     actual = stream.sha256.hexdigest()
     if expected_sha256 is not None and actual != expected_sha256:
         raise ShardChecksumError(name, expected_sha256, actual)
+
+
+def _parse(stream: ByteSource, name: str, size: int | None, decode: bool) -> Iterator[Sample]:
+    """The samples of the tar read from ``stream`` (which hashes, or was verified)."""
+    pending: dict[str, Any] = {}
+    pending_key: str | None = None
+    for key, ext, data in _sample_members(TarParser(stream, name), name):
+        if pending_key is not None and key != pending_key:
+            raise FormatError(f"{name}: sample {pending_key!r} is missing {_missing(pending)}")
+        if ext not in MEMBER_EXTS:
+            raise FormatError(f"{name}: unexpected member {key}.{ext}")
+        if ext in pending:
+            raise FormatError(f"{name}: duplicate member {key}.{ext}")
+        pending_key = key
+        pending[ext] = data
+        if len(pending) == 2:
+            meta = decode_meta(bytes(pending[META_EXT]))
+            if meta.get("key") != key:
+                raise FormatError(f"{name}: {key}.json names key {meta.get('key')!r}")
+            image = decode_image(pending[IMAGE_EXT], size) if decode else np.empty((0, 0), np.uint8)
+            image.flags.writeable = False  # its bytes may still be waiting to be hashed
+            yield Sample(key, image, meta)
+            pending, pending_key = {}, None
+    if pending_key is not None:
+        raise FormatError(f"{name}: sample {pending_key!r} is missing {_missing(pending)}")
 
 
 def _sample_members(parser: TarParser, shard: str) -> Iterator[tuple[str, str, bytearray | memoryview]]:

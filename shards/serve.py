@@ -93,11 +93,12 @@ class ServerInfo:
                 *(f"{k}={v}" for k, v in self.env.items())]
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port on ``host`` that nothing listens on right now (a server or a rendezvous on
+    loopback; ``train.distributed`` uses it too)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return int(s.getsockname()[1])
 
 
 def _wait_listening(port: int, proc: subprocess.Popen | None, log: Path) -> None:

@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from shards.serve import free_port
 from train import distributed as D
 from train.distributed import (
     DistEnv,
@@ -23,7 +24,6 @@ from train.distributed import (
     broadcast_buffers,
     destroy,
     detect_launch,
-    free_port,
     init_distributed,
     is_main,
     make_grad_scaler,

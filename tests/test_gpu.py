@@ -19,12 +19,12 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from shards.serve import free_port
 from train.checkpoint import export_model, load_export
 from train.data import ShardLoader, read_split, to_device
 from train.distributed import (
     DistEnv,
     autocast_context,
-    free_port,
     make_grad_scaler,
     parallelize,
 )

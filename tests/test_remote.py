@@ -8,6 +8,7 @@ counted).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -184,11 +186,71 @@ def test_damaged_cached_copy_is_rechecked_and_fetched_again(nginx, ingested_smal
     damaged = bytearray(good)
     damaged[100] ^= 1
     path.write_bytes(bytes(damaged))
-    shards.cache._VERIFIED.clear()  # as in a new process
     before = _shard_gets(nginx["state"]).count(f"/bkt/ds/shards/{shard.name}")
     with cache.hold(store, shard) as again:
         assert again.read_bytes() == good
     assert _shard_gets(nginx["state"]).count(f"/bkt/ds/shards/{shard.name}") == before + 1
+
+
+def test_loader_never_yields_a_damaged_cached_copy(nginx, ingested_small, tmp_path):
+    """A cached copy damaged in place (same size) is caught before any of its samples is
+    yielded: the epoch equals the local one and the shard is fetched again."""
+    keys, images = _epoch(ingested_small)
+    url = nginx["url"] + "bkt/ds"
+    cache = tmp_path / "cache"
+    _epoch(url, cache_dir=cache)
+    shard = read_manifest(ingested_small).shards_of("train")[0]
+    copy = cache / SHARDS_DIR / f"{shard.sha256}.tar"
+    with open(copy, "r+b") as f:  # flip a pixel byte of the first image
+        f.seek(2000)
+        byte = f.read(1)
+        f.seek(2000)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    before = _shard_gets(nginx["state"]).count(f"/bkt/ds/shards/{shard.name}")
+    got_keys, got_images = _epoch(url, cache_dir=cache)
+    assert got_keys == keys and np.array_equal(got_images, images)
+    assert _shard_gets(nginx["state"]).count(f"/bkt/ds/shards/{shard.name}") == before + 1
+
+
+class _CountingSha256:
+    """Stands in for ``hashlib.sha256``: records every digest computed."""
+
+    digests: list[str] = []
+
+    def __init__(self, data=b"", real=hashlib.sha256) -> None:
+        self._h = real(data)
+
+    def update(self, data) -> None:
+        self._h.update(data)
+
+    def hexdigest(self) -> str:
+        digest = self._h.hexdigest()
+        type(self).digests.append(digest)
+        return digest
+
+
+def _digests_of_an_epoch(location, cache_dir, monkeypatch) -> Counter:
+    seen: list[str] = []
+    with monkeypatch.context() as m:
+        m.setattr(_CountingSha256, "digests", seen)
+        m.setattr(hashlib, "sha256", _CountingSha256)
+        _epoch(location, cache_dir=cache_dir)
+    return Counter(seen)
+
+
+def test_each_shard_is_hashed_once_per_read_wherever_it_comes_from(nginx, ingested_small, tmp_path, monkeypatch):
+    """A shard is hashed as often from an HTTP server, cold or warm cache, as from local disk,
+    where the reader hashes each read of it once (a shard split over two lanes is read twice)."""
+    url, cache = nginx["url"] + "bkt/ds", tmp_path / "cache"
+    train = {s.sha256 for s in read_manifest(ingested_small).shards_of("train")}
+
+    def counts(location, cache_dir) -> Counter:
+        return Counter({d: n for d, n in _digests_of_an_epoch(location, cache_dir, monkeypatch).items() if d in train})
+
+    local = counts(ingested_small, None)
+    assert set(local) == train
+    assert counts(url, cache) == local  # cold: the download's hash is the check
+    assert counts(url, cache) == local  # warm: the cache's re-check is the only hash
 
 
 RANK_SCRIPT = """
@@ -325,8 +387,8 @@ def test_prefetcher_releases_what_was_never_read(nginx, ingested_small, tmp_path
     source = open_source(nginx["url"] + "bkt/ds", cache_dir=tmp_path / "cache", cache_limit_gb=0)
     all_shards = read_manifest(ingested_small).shards
     pre = source.prefetcher(all_shards, depth=3)
-    with pre.get(0) as path:
-        assert path.stat().st_size == all_shards[0].bytes
+    with pre.get(0) as got:
+        assert got.sha256 == all_shards[0].sha256 and len(got.data) == all_shards[0].bytes
     pre.close()  # shards 1..3 were fetched ahead and never read: released, evictable
     assert source.cache is not None and source.cache.evict(0) == 0
     assert threading.active_count() < 50

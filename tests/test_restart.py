@@ -22,9 +22,10 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from shards.serve import free_port
 from tests.fault_injection import INJECT_DIR
 from train.checkpoint import load_export
-from train.distributed import LaunchSpec, RestartUnsafeError, attempt_store, free_port
+from train.distributed import LaunchSpec, RestartUnsafeError, attempt_store
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT = 240

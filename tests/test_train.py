@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from shards.serve import free_port
 from train.checkpoint import load_export
 from train.config import TrainConfig, load_toml
-from train.distributed import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_TIMEOUT = 240

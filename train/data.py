@@ -62,7 +62,7 @@ from shards.cache import Prefetcher, ShardSource, open_source
 from shards.format import FormatError
 from shards.labels import LabelTable
 from shards.manifest import Manifest, ShardInfo
-from shards.reader import Sample, ShardChecksumError, iter_samples
+from shards.reader import Sample, ShardChecksumError, VerifiedShard, iter_samples
 from shards.store import read_labels_from, read_manifest_from
 
 __all__ = [
@@ -368,9 +368,9 @@ def _read_fetched(info: SplitInfo, todo: list[tuple[int, Span]], start: int,
     try:
         for k, (pos, span) in enumerate(todo):
             shard = info.shards[span.shard]
-            with fetcher.get(k) as path:
+            with fetcher.get(k) as where:  # a path, or a cached copy's bytes already checked
                 try:
-                    yield from _read_span(info, span, pos, start, path)
+                    yield from _read_span(info, span, pos, start, where)
                 except ShardChecksumError as exc:
                     info.source.discard(shard)
                     raise ShardChecksumError(info.source.store.shard_url(shard.name), exc.expected,
@@ -379,12 +379,13 @@ def _read_fetched(info: SplitInfo, todo: list[tuple[int, Span]], start: int,
         fetcher.close()
 
 
-def _read_span(info: SplitInfo, span: Span, pos: int, start: int, path: Path) -> Iterator[tuple[int, Sample]]:
+def _read_span(info: SplitInfo, span: Span, pos: int, start: int,
+               where: Path | VerifiedShard) -> Iterator[tuple[int, Sample]]:
     """Yield (raw position, sample) of one span whose first sample is at raw ``pos``."""
     shard = info.shards[span.shard]
     base = info.shard_base[span.shard]
     count = 0
-    for offset, sample in enumerate(iter_samples(path, expected_sha256=shard.sha256, size=info.size)):
+    for offset, sample in enumerate(iter_samples(where, expected_sha256=shard.sha256, size=info.size)):
         count = offset + 1
         if offset >= shard.samples:
             break  # reported below; do not index past the label table

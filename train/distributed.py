@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import socket
 import re
 import subprocess
 from collections.abc import Iterable, Iterator, Mapping
@@ -543,10 +542,3 @@ def parallelize(
         policy.param_dtype,
     )
     return model
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now (for a rendezvous on loopback)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
