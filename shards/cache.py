@@ -56,14 +56,18 @@ from pathlib import Path
 
 from shards.manifest import SHARDS_DIR, ShardInfo
 from shards.reader import ShardChecksumError, VerifiedShard
-from shards.store import DatasetNotFoundError, RemoteReadError, Store, open_store, remote_error
+from shards.store import (
+    BACKOFF_S,
+    FETCH_ATTEMPTS,
+    DatasetNotFoundError,
+    RemoteReadError,
+    Store,
+    open_store,
+    remote_error,
+)
 
 log = logging.getLogger(__name__)
 
-FETCH_ATTEMPTS = 4
-"""Tries per shard before a network fault is reported."""
-BACKOFF_S = (0.5, 1.0, 2.0)
-"""Waits between tries."""
 CHUNK = 4 << 20
 """Bytes read from the server and written to the cache per call."""
 PREFETCH_DEPTH = 2

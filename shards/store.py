@@ -17,6 +17,7 @@ import dataclasses
 import json
 import logging
 import re
+import time
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -109,6 +110,17 @@ def is_remote(location: str | Path) -> bool:
     return isinstance(normalize_location(location), str)
 
 
+FETCH_ATTEMPTS = 4
+"""Tries per remote read (a shard, the manifest, a labels chunk) before a fault is reported."""
+BACKOFF_S = (0.5, 1.0, 2.0)
+"""Waits between tries."""
+CONNECT_TIMEOUT_S = 15.0
+"""Seconds to open a connection to an HTTP(S) server."""
+READ_TIMEOUT_S = 60.0
+"""Seconds an HTTP(S) response may stay silent. aiohttp's own default is 5 minutes for the
+whole request: a stalled connection (seen in CI on loopback) then costs 5 minutes and fails,
+where a fresh try after a short timeout goes through."""
+
 @dataclasses.dataclass(frozen=True)
 class Store:
     """A dataset root: an fsspec filesystem and the root's path in it.
@@ -131,6 +143,11 @@ class Store:
         import fsspec
 
         try:
+            if self.protocol in ("http", "https"):
+                import aiohttp
+
+                timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S)
+                return fsspec.filesystem(self.protocol, client_kwargs={"timeout": timeout})
             return fsspec.filesystem(self.protocol)
         except ImportError as exc:
             raise RemoteReadError(f"{self.display}: reading {self.protocol}:// needs the `remote` extra "
@@ -160,12 +177,20 @@ class Store:
 
     def read_bytes(self, rel: str) -> bytes:
         """The whole content of ``rel``; :class:`DatasetNotFoundError` or :class:`RemoteReadError`."""
-        try:
-            return self.fs.cat_file(self.path(rel))
-        except FileNotFoundError as exc:
-            raise DatasetNotFoundError(f"{self.url(rel)}: not found") from exc
-        except Exception as exc:  # noqa: BLE001 - aiohttp/botocore errors have no common base
-            raise remote_error(self.url(rel), exc) from exc
+        for attempt in range(1, FETCH_ATTEMPTS + 1):
+            try:
+                return self.fs.cat_file(self.path(rel))
+            except FileNotFoundError as exc:
+                raise DatasetNotFoundError(f"{self.url(rel)}: not found") from exc
+            except PermissionError as exc:
+                raise remote_error(self.url(rel), exc) from exc
+            except Exception as exc:  # noqa: BLE001 - aiohttp/botocore errors have no common base
+                if attempt == FETCH_ATTEMPTS:
+                    raise remote_error(self.url(rel), exc) from exc
+                log.warning("%s: try %d of %d failed: %s", self.url(rel), attempt, FETCH_ATTEMPTS,
+                            remote_error(self.url(rel), exc))
+                time.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S)) - 1])
+        raise AssertionError("unreachable")
 
     def exists(self, rel: str) -> bool:
         try:
