@@ -100,6 +100,16 @@ class ShardCache:
     def _lock_path(self, shard: ShardInfo) -> Path:
         return self.root / "locks" / f"{shard.sha256}.lock"
 
+    @contextmanager
+    def _fetch_lock(self, shard: ShardInfo) -> Iterator[None]:
+        """Exclusive right to fetch ``shard`` into this cache (across processes and threads)."""
+        fd = os.open(self.root / "locks" / f"{shard.sha256}.fetch", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
     def _prepare(self) -> None:
         try:
             (self.root / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
@@ -124,22 +134,23 @@ class ShardCache:
         fd = os.open(self._lock_path(shard), os.O_RDWR | os.O_CREAT, 0o644)
         path = self.path_of(shard)
         try:
-            # Shared first: holders of a valid copy never wait for each other (two lanes of one
-            # process may hold the same shard). Exclusive only to fetch: a holder holds a valid
-            # copy, so the exclusive lock waits only for another fetch of the same shard.
+            # Two locks per shard. The hold lock is only ever taken shared, by everyone who
+            # uses the copy, and exclusive (non-blocking) by eviction alone. Fetching takes the
+            # fetch lock exclusive: one fetch per shard per node, and a waiting fetcher waits
+            # only for another fetch, never for a holder. (Upgrading the hold lock to fetch
+            # deadlocked: two lanes of one rank, or two ranks in a collective, each holding
+            # the shard shared while one waited for exclusive.)
             fcntl.flock(fd, fcntl.LOCK_SH)
             fetched = False
             verified = self._valid_copy(path, shard, store)
             if verified is None:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                # Another process may have fetched it meanwhile (hashing a copy twice happens
-                # only on this rare path, or after a damaged copy).
-                verified = self._valid_copy(path, shard, store)
-                if verified is None:
-                    verified = self._fetch(store, shard, path)
-                    fetched = True
-                fcntl.flock(fd, fcntl.LOCK_SH)
+                with self._fetch_lock(shard):
+                    # Another lane or rank may have fetched it meanwhile (hashing a copy twice
+                    # happens only on this rare path, or after a damaged copy).
+                    verified = self._valid_copy(path, shard, store)
+                    if verified is None:
+                        verified = self._fetch(store, shard, path)
+                        fetched = True
             st = path.stat()
             os.utime(path, (time.time(), st.st_mtime))  # atime = last use, for the LRU order
             if fetched and self.limit_bytes is not None:
@@ -173,8 +184,9 @@ class ShardCache:
 
     def _fetch(self, store: Store, shard: ShardInfo, path: Path) -> VerifiedShard:
         url = store.shard_url(shard.name)
-        # We hold the exclusive lock: a damaged copy, and temporary files of downloads killed
-        # before their rename, are nobody's.
+        # We hold the fetch lock: temporary files of downloads killed before their rename are
+        # nobody's, and a damaged copy is useless to everyone (holders keep the bytes they
+        # checked in memory; nobody reads a copy by path after its check).
         path.unlink(missing_ok=True)
         for stale in path.parent.glob(f".{path.name}.tmp-*"):
             stale.unlink(missing_ok=True)

@@ -253,6 +253,35 @@ def test_each_shard_is_hashed_once_per_read_wherever_it_comes_from(nginx, ingest
     assert counts(url, cache) == local  # warm: the cache's re-check is the only hash
 
 
+
+def test_lanes_fetching_one_shard_while_holding_it_never_wait_for_each_other(nginx, ingested_small, tmp_path):
+    """Two lanes (threads here; ranks alike) ask for the same cold shard at once and each keeps
+    holding it, as a lane does while its batch is assembled: both must get it. (Upgrading a
+    shared hold to an exclusive fetch lock deadlocked here, and hung a CI run.)"""
+    store = open_store(nginx["url"] + "bkt/ds")
+    shard = read_manifest(ingested_small).shards_of("train")[0]
+    cache = ShardCache(tmp_path / "cache")
+    lanes = 3
+    start = threading.Barrier(lanes)
+    held: list[int] = []
+
+    def lane() -> None:
+        start.wait()
+        fd, verified = cache.acquire(store, shard)
+        held.append(fd)  # never released while the others fetch
+
+    threads = [threading.Thread(target=lane, daemon=True) for _ in range(lanes)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    try:
+        assert len(held) == lanes, f"{lanes - len(held)} lane(s) still waiting for a shard the others hold"
+        assert len(_shard_gets(nginx["state"])) >= 1
+    finally:
+        for fd in held:
+            os.close(fd)
+
 RANK_SCRIPT = """
 import sys
 from pathlib import Path
