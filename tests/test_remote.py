@@ -57,22 +57,22 @@ def served_root(ingested_small: Path, tmp_path_factory: pytest.TempPathFactory) 
     return root
 
 
+def _running(kind: str, root: Path, state: Path):
+    """A ``shards.serve`` server of ``kind`` over ``root`` for the fixture's lifetime."""
+    yield _serve(kind, root, state)
+    subprocess.run([sys.executable, "-m", "shards.serve", "stop", "--state", str(state)], cwd=ROOT, timeout=60)
+
+
 @pytest.fixture(scope="session")
 def nginx(served_root: Path, tmp_path_factory: pytest.TempPathFactory):
     """nginx serving ``served_root`` (installed from Debian by ``shards.serve`` if missing)."""
-    state = tmp_path_factory.mktemp("nginx-state")
-    info = _serve("http", served_root, state)
-    yield info
-    subprocess.run([sys.executable, "-m", "shards.serve", "stop", "--state", str(state)], cwd=ROOT, timeout=60)
+    yield from _running("http", served_root, tmp_path_factory.mktemp("nginx-state"))
 
 
 @pytest.fixture(scope="session")
 def s3_server(served_root: Path, tmp_path_factory: pytest.TempPathFactory):
     """``rclone serve s3`` over ``served_root`` (bucket ``bkt``)."""
-    state = tmp_path_factory.mktemp("s3-state")
-    info = _serve("s3", served_root, state)
-    yield info
-    subprocess.run([sys.executable, "-m", "shards.serve", "stop", "--state", str(state)], cwd=ROOT, timeout=60)
+    yield from _running("s3", served_root, tmp_path_factory.mktemp("s3-state"))
 
 
 @pytest.fixture
