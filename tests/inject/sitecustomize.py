@@ -13,6 +13,8 @@ Each rule is ``GLOB=ACTION`` matched against the file's name (first match wins);
 module does nothing.
 
 ``PNEUMO_KILL`` SIGKILLs a torchrun rank at a named function instead: see :mod:`rank_killer`.
+``PNEUMO_FORK_LOG`` records the threads alive at each fork, ``PNEUMO_THREAD`` starts an extra
+thread in each rank: see :mod:`fork_watch`.
 """
 
 from __future__ import annotations
@@ -57,3 +59,8 @@ if os.environ.get("PNEUMO_KILL"):
     import rank_killer
 
     rank_killer.arm(os.environ["PNEUMO_KILL"])
+
+if os.environ.get("PNEUMO_FORK_LOG") or os.environ.get("PNEUMO_THREAD"):
+    import fork_watch
+
+    fork_watch.arm()
