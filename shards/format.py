@@ -89,10 +89,24 @@ def check_member_name(name: str) -> None:
 
 def encode_image(image: np.ndarray) -> bytes:
     """Serialise an image as ``.npy`` bytes (never pickled)."""
+    head, body = image_parts(image)
+    return head + body.tobytes()
+
+
+def image_parts(image: np.ndarray) -> tuple[bytes, memoryview]:
+    """An image's ``.npy`` serialisation as (header, a view of the pixels): the bytes of
+    :func:`encode_image` without copying the pixels."""
     if image.dtype != np.uint8 or image.ndim != 2:
         raise ValueError(f"image must be a 2-D uint8 array, got {image.dtype} {image.shape}")
+    image = np.ascontiguousarray(image)
+    return _npy_header_bytes(image.shape), memoryview(image.reshape(-1))
+
+
+@functools.lru_cache(maxsize=64)
+def _npy_header_bytes(shape: tuple[int, ...]) -> bytes:
+    """The ``.npy`` header ``np.save`` writes for a C-ordered uint8 array of ``shape``."""
     buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(image), allow_pickle=False)
+    np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False, "shape": shape})
     return buf.getvalue()
 
 

@@ -20,7 +20,7 @@ from shards.format import (
     TAR_MODE,
     TAR_MTIME,
     check_key,
-    encode_image,
+    image_parts,
     encode_meta,
 )
 
@@ -39,7 +39,7 @@ class _HashingFile(io.RawIOBase):
     def tell(self) -> int:
         return self.bytes
 
-    def write(self, data: bytes) -> int:  # type: ignore[override]
+    def write(self, data: bytes | memoryview) -> int:  # type: ignore[override]
         self.sha256.update(data)
         self.bytes += len(data)
         return self._raw.write(data)
@@ -63,6 +63,8 @@ class ShardWriter:
     Headers are fixed (mtime 0, uid/gid 0, no user names, mode 0644) and members are
     written in call order, so the same samples give byte-identical files. Use as a context
     manager; on an exception the temporary file is removed and nothing appears at ``path``.
+    ``durable=False`` skips the fsync before the rename: for a writer whose files are checked
+    against their sha256 before any reuse and synced later (the ingest: ``run_ingest``).
 
     Example:
         >>> with ShardWriter(out / "train-000000.tar") as w:
@@ -70,36 +72,38 @@ class ShardWriter:
         >>> w.result.sha256
     """
 
-    def __init__(self, path: Path | str) -> None:
+    def __init__(self, path: Path | str, *, durable: bool = True) -> None:
         self.path = Path(path)
+        self.durable = durable
         self._tmp = self.path.with_name(f".{self.path.name}.tmp-{uuid.uuid4().hex[:12]}")
         self._keys: set[str] = set()
         self._first: str | None = None
         self._last: str | None = None
         self._file: BinaryIO | None = None
         self._hasher: _HashingFile | None = None
-        self._tar: tarfile.TarFile | None = None
         self.result: WrittenShard | None = None
 
     def __enter__(self) -> "ShardWriter":
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self._tmp, "wb")
         self._hasher = _HashingFile(self._file)
-        # Plain "w" mode: the stream mode "w|" re-slices its 10 KB record buffer for every
-        # block of a member, copying each 410 KB image dozens of times.
-        self._tar = tarfile.open(fileobj=self._hasher, mode="w", format=tarfile.PAX_FORMAT)
-        self._tar.copybufsize = 1 << 20  # one write per member instead of one per 16 KB
         return self
 
-    def _add(self, name: str, data: bytes) -> None:
+    def _add(self, name: str, *parts: bytes | memoryview) -> None:
+        """Append one member: its header, ``parts`` as they are (no copy), its padding. The
+        bytes are those of ``tarfile`` in PAX format, which the tests compare against."""
+        assert self._hasher is not None, "ShardWriter used outside its with-block"
         info = tarfile.TarInfo(name)
-        info.size = len(data)
+        info.size = sum(len(p) for p in parts)
         info.mtime = TAR_MTIME
         info.mode = TAR_MODE
         info.uid = info.gid = 0
         info.uname = info.gname = ""
-        assert self._tar is not None, "ShardWriter used outside its with-block"
-        self._tar.addfile(info, io.BytesIO(data))
+        self._hasher.write(info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "strict"))
+        for part in parts:
+            self._hasher.write(part)
+        if pad := -info.size % tarfile.BLOCKSIZE:
+            self._hasher.write(tarfile.NUL * pad)
 
     def write(self, key: str, image: np.ndarray, meta: dict[str, Any]) -> None:
         """Append one sample: ``<key>.npy`` then ``<key>.json``."""
@@ -109,7 +113,7 @@ class ShardWriter:
         if meta.get("key") != key:
             raise ValueError(f"meta key {meta.get('key')!r} differs from sample key {key!r}")
         self._keys.add(key)
-        self._add(f"{key}.{IMAGE_EXT}", encode_image(image))
+        self._add(f"{key}.{IMAGE_EXT}", *image_parts(image))
         self._add(f"{key}.{META_EXT}", encode_meta(meta))
         self._first = self._first or key
         self._last = key
@@ -120,11 +124,15 @@ class ShardWriter:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        assert self._tar is not None and self._file is not None and self._hasher is not None
+        assert self._file is not None and self._hasher is not None
         try:
-            self._tar.close()
+            # The end-of-archive marker, then zeros up to a whole record, as tarfile writes.
+            self._hasher.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE))
+            if pad := -self._hasher.bytes % tarfile.RECORDSIZE:
+                self._hasher.write(tarfile.NUL * pad)
             self._file.flush()
-            os.fsync(self._file.fileno())
+            if self.durable:
+                os.fsync(self._file.fileno())
         finally:
             self._file.close()
         if exc_type is not None:

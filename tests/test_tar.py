@@ -166,3 +166,33 @@ def test_loader_images_are_views_of_the_member_buffer(tmp_path: Path) -> None:
     (sample,) = iter_samples(path, size=8)
     assert not sample.image.flags.owndata and not sample.image.flags.writeable
     assert int(sample.image.sum()) == 7 * 64
+
+
+@pytest.mark.parametrize("key_len", [8, 90, 128])  # 90 and 128: names past 100 need a pax header
+def test_writer_bytes_are_tarfiles_pax_bytes(tmp_path: Path, key_len: int) -> None:
+    """The writer frames members itself (no copies of the pixels); its file is byte for byte
+    what ``tarfile`` writes for the same members, C- and Fortran-ordered images alike."""
+    from shards.format import TAR_MODE, TAR_MTIME, encode_meta
+    from shards.writer import ShardWriter
+
+    rng = np.random.default_rng(key_len)
+    images = [rng.integers(0, 256, (33, 65), dtype=np.uint8) for _ in range(3)]
+    images[1] = np.asfortranarray(images[1])
+    keys = [f"{i}".rjust(key_len, "k") for i in range(3)]
+    with ShardWriter(tmp_path / "ours.tar") as writer:
+        for key, image in zip(keys, images):
+            writer.write(key, image, {"key": key, "note": "é"})
+    expected = io.BytesIO()
+    with tarfile.open(fileobj=expected, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for key, image in zip(keys, images):
+            for name, data in ((f"{key}.npy", encode_image(image)), (f"{key}.json", encode_meta({"key": key, "note": "é"}))):
+                info = tarfile.TarInfo(name)
+                info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
+                    len(data), TAR_MTIME, TAR_MODE, 0, 0, "", "")
+                tar.addfile(info, io.BytesIO(data))
+    assert (tmp_path / "ours.tar").read_bytes() == expected.getvalue()
+    for image in images:  # and the .npy members are np.save's bytes
+        npy = io.BytesIO()
+        np.save(npy, np.ascontiguousarray(image), allow_pickle=False)
+        assert encode_image(image) == npy.getvalue()
+    assert writer.result is not None and writer.result.bytes == len(expected.getvalue())
