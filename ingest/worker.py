@@ -14,6 +14,7 @@ Every path writes the same bytes for the same set of rejects: the samples in pla
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import hashlib
 import json
@@ -47,6 +48,30 @@ log = logging.getLogger(__name__)
 # One shard task per worker process is the unit of parallelism: OpenCV's own threads would
 # only fight the other workers for the same cores.
 cv2.setNumThreads(1)
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+"""glibc ``mallopt`` parameters (malloc.h)."""
+MMAP_THRESHOLD = 16 << 20
+TRIM_THRESHOLD = 64 << 20
+
+
+def keep_freed_buffers() -> bool:
+    """Let this process reuse the image-sized buffers it frees; False where libc is not glibc.
+
+    Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also pins glibc's
+    mmap threshold at 128 KiB: every buffer of a decoded or CLAHE'd image (400 KB at 640 px)
+    was then a fresh mmap whose pages the kernel zeroes and faults in again, about 1 ms per
+    image (``python -m ingest.bench``). A worker holds one shard's images at a time, so
+    keeping up to 64 MiB of freed memory bounds what this costs.
+    """
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
+
+
+keep_freed_buffers()
 
 DONE_DIR = f"{WORK_DIR}/done"
 SUSPECTS_DIR = f"{WORK_DIR}/suspects"
