@@ -34,6 +34,7 @@ from shards.manifest import (
     atomic_write_text,
     params_hash,
     sha256_file,
+    sync_files,
     write_manifest,
 )
 from shards.source import discover, patient_id_of, source_fingerprint
@@ -221,6 +222,9 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
             log.info("resuming: %d of %d shards already complete", len(records), len(plan.tasks))
         if pending:
             build_shards(cfg, client(), pending, records)
+            t_sync = time.perf_counter()
+            sync_files([cfg.out / SHARDS_DIR / t.name for t in pending])
+            log.debug("synced %d shards to disk in %.1f s", len(pending), time.perf_counter() - t_sync)
     _remove_stale(cfg.out, {t.name for t in plan.tasks})
     summary = _finish(cfg, plan, records, identity, t0, built=len(pending))
     summary.records = [records[t.name] for t in pending]

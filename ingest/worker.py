@@ -40,7 +40,7 @@ from ingest.render import render
 from shards.format import CLASS_NAMES
 from shards.geometry import boxes_to_letterbox
 from shards.label_csv import LabelProblem
-from shards.manifest import SHARDS_DIR, WORK_DIR, atomic_write_text
+from shards.manifest import SHARDS_DIR, WORK_DIR, atomic_write_text, sha256_file
 from shards.writer import ShardWriter
 
 log = logging.getLogger(__name__)
@@ -227,6 +227,11 @@ def reusable_record(out: Path, task: ShardTask) -> dict[str, Any] | None:
         return None
     if not shard.is_file() or shard.stat().st_size != record.get("bytes"):
         return None
+    # Neither file was synced when it was written: after a crash the shard can have its size
+    # and not its bytes.
+    if sha256_file(shard) != record.get("sha256"):
+        log.warning("%s: its bytes differ from those recorded when it was built (a crash?); rebuilding it", shard)
+        return None
     return record
 
 
@@ -325,7 +330,9 @@ def _write_shard(
     rejects: list[dict] = []
     problems: list[dict] = []
     fast = 0
-    with ShardWriter(out / SHARDS_DIR / task.name) as writer:
+    # Not synced here: a worker never waits for the disk. The driver syncs every shard before
+    # it writes the manifest, and a resumed run re-hashes what it reuses (reusable_record).
+    with ShardWriter(out / SHARDS_DIR / task.name, durable=False) as writer:
         for sample in task.samples:
             done = known.get(sample.path) or outcome(sample)
             if isinstance(done, Reject):
@@ -358,5 +365,5 @@ def _write_shard(
     }
     done_dir = out / DONE_DIR
     done_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(done_dir / f"{task.name}.json", json.dumps(record))
+    atomic_write_text(done_dir / f"{task.name}.json", json.dumps(record), durable=False)
     return record

@@ -105,14 +105,26 @@ def write_manifest(root: Path | str, manifest: Manifest) -> Path:
     return path
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` through a temporary file renamed into place."""
+def atomic_write_text(path: Path, text: str, *, durable: bool = True) -> None:
+    """Write ``text`` to ``path`` through a temporary file renamed into place; ``durable``
+    syncs it to disk first (a file whose reader checks it anyway can skip that wait)."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def sync_files(paths: list[Path]) -> None:
+    """fsync each file (already closed by whoever wrote it), then each folder holding them."""
+    for path in [*paths, *{p.parent for p in paths}]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
 
 
 def params_hash(params: dict[str, Any]) -> str:

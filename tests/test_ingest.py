@@ -215,10 +215,17 @@ def test_sigkill_then_resume_is_byte_identical(ingested_small: Path, synth_small
     n_shards = len(read_manifest(ingested_small).shards)
     finished_before = len(list(done.glob("*.json")))
     assert 2 <= finished_before < n_shards and not (out / "manifest.json").exists()
+    # Workers do not sync their shards, so a crash can leave a finished shard with its size
+    # but not its bytes: resuming must rebuild it, not reuse it.
+    torn = out / "shards" / f"{json.loads(next(done.glob('*.json')).read_text())['name']}"
+    data = bytearray(torn.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    torn.write_bytes(data)
 
     res = subprocess.run(_ingest_cmd(synth_small, out, 2), cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
-    assert f"{n_shards - finished_before} built, {finished_before} reused" in res.stdout
+    assert f"{torn.name}: its bytes differ from those recorded when it was built" in res.stderr
+    assert f"{n_shards - finished_before + 1} built, {finished_before - 1} reused" in res.stdout
     assert _shard_bytes(out) == _shard_bytes(ingested_small)
     assert read_manifest(out).shards == read_manifest(ingested_small).shards
     assert not (out / ".ingest").exists()
