@@ -166,10 +166,10 @@ class ShardCache:
 
     def _valid_copy(self, path: Path, shard: ShardInfo, store: Store) -> VerifiedShard | None:
         """The cached copy read whole and hashed, or None when it is missing or differs."""
-        buf = bytearray(shard.bytes + 1)  # one byte more: a longer copy is caught
         got = 0
         try:
             with open(path, "rb", buffering=0) as f:
+                buf = bytearray(shard.bytes + 1)  # one byte more: a longer copy is caught
                 view = memoryview(buf)
                 while got < len(buf) and (n := f.readinto(view[got:])):
                     got += n
