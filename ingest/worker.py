@@ -62,7 +62,9 @@ def keep_freed_buffers() -> bool:
     mmap threshold at 128 KiB: every buffer of a decoded or CLAHE'd image (400 KB at 640 px)
     was then a fresh mmap whose pages the kernel zeroes and faults in again, about 1 ms per
     image (``python -m ingest.bench``). A worker holds one shard's images at a time, so
-    keeping up to 64 MiB of freed memory bounds what this costs.
+    keeping up to 64 MiB of freed memory bounds what this costs. Called by each shard task,
+    not at import: in other processes (a loader holding whole shards of 26 MB) a fixed
+    threshold is slower than glibc's own adaptive one.
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt
@@ -70,8 +72,6 @@ def keep_freed_buffers() -> bool:
         return False
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
 
-
-keep_freed_buffers()
 
 DONE_DIR = f"{WORK_DIR}/done"
 SUSPECTS_DIR = f"{WORK_DIR}/suspects"
@@ -269,6 +269,7 @@ def build_shard(task: ShardTask, timeout_s: float = 300.0, known: dict[str, Reje
     per-sample metadata, the rejects and the label problems found while building it.
     """
     announce_start()
+    keep_freed_buffers()
     out = Path(task.out)
 
     def outcome(sample: PlannedSample) -> ProcessedSample | Reject:
