@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from shards.serve import free_port
+from tests.procs import run_or_dump_stacks
 from tests.fault_injection import INJECT_DIR
 from train.checkpoint import load_export
 from train.distributed import LaunchSpec, RestartUnsafeError, attempt_store
@@ -48,8 +49,7 @@ def torchrun(target: list[str], *, max_restarts: int, kill: str = "",
            "--max-restarts", str(max_restarts), "--monitor-interval", "0.2", *rendezvous, *target]
     env = {**os.environ, "PYTHONPATH": f"{INJECT_DIR}{os.pathsep}{REPO}", "OMP_NUM_THREADS": "1",
            "PNEUMO_KILL": kill, "PNEUMO_KILL_MARK": str(mark or ""), **(env or {})}
-    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=RUN_TIMEOUT, check=False)
+    return run_or_dump_stacks(cmd, timeout=RUN_TIMEOUT, cwd=REPO, env=env)
 
 
 def ok(proc: subprocess.CompletedProcess) -> None:

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from shards.serve import free_port
+from tests.procs import run_or_dump_stacks
 from train.checkpoint import load_export
 from train.config import TrainConfig, load_toml
 
@@ -35,8 +36,7 @@ def launch(args: list[str], *, nproc: int = 2, module: str = "train",
     else:
         cmd = [sys.executable, "-m", module]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd + args, cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=timeout, check=False)
+    return run_or_dump_stacks(cmd + args, timeout=timeout, cwd=REPO, env=env)
 
 
 def ok(proc: subprocess.CompletedProcess) -> None:

@@ -3,12 +3,17 @@
 Launch with ``torchrun --nproc_per_node G -m train ...``, with ``srun`` (one task per GPU;
 the SLURM_* variables are mapped by :mod:`train.distributed`) or as a plain single process.
 Exit status: 0 done, 1 stopped by a non-finite loss, 2 bad configuration.
+
+A run that seems stuck: ``kill -USR1 <pid>`` (a rank, or one of its loader workers) prints
+the stack of every thread of that process to its stderr and lets it go on.
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -134,6 +139,7 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
 def main(argv: list[str] | None = None) -> int:
     """Parse, configure logging, build the run, train; always leave the process group."""
     args = build_parser().parse_args(argv)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)  # see the module docstring
     from train.distributed import RestartUnsafeError, destroy, detect_launch, init_distributed
 
     try:
