@@ -64,7 +64,7 @@ from shards.labels import LabelTable
 from shards.manifest import Manifest, ShardInfo
 from shards.reader import Sample, ShardChecksumError, VerifiedShard, iter_samples
 from shards.store import read_labels_from, read_manifest_from
-from train.forking import worker_start_method
+from train.forking import exit_with_rank, worker_context
 
 __all__ = [
     "DeviceBatch",
@@ -642,7 +642,8 @@ class ShardLoader:
         loader = DataLoader(
             dataset, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch if self.workers else None,
-            multiprocessing_context=worker_start_method() if self.workers else None,
+            multiprocessing_context=worker_context() if self.workers else None,
+            worker_init_fn=exit_with_rank if self.workers else None,
         )
         k = max(self.workers, 1)
         items: list[dict[str, Any]] = []

@@ -37,9 +37,6 @@ from train.distributed import (
 )
 from train.state import EVAL_NAME, Meter, Run, jsonable
 
-# tqdm's monitor thread would be alive whenever a loader forks its workers (train.forking).
-tqdm.monitor_interval = 0
-
 __all__ = [
     "checkpoint",
     "end_epoch",
