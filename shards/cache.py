@@ -50,20 +50,20 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 from shards.manifest import SHARDS_DIR, ShardInfo
 from shards.reader import ShardChecksumError, VerifiedShard
 from shards.store import (
-    BACKOFF_S,
     FETCH_ATTEMPTS,
     DatasetNotFoundError,
     RemoteReadError,
     Store,
     open_store,
     remote_error,
+    retrying,
 )
 
 log = logging.getLogger(__name__)
@@ -191,30 +191,26 @@ class ShardCache:
         for stale in path.parent.glob(f".{path.name}.tmp-*"):
             stale.unlink(missing_ok=True)
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
-        last: BaseException | None = None
         t0 = time.perf_counter()
-        for attempt in range(1, FETCH_ATTEMPTS + 1):
+
+        def attempt() -> tuple[str, bytearray, int]:
             try:
-                digest, buf, got = self._download(store, shard, tmp)
-            except (DatasetNotFoundError, CacheFullError, PermissionError):
+                return self._download(store, shard, tmp)
+            except BaseException:
                 tmp.unlink(missing_ok=True)
                 raise
-            except Exception as exc:  # noqa: BLE001 - aiohttp/botocore/OS errors: all retried
-                tmp.unlink(missing_ok=True)
-                last = exc
-                log.warning("%s: try %d of %d failed: %s", url, attempt, FETCH_ATTEMPTS, remote_error(url, exc))
-                if attempt < FETCH_ATTEMPTS:
-                    time.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S)) - 1])
-                continue
-            verified = _verified(shard, buf, digest) if got == shard.bytes else None
-            if verified is None:
-                tmp.unlink(missing_ok=True)
-                raise ShardChecksumError(url, shard.sha256, digest)
-            os.replace(tmp, path)
-            log.debug("fetched %s (%.1f MB) in %.2f s", url, got / 1e6, time.perf_counter() - t0)
-            return verified
-        raise ShardFetchError(f"{url}: {FETCH_ATTEMPTS} tries failed; the last: "
-                              f"{str(remote_error(url, last)).split(': ', 1)[-1]}") from last
+
+        digest, buf, got = retrying(
+            url, attempt, not_retried=(DatasetNotFoundError, CacheFullError, PermissionError),
+            give_up=_tries_failed(url),
+        )
+        verified = _verified(shard, buf, digest) if got == shard.bytes else None
+        if verified is None:
+            tmp.unlink(missing_ok=True)
+            raise ShardChecksumError(url, shard.sha256, digest)
+        os.replace(tmp, path)
+        log.debug("fetched %s (%.1f MB) in %.2f s", url, got / 1e6, time.perf_counter() - t0)
+        return verified
 
     def _download(self, store: Store, shard: ShardInfo, tmp: Path) -> tuple[str, bytearray, int]:
         """One try: stream the shard into ``tmp`` and into memory, hashing it as it arrives;
@@ -300,6 +296,12 @@ def _stream_options(store: Store, size: int | None = None) -> dict:
     if store.protocol == "s3":
         return {"cache_type": "none", "block_size": CHUNK}
     return {}
+
+
+def _tries_failed(url: str) -> Callable[[BaseException], ShardFetchError]:
+    """The error of a download that failed every try, from its last fault."""
+    return lambda last: ShardFetchError(
+        f"{url}: {FETCH_ATTEMPTS} tries failed; the last: {str(remote_error(url, last)).split(': ', 1)[-1]}")
 
 
 def _cache_error(root: Path, exc: OSError, what: str) -> OSError:
@@ -472,13 +474,13 @@ def _walk(store: Store, rel: str) -> list[str]:
 def _copy_file(store: Store, rel: str, dest: Path) -> None:
     url = store.url(rel)
     tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
-    for attempt in range(1, FETCH_ATTEMPTS + 1):
+
+    def attempt() -> None:
         try:
             with store.fs.open(store.path(rel), "rb", **_stream_options(store)) as src, open(tmp, "wb") as dst:
                 while chunk := src.read(CHUNK):
                     dst.write(chunk)
             os.replace(tmp, dest)
-            return
         except FileNotFoundError as exc:
             tmp.unlink(missing_ok=True)
             raise DatasetNotFoundError(f"{url}: not found") from exc
@@ -486,15 +488,13 @@ def _copy_file(store: Store, rel: str, dest: Path) -> None:
             tmp.unlink(missing_ok=True)
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise _cache_error(dest.parent, exc, f"writing {url}") from exc
-            last: BaseException = exc
-        except Exception as exc:  # noqa: BLE001 - aiohttp/botocore errors: retried
+            raise
+        except BaseException:
             tmp.unlink(missing_ok=True)
-            last = exc
-        log.warning("%s: try %d of %d failed: %s", url, attempt, FETCH_ATTEMPTS, remote_error(url, last))
-        if attempt < FETCH_ATTEMPTS:
-            time.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S)) - 1])
-    raise ShardFetchError(f"{url}: {FETCH_ATTEMPTS} tries failed; the last: "
-                          f"{str(remote_error(url, last)).split(': ', 1)[-1]}")
+            raise
+
+    retrying(url, attempt, not_retried=(DatasetNotFoundError, CacheFullError),
+             give_up=_tries_failed(url))
 
 
 @contextmanager

@@ -19,7 +19,8 @@ import logging
 import re
 import time
 from pathlib import Path
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 from urllib.parse import urlsplit, urlunsplit
 
 from shards.format import FormatError
@@ -110,6 +111,8 @@ def is_remote(location: str | Path) -> bool:
     return isinstance(normalize_location(location), str)
 
 
+T = TypeVar("T")
+
 FETCH_ATTEMPTS = 4
 """Tries per remote read (a shard, the manifest, a labels chunk) before a fault is reported."""
 BACKOFF_S = (0.5, 1.0, 2.0)
@@ -177,20 +180,16 @@ class Store:
 
     def read_bytes(self, rel: str) -> bytes:
         """The whole content of ``rel``; :class:`DatasetNotFoundError` or :class:`RemoteReadError`."""
-        for attempt in range(1, FETCH_ATTEMPTS + 1):
+
+        def attempt() -> bytes:
             try:
                 return self.fs.cat_file(self.path(rel))
             except FileNotFoundError as exc:
                 raise DatasetNotFoundError(f"{self.url(rel)}: not found") from exc
             except PermissionError as exc:
                 raise remote_error(self.url(rel), exc) from exc
-            except Exception as exc:  # noqa: BLE001 - aiohttp/botocore errors have no common base
-                if attempt == FETCH_ATTEMPTS:
-                    raise remote_error(self.url(rel), exc) from exc
-                log.warning("%s: try %d of %d failed: %s", self.url(rel), attempt, FETCH_ATTEMPTS,
-                            remote_error(self.url(rel), exc))
-                time.sleep(BACKOFF_S[min(attempt, len(BACKOFF_S)) - 1])
-        raise AssertionError("unreachable")
+
+        return retrying(self.url(rel), attempt, not_retried=(DatasetNotFoundError, RemoteReadError))
 
     def exists(self, rel: str) -> bool:
         try:
@@ -220,6 +219,34 @@ class Store:
         # threads) keeps one filesystem instance, its connections and its credentials.
         fs = AsyncFileSystemWrapper(self.fs, asynchronous=True)
         return FsspecStore(fs, path=self.path(rel), read_only=True)
+
+
+def retrying(url: str, attempt: Callable[[], T], *, not_retried: tuple[type[BaseException], ...] = (),
+             give_up: Callable[[BaseException], BaseException] | None = None) -> T:
+    """``attempt()``, tried up to :data:`FETCH_ATTEMPTS` times with :data:`BACKOFF_S` between
+    tries: the one retry policy of every remote read (a shard, a file, the metadata).
+
+    Args:
+        url: What is read (already redacted), for the log lines.
+        attempt: One try; it cleans up after itself when it raises.
+        not_retried: Raised at once: faults another try cannot mend (not found, access
+            denied, a full disk).
+        give_up: The error raised, from the last fault, after the last try (default
+            :func:`remote_error`).
+    """
+    last: BaseException | None = None
+    for n in range(1, FETCH_ATTEMPTS + 1):
+        try:
+            return attempt()
+        except not_retried:
+            raise
+        except Exception as exc:  # noqa: BLE001 - aiohttp/botocore/OS errors have no common base
+            last = exc
+            log.warning("%s: try %d of %d failed: %s", url, n, FETCH_ATTEMPTS, remote_error(url, exc))
+            if n < FETCH_ATTEMPTS:
+                time.sleep(BACKOFF_S[min(n, len(BACKOFF_S)) - 1])
+    assert last is not None
+    raise (give_up or (lambda exc: remote_error(url, exc)))(last) from last
 
 
 def remote_error(where: str, exc: BaseException) -> OSError:

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 import shards.cache
+import shards.store
 from shards.cache import CacheFullError, ShardCache, ShardFetchError, local_copy, open_source
 from shards.manifest import SHARDS_DIR, read_manifest
 from shards.reader import ShardChecksumError
@@ -354,7 +355,7 @@ def dropping_server(served_root, tmp_path):
 
 def test_connection_dropped_mid_shard_is_retried_then_reported(dropping_server, ingested_small, tmp_path,
                                                                monkeypatch):
-    monkeypatch.setattr(shards.cache, "BACKOFF_S", (0.0,))
+    monkeypatch.setattr(shards.store, "BACKOFF_S", (0.0,))
     shard = read_manifest(ingested_small).shards[0]
     url, log = dropping_server()
     with pytest.raises(ShardFetchError, match=f"^{url}/shards/{shard.name}: {shards.cache.FETCH_ATTEMPTS} tries "
