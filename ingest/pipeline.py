@@ -267,6 +267,9 @@ def _finish(
     rejects.sort(key=lambda r: (r["path"], r["reason"]))
     problems.sort(key=lambda p: (p["reason"], p["patient_id"] or "", p["path"] or "", p["line"] or 0))
     write_labels(cfg.out / LABELS_NAME, LabelTable.from_rows(rows))
+    # The manifest comes last and is synced; what it vouches for must be on disk before it.
+    labels = cfg.out / LABELS_NAME
+    sync_files([*sorted(p for p in labels.rglob("*") if p.is_file()), labels])  # and OUT: its parent
     atomic_write_text(
         cfg.out / REJECTS_NAME, "".join(json.dumps(r, sort_keys=True) + "\n" for r in [*rejects, *problems])
     )
