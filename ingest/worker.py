@@ -41,7 +41,7 @@ from shards.format import CLASS_NAMES
 from shards.geometry import boxes_to_letterbox
 from shards.label_csv import LabelProblem
 from shards.manifest import SHARDS_DIR, WORK_DIR, atomic_write_text, sha256_file
-from shards.writer import ShardWriter, drop_cached_pages
+from shards.writer import ShardWriter
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +160,7 @@ def sample_outcome(dicom_dir: str, sample: PlannedSample, processing: dict) -> P
     :func:`build_shard_isolated` are for.
     """
     try:
-        with open(Path(dicom_dir) / sample.path, "rb") as f:
-            data = f.read()
-            drop_cached_pages(f.fileno())  # each file is read once
+        data = (Path(dicom_dir) / sample.path).read_bytes()
     except OSError as exc:
         return Reject(sample.path, "unreadable", f"{type(exc).__name__}: {exc}")
     try:

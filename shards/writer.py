@@ -51,10 +51,10 @@ def drop_cached_pages(fd: int) -> None:
     the file's clean pages from the page cache, and starts writing back the dirty ones so that
     they can be dropped soon.
 
-    The ingest reads 2.5 GB and writes 11 GB for RSNA's 26,684 files: without this the page
-    cache filled up halfway and reclaiming it cost the workers 53 s of system time (2 cores,
-    24 GiB; 12 s with it, ``python -m ingest`` on the full synthetic set). A no-op where the
-    platform or filesystem has no such advice.
+    The ingest writes 11 GB of shards for RSNA's 26,684 files: without this the page cache
+    filled up halfway and reclaiming it cost the workers 53 s of system time (2 cores, 24 GiB;
+    12 s with it, ``python -m ingest`` on the full synthetic set). A no-op where the platform
+    or filesystem has no such advice.
     """
     with contextlib.suppress(AttributeError, OSError):
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
