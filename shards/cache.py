@@ -481,16 +481,12 @@ def _copy_file(store: Store, rel: str, dest: Path) -> None:
                 while chunk := src.read(CHUNK):
                     dst.write(chunk)
             os.replace(tmp, dest)
-        except FileNotFoundError as exc:
+        except BaseException as exc:
             tmp.unlink(missing_ok=True)
-            raise DatasetNotFoundError(f"{url}: not found") from exc
-        except OSError as exc:
-            tmp.unlink(missing_ok=True)
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            if isinstance(exc, FileNotFoundError):
+                raise DatasetNotFoundError(f"{url}: not found") from exc
+            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise _cache_error(dest.parent, exc, f"writing {url}") from exc
-            raise
-        except BaseException:
-            tmp.unlink(missing_ok=True)
             raise
 
     retrying(url, attempt, not_retried=(DatasetNotFoundError, CacheFullError),

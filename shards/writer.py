@@ -21,8 +21,8 @@ from shards.format import (
     TAR_MODE,
     TAR_MTIME,
     check_key,
-    image_parts,
     encode_meta,
+    image_parts,
 )
 
 
