@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -36,6 +37,7 @@ from ingest import transforms
 from ingest.dicom import DicomRejected, describe
 from ingest.isolate import ChildDied, ChildTimedOut, IsolatedProcess
 from ingest.plan import PlannedSample, Reject, ShardTask
+from ingest.readahead import ReadAhead
 from ingest.render import render
 from shards.format import CLASS_NAMES
 from shards.geometry import boxes_to_letterbox
@@ -159,8 +161,13 @@ def sample_outcome(dicom_dir: str, sample: PlannedSample, processing: dict) -> P
     Only a process that dies or hangs escapes this: that is what the watchdog and
     :func:`build_shard_isolated` are for.
     """
+    return read_outcome(lambda: (Path(dicom_dir) / sample.path).read_bytes(), sample, processing)
+
+
+def read_outcome(read: Callable[[], bytes], sample: PlannedSample, processing: dict) -> ProcessedSample | Reject:
+    """:func:`sample_outcome`, the file's bytes coming from ``read`` (see :mod:`ingest.readahead`)."""
     try:
-        data = (Path(dicom_dir) / sample.path).read_bytes()
+        data = read()
     except OSError as exc:
         return Reject(sample.path, "unreadable", f"{type(exc).__name__}: {exc}")
     try:
@@ -269,17 +276,21 @@ def build_shard(task: ShardTask, timeout_s: float = 300.0, known: dict[str, Reje
     announce_start()
     keep_freed_buffers()
     out = Path(task.out)
+    known = known or {}
+    # The watchdog is armed while the decoder waits for a file's bytes too: a read that hangs
+    # is a poison file like a decode that hangs.
+    with ReadAhead(task.dicom_dir, [s.path for s in task.samples if s.path not in known]) as files:
 
-    def outcome(sample: PlannedSample) -> ProcessedSample | Reject:
-        note = {"path": sample.path, "reason": "sample_timeout",
-                "detail": f"still busy after {timeout_s:g} s (--sample-timeout); its worker was restarted"}
-        WATCHDOG.arm(timeout_s, suspect_note_path(out, task.name, sample.path), note)
-        try:
-            return sample_outcome(task.dicom_dir, sample, task.processing)
-        finally:
-            WATCHDOG.disarm()
+        def outcome(sample: PlannedSample) -> ProcessedSample | Reject:
+            note = {"path": sample.path, "reason": "sample_timeout",
+                    "detail": f"still busy after {timeout_s:g} s (--sample-timeout); its worker was restarted"}
+            WATCHDOG.arm(timeout_s, suspect_note_path(out, task.name, sample.path), note)
+            try:
+                return read_outcome(functools.partial(files.next, sample.path), sample, task.processing)
+            finally:
+                WATCHDOG.disarm()
 
-    return _write_shard(task, outcome, known or {}, isolated=False)
+        return _write_shard(task, outcome, known, isolated=False)
 
 
 def _isolated_outcome(dicom_dir: str, sample: PlannedSample, processing: dict) -> tuple[Any, ...]:
@@ -331,8 +342,9 @@ def _write_shard(
     rejects: list[dict] = []
     problems: list[dict] = []
     fast = 0
-    # Not synced here: a worker never waits for the disk. The driver syncs every shard before
-    # it writes the manifest, and a resumed run re-hashes what it reuses (reusable_record).
+    # Not synced here: a worker's decoding never waits for the disk (the writer's flusher
+    # thread does). The driver syncs every shard before it writes the manifest, and a resumed
+    # run re-hashes what it reuses (reusable_record).
     with ShardWriter(out / SHARDS_DIR / task.name, durable=False) as writer:
         for sample in task.samples:
             done = known.get(sample.path) or outcome(sample)

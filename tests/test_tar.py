@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -196,3 +197,28 @@ def test_writer_bytes_are_tarfiles_pax_bytes(tmp_path: Path, key_len: int) -> No
         np.save(npy, np.ascontiguousarray(image), allow_pickle=False)
         assert encode_image(image) == npy.getvalue()
     assert writer.result is not None and writer.result.bytes == len(expected.getvalue())
+
+
+def test_writer_not_durable_writes_the_same_bytes_and_hands_its_file_to_the_flusher(tmp_path: Path) -> None:
+    """``durable=False`` (the ingest's workers): the same bytes as a durable write; the file's
+    write-back and page drop happen in the flusher's thread, which closes its descriptor."""
+    from shards import writer as writer_mod
+
+    def fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    def shard(path: Path, durable: bool) -> None:
+        with writer_mod.ShardWriter(path, durable=durable) as w:
+            for i in range(3):
+                w.write(f"k{i}", np.full((64, 64), i, np.uint8), {"key": f"k{i}"})
+
+    shard(tmp_path / "durable.tar", True)
+    before = fds()
+    for i in range(3):
+        shard(tmp_path / f"fast-{i}.tar", False)
+    pending = writer_mod._FLUSHER._pending
+    assert pending is not None and pending.name == "pneumo-shard-flush"
+    pending.join(timeout=30)
+    assert fds() == before
+    for i in range(3):
+        assert (tmp_path / f"fast-{i}.tar").read_bytes() == (tmp_path / "durable.tar").read_bytes()
