@@ -177,16 +177,22 @@ def test_served_shard_with_other_bytes_raises_checksum_error_naming_the_url(ngin
     assert not list((tmp_path / "cache" / SHARDS_DIR).glob(".*tmp*"))  # nothing half-written left
 
 
-def test_damaged_cached_copy_is_rechecked_and_fetched_again(nginx, ingested_small, tmp_path):
+def _flip(b: bytes) -> bytes:
+    return b[:100] + bytes([b[100] ^ 1]) + b[101:]
+
+
+@pytest.mark.parametrize("damage", [_flip, lambda b: b + b"\0", lambda b: b[:-1], lambda b: b""],
+                         ids=["byte-flipped", "one-byte-longer", "one-byte-shorter", "empty"])
+def test_damaged_cached_copy_is_rechecked_and_fetched_again(nginx, ingested_small, tmp_path, damage):
+    """Copies are read into buffers that are not zeroed first: only the bytes that arrived
+    count, so a copy cut short or grown by its end fails like one with a flipped byte."""
     url = nginx["url"] + "bkt/ds"
     store = open_store(url)
     shard = read_manifest(ingested_small).shards[0]
     cache = ShardCache(tmp_path / "cache")
     with cache.hold(store, shard) as path:
         good = path.read_bytes()
-    damaged = bytearray(good)
-    damaged[100] ^= 1
-    path.write_bytes(bytes(damaged))
+    path.write_bytes(damage(good))
     before = _shard_gets(nginx["state"]).count(f"/bkt/ds/shards/{shard.name}")
     with cache.hold(store, shard) as again:
         assert again.read_bytes() == good
