@@ -7,9 +7,10 @@ import logging
 import os
 from collections.abc import Iterator
 
+import dask
 from distributed import Client, LocalCluster
 
-from ingest.cluster_base import ClusterError, dashboard_address, log_dashboard
+from ingest.cluster_base import ClusterError, dashboard_address, log_dashboard, worker_profiling_off
 from ingest.config import IngestConfig
 
 __all__ = ["ClusterError", "open_client"]
@@ -33,13 +34,16 @@ def open_client(cfg: IngestConfig) -> Iterator[Client]:
             yield client
         return
     workers = cfg.workers or os.cpu_count() or 1
-    cluster = LocalCluster(
-        n_workers=workers,
-        threads_per_worker=1,
-        processes=True,
-        dashboard_address=dashboard_address(),
-        silence_logs=logging.WARNING,
-    )
+    # The nannies hand this config to the worker processes they start.
+    profiling = {"distributed.worker.profile.enabled": False} if worker_profiling_off() else {}
+    with dask.config.set(profiling):
+        cluster = LocalCluster(
+            n_workers=workers,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=dashboard_address(),
+            silence_logs=logging.WARNING,
+        )
     try:
         with Client(cluster) as client:
             log.info("local Dask cluster: %d worker process(es)", workers)

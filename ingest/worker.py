@@ -336,7 +336,7 @@ def _write_shard(
     known: dict[str, Reject],
     isolated: bool,
 ) -> dict[str, Any]:
-    t0, started = time.perf_counter(), time.time()
+    t0, started, cpu0 = time.perf_counter(), time.time(), time.process_time()
     out = Path(task.out)
     metas: list[dict[str, Any]] = []
     rejects: list[dict] = []
@@ -371,6 +371,8 @@ def _write_shard(
         "fast_path": fast,
         "isolated": isolated,
         "seconds": time.perf_counter() - t0,
+        # Of the whole worker process, helper threads included (one task runs at a time).
+        "cpu_seconds": time.process_time() - cpu0,
         "started": started,
         "finished": time.time(),
         "worker_pid": os.getpid(),

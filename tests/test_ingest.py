@@ -229,3 +229,16 @@ def test_sigkill_then_resume_is_byte_identical(ingested_small: Path, synth_small
     assert _shard_bytes(out) == _shard_bytes(ingested_small)
     assert read_manifest(out).shards == read_manifest(ingested_small).shards
     assert not (out / ".ingest").exists()
+
+
+def test_local_workers_run_without_dasks_profiler(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its sampling every 10 ms cost 7% of a worker's CPU (see ``ingest.cluster_base``)."""
+    from ingest.cluster import open_client
+    from ingest.cluster_base import PROFILE_ENV
+
+    def profiling(dask_worker) -> bool:  # noqa: ANN001 (client.run passes the worker by this name)
+        return "profile" in dask_worker.periodic_callbacks
+
+    monkeypatch.delenv(PROFILE_ENV, raising=False)
+    with open_client(IngestConfig(dicom_dir=tmp_path, out=tmp_path / "out", workers=1)) as client:
+        assert list(client.run(profiling).values()) == [False]
