@@ -377,7 +377,8 @@ def open_source(location: str | Path, *, cache_dir: Path | str | None = None,
 
 
 class Prefetcher:
-    """Hands out a lane's shards in order, fetching (and checking) ahead on one thread.
+    """Hands out a lane's shards in order, fetching (and checking) ahead on
+    :data:`FETCH_THREADS` threads.
 
     Use :meth:`get` for each shard in turn (a context manager holding the copy), and
     :meth:`close` at the end (also releases what was fetched but never read).
