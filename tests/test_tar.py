@@ -222,3 +222,33 @@ def test_writer_not_durable_writes_the_same_bytes_and_hands_its_file_to_the_flus
     assert fds() == before
     for i in range(3):
         assert (tmp_path / f"fast-{i}.tar").read_bytes() == (tmp_path / "durable.tar").read_bytes()
+
+
+def test_flusher_holds_back_a_writer_whose_last_shard_is_not_on_disk_yet(tmp_path: Path, monkeypatch) -> None:
+    """One write-back at a time: with the disk slower than the writer, the next shard's close
+    waits for the last one instead of piling up dirty pages. The disk is made slow from
+    outside (``os.fdatasync`` held by the test)."""
+    import threading
+
+    from shards import writer as writer_mod
+
+    disk_free = threading.Event()
+    real_fdatasync = os.fdatasync
+    monkeypatch.setattr(writer_mod.os, "fdatasync", lambda fd: (disk_free.wait(30), real_fdatasync(fd)))
+    flusher = writer_mod._Flusher()
+    monkeypatch.setattr(writer_mod, "_FLUSHER", flusher)
+
+    def shard(name: str) -> None:
+        with writer_mod.ShardWriter(tmp_path / name, durable=False) as w:
+            w.write("k", np.zeros((8, 8), np.uint8), {"key": "k"})
+
+    shard("a.tar")  # its write-back now waits on the slow disk
+    second = threading.Thread(target=shard, args=("b.tar",))
+    second.start()
+    second.join(timeout=0.5)
+    assert second.is_alive(), "the second shard's close did not wait for the first one's write-back"
+    disk_free.set()
+    second.join(timeout=30)
+    assert not second.is_alive()
+    flusher._pending.join(timeout=30)
+    assert (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()
