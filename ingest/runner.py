@@ -22,7 +22,7 @@ import contextlib
 import dataclasses
 import logging
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -55,8 +55,13 @@ ISOLATED_TRIES = 3
 """Isolated rebuilds of a shard before its files are given up: more than one, because the
 worker of an isolated rebuild dies only of causes outside it (another task, the machine)."""
 QUEUED_DEATHS = 2
-"""Deaths of a worker a task was only queued on that are forgiven before they count (the
-start event of a task that crashes at once may be lost with its worker)."""
+"""Deaths of a worker a task was only queued on that are forgiven before they count, when
+no other task is known to have been running there (the start event of a task that crashes
+at once may be lost with its worker)."""
+QUEUED_BEHIND_DEATHS = 12
+"""The same, when another unfinished task had announced its start on that worker last: a
+shard queued behind a poison shard's every try meets up to ``2 + ISOLATED_TRIES`` deaths that
+are not its own. Still bounded, in case the other task had in fact finished there."""
 
 POISON_REASONS = ("worker_crashed", "sample_timeout")
 """Rejects the driver also logs: the files that killed or hung a worker."""
@@ -114,7 +119,17 @@ def drive(
 
 def _started(client: Client, key: str) -> bool:
     """True if the task ``key`` announced that it started (``announce_start``)."""
-    return any(msg == key for _, msg in client.get_events(STARTED_TOPIC))
+    return any(msg.get("key") == key for _, msg in client.get_events(STARTED_TOPIC))
+
+
+def _last_started_on(client: Client, worker: str | None) -> str | None:
+    """The key of the task that announced its start on ``worker`` last: with one thread per
+    worker, the one running there when it died, unless its own announcement was lost."""
+    last = None
+    for _, msg in client.get_events(STARTED_TOPIC):
+        if worker is not None and msg.get("worker") == worker:
+            last = msg.get("key")
+    return last
 
 
 @dataclasses.dataclass
@@ -138,8 +153,12 @@ def _submit_shard(client: Client, cfg: IngestConfig, state: _ShardState) -> Futu
     return client.submit(fn, state.task, cfg.sample_timeout, state.known, key=key, pure=False, retries=3)
 
 
-def _after_death(cfg: IngestConfig, client: Client, key: str, state: _ShardState) -> bool:
-    """Account for a worker that died with ``state``'s shard on it; False to give it up."""
+def _after_death(cfg: IngestConfig, client: Client, key: str, state: _ShardState,
+                 worker: str | None = None, finished: Collection[str] = ()) -> bool:
+    """Account for a worker that died with ``state``'s shard on it; False to give it up.
+
+    ``worker``: the dead worker's address; ``finished``: keys whose results arrived.
+    """
     task = state.task
     notes = read_suspects(cfg.out, task.name)
     new = {p: r for p, r in notes.items() if p not in state.known}
@@ -148,10 +167,14 @@ def _after_death(cfg: IngestConfig, client: Client, key: str, state: _ShardState
         for rej in new.values():
             log.warning("shard %s: %s: %s (%s); rebuilding the shard without it", task.name, rej.path, rej.reason, rej.detail)
         return True
-    if state.queued_deaths < QUEUED_DEATHS and not _started(client, key):
-        state.queued_deaths += 1
-        log.info("shard %s was queued on a worker that died; submitting it again", task.name)
-        return True
+    if not _started(client, key):
+        culprit = _last_started_on(client, worker)
+        behind = culprit is not None and culprit != key and culprit not in finished
+        if state.queued_deaths < (QUEUED_BEHIND_DEATHS if behind else QUEUED_DEATHS):
+            state.queued_deaths += 1
+            log.info("shard %s was queued on a worker that died%s; submitting it again",
+                     task.name, f" running {culprit}" if behind else "")
+            return True
     state.deaths += 1
     if state.deaths == 1:
         log.warning("shard %s: its worker died; retrying it once", task.name)
@@ -164,16 +187,18 @@ def _after_death(cfg: IngestConfig, client: Client, key: str, state: _ShardState
     return True
 
 
-def _shard_outcome(cfg: IngestConfig, client: Client, future: Future, state: _ShardState) -> dict[str, Any] | None:
+def _shard_outcome(cfg: IngestConfig, client: Client, future: Future, state: _ShardState,
+                   finished: Collection[str] = ()) -> dict[str, Any] | None:
     """The record of a finished shard task; None when its worker died and it is to be built
     again; the record of an abandoned shard when its workers keep dying."""
     try:
         return future.result()
-    except KilledWorker:
+    except KilledWorker as exc:
         done = reusable_record(cfg.out, state.task)
         if done is not None:  # it finished; its worker died before the result was fetched
             return done
-        if _after_death(cfg, client, str(future.key), state):
+        worker = getattr(exc.last_worker, "address", None)
+        if _after_death(cfg, client, str(future.key), state, worker, finished):
             return None
     detail = (f"the workers building shard {state.task.name} died {state.deaths} times, "
               f"{ISOLATED_TRIES} times while decoding its files one by one in isolated processes")
@@ -186,10 +211,14 @@ def build_shards(cfg: IngestConfig, client: Client, pending: list[ShardTask], re
     bar = tqdm(total=sum(len(t.samples) for t in pending), unit="img", desc="ingest", disable=not cfg.progress,
                file=sys.stderr, smoothing=0.1)
 
+    finished: set[str] = set()
+
     def finish(state: _ShardState, future: Future) -> list[_ShardState]:
-        record = _shard_outcome(cfg, client, future, state)
+        record = _shard_outcome(cfg, client, future, state, finished)
         if record is None:
             return [state]
+        if future.status == "finished":  # not a task that died (its shard abandoned)
+            finished.add(str(future.key))
         records[record["name"]] = record
         for rej in record["rejects"]:
             if rej["reason"] in POISON_REASONS:

@@ -179,13 +179,14 @@ def read_outcome(read: Callable[[], bytes], sample: PlannedSample, processing: d
 
 
 def announce_start() -> None:
-    """Tell the scheduler that this task now runs: when its worker dies, the driver counts the
-    death against this task, not against one that was only queued behind it."""
+    """Tell the scheduler that this task now runs, and on which worker: when its worker dies,
+    the driver counts the death against this task, not against one that was only queued
+    behind it (``ingest.runner``)."""
     try:
         worker = get_worker()
     except ValueError:
         return  # called outside a Dask worker (tests, the driver)
-    worker.log_event(STARTED_TOPIC, str(worker.get_current_task()))
+    worker.log_event(STARTED_TOPIC, {"key": str(worker.get_current_task()), "worker": worker.address})
 
 
 class _Watchdog:

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from ingest import runner
 from ingest.config import IngestConfig
 from ingest.isolate import ChildDied, ChildTimedOut, IsolatedProcess
 from ingest.pipeline import run_ingest
@@ -195,3 +196,40 @@ def test_patient_ids_by_tag_or_by_name_on_a_renamed_set(synth_small: Any, tmp_pa
     for path, line in lines.items():
         assert repr(tag_of[path]) in line["detail"] and repr(Path(path).stem) in line["detail"]
         assert line["patient_id"] == Path(path).stem
+
+
+class _Events:
+    """The client's side of ``get_events`` for the start announcements (``announce_start``)."""
+
+    def __init__(self, *started: tuple[str, str]) -> None:
+        self._events = [(float(i), {"key": key, "worker": worker}) for i, (key, worker) in enumerate(started)]
+
+    def get_events(self, topic: str) -> list[tuple[float, dict[str, str]]]:
+        return self._events
+
+
+@pytest.mark.parametrize(
+    "started, finished, forgiven",
+    [
+        ([("other", "w1")], set(), runner.QUEUED_BEHIND_DEATHS),  # queued behind a task running on w1
+        ([("other", "w1")], {"other"}, runner.QUEUED_DEATHS),  # that task had finished: the culprit is unknown
+        ([("other", "w2")], set(), runner.QUEUED_DEATHS),  # nothing known about w1
+        ([("other", "w1"), ("mine", "w0")], set(), 0),  # it ran (elsewhere, earlier): every death counts
+    ],
+    ids=["queued-behind-a-running-task", "behind-a-finished-task", "unknown-worker", "it-started"],
+)
+def test_a_shard_queued_behind_anothers_crash_is_not_blamed(
+    tmp_path: Path, started: list[tuple[str, str]], finished: set[str], forgiven: int
+) -> None:
+    """A worker that dies kills the task running on it and those queued behind it; only the
+    running one (the last to announce its start there) is blamed, so a healthy shard stuck
+    behind a poison shard's every try is not rebuilt in isolation, then given up."""
+    from types import SimpleNamespace
+
+    state = runner._ShardState(SimpleNamespace(name="train-000001.tar"), {})  # type: ignore[arg-type]
+    cfg = SimpleNamespace(out=tmp_path)
+    for _ in range(forgiven):
+        assert runner._after_death(cfg, _Events(*started), "mine", state, "w1", finished)  # type: ignore[arg-type]
+        assert state.deaths == 0
+    assert runner._after_death(cfg, _Events(*started), "mine", state, "w1", finished)  # type: ignore[arg-type]
+    assert state.deaths == 1
