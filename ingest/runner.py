@@ -117,19 +117,22 @@ def drive(
             running.add(again)
 
 
-def _started(client: Client, key: str) -> bool:
-    """True if the task ``key`` announced that it started (``announce_start``)."""
-    return any(msg.get("key") == key for _, msg in client.get_events(STARTED_TOPIC))
+def _starts(client: Client) -> list[dict[str, str]]:
+    """The start announcements of the run's tasks so far, in order (``announce_start``)."""
+    return [msg for _, msg in client.get_events(STARTED_TOPIC)]
 
 
-def _last_started_on(client: Client, worker: str | None) -> str | None:
+def _started(starts: list[dict[str, str]], key: str) -> bool:
+    """True if the task ``key`` announced that it started."""
+    return any(msg.get("key") == key for msg in starts)
+
+
+def _last_started_on(starts: list[dict[str, str]], worker: str | None) -> str | None:
     """The key of the task that announced its start on ``worker`` last: with one thread per
     worker, the one running there when it died, unless its own announcement was lost."""
-    last = None
-    for _, msg in client.get_events(STARTED_TOPIC):
-        if worker is not None and msg.get("worker") == worker:
-            last = msg.get("key")
-    return last
+    if worker is None:
+        return None
+    return next((msg.get("key") for msg in reversed(starts) if msg.get("worker") == worker), None)
 
 
 @dataclasses.dataclass
@@ -167,8 +170,9 @@ def _after_death(cfg: IngestConfig, client: Client, key: str, state: _ShardState
         for rej in new.values():
             log.warning("shard %s: %s: %s (%s); rebuilding the shard without it", task.name, rej.path, rej.reason, rej.detail)
         return True
-    if not _started(client, key):
-        culprit = _last_started_on(client, worker)
+    starts = _starts(client)  # one round trip to the scheduler for both questions
+    if not _started(starts, key):
+        culprit = _last_started_on(starts, worker)
         behind = culprit is not None and culprit != key and culprit not in finished
         if state.queued_deaths < (QUEUED_BEHIND_DEATHS if behind else QUEUED_DEATHS):
             state.queued_deaths += 1
@@ -278,7 +282,7 @@ def read_tags(cfg: IngestConfig, client: Callable[[], Client], rels: list[str]) 
 def _tag_death(cfg: IngestConfig, client: Client, key: str, job: _TagJob, tags: dict[str, TagResult]) -> list[_TagJob]:
     """A header-reading task's worker died: submit it again if it had not started; split a
     batch into one task per file; retry a file once, then give it up."""
-    if job.queued_deaths < QUEUED_DEATHS and not _started(client, key):
+    if job.queued_deaths < QUEUED_DEATHS and not _started(_starts(client), key):
         job.queued_deaths += 1
         return [job]
     if len(job.rels) > 1:
