@@ -289,6 +289,33 @@ def test_lanes_fetching_one_shard_while_holding_it_never_wait_for_each_other(ngi
         for fd in held:
             os.close(fd)
 
+def test_every_lane_starts_fetching_before_the_first_batch(ingested_small, tmp_path, monkeypatch):
+    """The first batch needs the first window of every lane: all lanes ask for their first
+    shard at once. Here a fetch returns only once every lane has asked for its first shard, so
+    lanes that started one after another (each once the previous one had its first window, as
+    they once did) never get past the first fetch."""
+    from train.data import ShardLoader, read_split
+
+    info = read_split(open_source(ingested_small, cache_dir=tmp_path / "cache"), "train")
+    loader = ShardLoader(info, rank=0, world=1, global_batch=4, lanes=4, workers=0)
+    firsts = {info.shards[lane.spans[0].shard].name for lane in loader.plan(0).lanes}
+    asked: set[str] = set()
+    all_asked = threading.Event()
+    acquire = ShardCache.acquire
+
+    def acquire_once_every_lane_asked(self, store, shard):
+        asked.add(shard.name)
+        if firsts <= asked:
+            all_asked.set()
+        if not all_asked.wait(timeout=20):
+            raise TimeoutError(f"only the first shards {sorted(asked & firsts)} of {sorted(firsts)} were asked for")
+        return acquire(self, store, shard)
+
+    monkeypatch.setattr(ShardCache, "acquire", acquire_once_every_lane_asked)
+    assert len(firsts) == 4
+    assert sum(len(b) for b in loader.epoch(0)) >= info.samples
+
+
 RANK_SCRIPT = """
 import sys
 from pathlib import Path

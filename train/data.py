@@ -346,26 +346,24 @@ def read_split(root: Path | str | ShardSource, split: str, *, manifest: Manifest
 # --------------------------------------------------------------------------- streaming
 
 
-def _read_raw(info: SplitInfo, spans: Sequence[Span], start: int) -> Iterator[tuple[int, Sample]]:
-    """Yield (raw position, sample) of a lane's raw sequence from ``start`` on.
-
-    Each shard touched is read to its end (its sha256 checked by ``iter_samples``) and its
-    sample count and keys are checked against the manifest and labels.zarr. Remote (or
-    cached) shards start to be fetched when this is called, a few ahead of the reader, so
-    that every lane's first shards arrive together and reading does not wait on the network.
-    """
+def _spans_from(spans: Sequence[Span], start: int) -> list[tuple[int, Span]]:
+    """(raw position of the span, span) of each span holding raw positions ``>= start``."""
     pos, todo = 0, []
-    for span in spans:  # (raw position of the span, span) of the spans still to be read
+    for span in spans:
         if pos + span.stop - span.start > start:
             todo.append((pos, span))
         pos += span.stop - span.start
-    fetcher = info.source.prefetcher([info.shards[span.shard] for _, span in todo])
-    fetcher.start()
-    return _read_fetched(info, todo, start, fetcher)
+    return todo
 
 
 def _read_fetched(info: SplitInfo, todo: list[tuple[int, Span]], start: int,
                   fetcher: Prefetcher) -> Iterator[tuple[int, Sample]]:
+    """Yield (raw position, sample) of a lane's raw sequence from ``start`` on, the shards of
+    ``todo`` coming from ``fetcher`` (which this closes at the end).
+
+    Each shard touched is read to its end (its sha256 checked by ``iter_samples``) and its
+    sample count and keys are checked against the manifest and labels.zarr.
+    """
     try:
         for k, (pos, span) in enumerate(todo):
             shard = info.shards[span.shard]
@@ -402,8 +400,40 @@ def _read_span(info: SplitInfo, span: Span, pos: int, start: int,
         raise FormatError(f"{shard.name}: holds {count}+ samples, the manifest says {shard.samples}")
 
 
-def _iter_lane(info: SplitInfo, lane: Lane, first_slot: int) -> Iterator[tuple[Sample, bool]]:
-    """The lane's samples from slot ``first_slot`` on, with their validity.
+class _LaneStream:
+    """A lane's samples from slot ``first_slot`` on, with their validity (an iterator).
+
+    Its remote (or cached) shards start to be fetched, a few ahead of the reader, when it is
+    made, not when it is first read: :class:`LaneDataset` makes all of its lanes before
+    reading any, so that the first shards of every lane, which the first batch needs,
+    arrive together. (Made lazily, lane ``k`` began fetching only once lane ``k - 1`` had
+    its first window: a cold epoch's first batch waited for the lanes one after another.)
+    :meth:`close` releases what was fetched, whether the lane was read or not.
+    """
+
+    def __init__(self, info: SplitInfo, lane: Lane, first_slot: int) -> None:
+        wanted = lane.order[first_slot:]
+        start = int(wanted.min()) if len(wanted) else 0
+        todo = _spans_from(lane.spans, start) if len(wanted) else []
+        self._fetcher = info.source.prefetcher([info.shards[span.shard] for _, span in todo])
+        self._fetcher.start()
+        reader = _read_fetched(info, todo, start, self._fetcher)
+        self._samples = _keep_window(reader, wanted, lane.valid[first_slot:])
+
+    def __iter__(self) -> Iterator[tuple[Sample, bool]]:
+        return self
+
+    def __next__(self) -> tuple[Sample, bool]:
+        return next(self._samples)
+
+    def close(self) -> None:
+        self._samples.close()
+        self._fetcher.close()
+
+
+def _keep_window(reader: Iterator[tuple[int, Sample]], wanted: np.ndarray,
+                 valid: np.ndarray) -> Iterator[tuple[Sample, bool]]:
+    """The samples at raw positions ``wanted``, in that order, from the lane's raw sequence.
 
     Reads the raw sequence once, keeping only samples still to be yielded (at most one
     window plus the padding repeats). A kept image is copied into a recycled buffer and the
@@ -411,14 +441,12 @@ def _iter_lane(info: SplitInfo, lane: Lane, first_slot: int) -> Iterator[tuple[S
     images makes the allocator hand out new pages all the time, and the page faults cost
     more than the copy. A yielded image stays valid until the next ``next()`` call.
     """
-    wanted = lane.order[first_slot:]
     if len(wanted) == 0:
         return
     uses = Counter(wanted.tolist())
-    reader = _read_raw(info, lane.spans, int(wanted.min()))
     held: dict[int, Sample] = {}
     pool: list[np.ndarray] = []
-    for pos, ok in zip(wanted.tolist(), lane.valid[first_slot:].tolist()):
+    for pos, ok in zip(wanted.tolist(), valid.tolist()):
         while pos not in held:
             raw, sample = next(reader)
             if not uses[raw]:
@@ -490,21 +518,32 @@ class LaneDataset(IterableDataset):
         lanes = self.worker_lanes(worker, workers)
         chunk, first = self.plan.chunk, self.first_step
         ids = {i: self.plan.lane_ids(i) for i in lanes}
-        streams = {i: _iter_lane(self.info, self.plan.lanes[i], first * chunk) for i in lanes}
+        streams: dict[int, _LaneStream] = {}
+        try:
+            for i in lanes:  # every lane starts fetching now
+                streams[i] = _LaneStream(self.info, self.plan.lanes[i], first * chunk)
+            yield from self._steps(streams, ids, worker, in_worker=winfo is not None)
+        finally:
+            for stream in streams.values():
+                stream.close()
+
+    def _steps(self, streams: dict[int, _LaneStream], ids: dict[int, np.ndarray], worker: int, *,
+               in_worker: bool) -> Iterator[dict[str, Any]]:
+        chunk, first = self.plan.chunk, self.first_step
         size = self.info.size
-        n = len(lanes) * chunk
+        n = len(streams) * chunk
         for step in range(first, self.plan.steps):
             # In a worker, allocate the batch in shared memory: the DataLoader then passes
             # it to the main process without another copy.
-            if winfo is None:
-                images = torch.from_numpy(np.empty((n, size, size), np.uint8))
-            else:
+            if in_worker:
                 images = torch.empty((n, size, size), dtype=torch.uint8).share_memory_()
+            else:
+                images = torch.from_numpy(np.empty((n, size, size), np.uint8))
             pixels = images.numpy()
             samples = []
-            for i in lanes:
+            for i, stream in streams.items():
                 for k in range(chunk):
-                    sample, ok = next(streams[i])
+                    sample, ok = next(stream)
                     pixels[len(samples)] = sample.image  # copy now: the lane reuses buffers
                     samples.append((int(ids[i][step * chunk + k]), Sample(sample.key, _EMPTY, sample.meta), ok))
             item = _collate(samples, images, self.with_meta)
