@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import dask
 from distributed import Client, LocalCluster
 
-from ingest.cluster_base import ClusterError, dashboard_address, log_dashboard, worker_profiling_off
+from ingest.cluster_base import ClusterError, dashboard_address, log_dashboard, worker_config
 from ingest.config import IngestConfig
 
 __all__ = ["ClusterError", "open_client"]
@@ -35,8 +35,7 @@ def open_client(cfg: IngestConfig) -> Iterator[Client]:
         return
     workers = cfg.workers or os.cpu_count() or 1
     # The nannies hand this config to the worker processes they start.
-    profiling = {"distributed.worker.profile.enabled": False} if worker_profiling_off() else {}
-    with dask.config.set(profiling):
+    with dask.config.set(worker_config()):
         cluster = LocalCluster(
             n_workers=workers,
             threads_per_worker=1,

@@ -1,5 +1,5 @@
 """What both kinds of ingest cluster share: the error a driver exits 1 on, the dashboard, and
-the workers' profiler setting.
+the workers' Dask settings.
 
 ``ingest.cluster`` (which cluster to start) and ``ingest.slurm`` (the Slurm one) both import
 this module and not each other's, so the two stand in one direction: cluster -> slurm -> here.
@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import socket
+from typing import Any
 
 from distributed import Client
 
@@ -20,19 +21,33 @@ DEFAULT_DASHBOARD = "127.0.0.1:8787"
 """Loopback only: on a shared node the dashboard is reached through an ssh tunnel, never from the network."""
 
 
-PROFILE_ENV = "DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED"
-"""Dask's own switch for its statistical profiler in each worker (see :func:`worker_profiling_off`)."""
+QUIET_WORKERS: dict[str, Any] = {
+    # Dask's statistical profiler samples every worker's stacks every 10 ms for the dashboard's
+    # Profile page: 7% of an ingest worker's CPU (images per CPU second of one worker, 4 paired
+    # runs: median 132 with it, 142 without).
+    "distributed.worker.profile.enabled": False,
+    # The worker's event loop wakes every 20 ms to check that it is not blocked, every 100 ms
+    # to measure its own memory, and every 500 ms for the dashboard's system plots: together
+    # 21-24 ms of CPU per second in an idle worker, 3.5-3.8 ms with these.
+    "distributed.admin.tick.interval": "1s",
+    "distributed.worker.memory.monitor-interval": "1s",
+    "distributed.admin.system-monitor.interval": "2s",
+}
+"""Dask settings of the ingest's workers: what a worker does beside its tasks, for the
+dashboard, made rarer or turned off. Each applies unless the environment sets it (see
+:func:`worker_config`)."""
 
 
-def worker_profiling_off() -> bool:
-    """Whether the ingest turns off Dask's statistical profiler in its workers.
+def env_name(key: str) -> str:
+    """The environment variable through which Dask reads config ``key``."""
+    return "DASK_" + key.upper().replace(".", "__").replace("-", "_")
 
-    It samples every worker's stacks every 10 ms for the dashboard's Profile page, and cost 7%
-    of an ingest worker's CPU (images per CPU second of one worker, 4 paired runs: median 132
-    with it, 142 without). Off unless the environment sets :data:`PROFILE_ENV` itself, for
-    whoever wants that page back.
-    """
-    return PROFILE_ENV not in os.environ
+
+def worker_config() -> dict[str, Any]:
+    """The :data:`QUIET_WORKERS` settings to give the workers: all but those the environment
+    sets itself (``DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=True`` brings the Profile page
+    back)."""
+    return {k: v for k, v in QUIET_WORKERS.items() if env_name(k) not in os.environ}
 
 
 class ClusterError(RuntimeError):

@@ -63,7 +63,7 @@ from distributed import Client, Scheduler
 from distributed.diagnostics.plugin import SchedulerPlugin
 from distributed.security import Security
 
-from ingest.cluster_base import PROFILE_ENV, ClusterError, dashboard_address, log_dashboard, worker_profiling_off
+from ingest.cluster_base import ClusterError, dashboard_address, env_name, log_dashboard, worker_config
 from ingest.config import IngestConfig
 from shards.manifest import WORK_DIR
 
@@ -154,8 +154,9 @@ def cluster_kwargs(cfg: IngestConfig) -> dict[str, Any]:
         # Each worker serves HTTP (metrics, health), by default on every interface of its node.
         extra += ["--dashboard-address", WORKER_HTTP_ADDRESS]
     kw["worker_extra_args"] = extra
-    if worker_profiling_off():  # the worker jobs read their config from their environment
-        kw["job_script_prologue"] = [*(_conf("job-script-prologue") or []), f"export {PROFILE_ENV}=False"]
+    if quiet := worker_config():  # the worker jobs read their config from their environment
+        kw["job_script_prologue"] = [*(_conf("job-script-prologue") or []),
+                                     *(f"export {env_name(k)}={v}" for k, v in quiet.items())]
     return kw
 
 

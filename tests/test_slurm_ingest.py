@@ -22,7 +22,7 @@ import dask
 import pytest
 
 from ingest import slurm
-from ingest.cluster_base import PROFILE_ENV, ClusterError
+from ingest.cluster_base import QUIET_WORKERS, ClusterError, env_name
 from ingest.config import IngestConfig
 from ingest.readahead import READ_THREADS
 from tests.fault_injection import fault_env
@@ -95,18 +95,24 @@ def _cfg(tmp_path: Path, **kw: Any) -> IngestConfig:
     return IngestConfig(dicom_dir=tmp_path, out=tmp_path / "out", cluster="slurm", **kw)
 
 
-NO_PROFILER = f"export {PROFILE_ENV}=False"
+QUIET = [f"export {env_name(k)}={v}" for k, v in QUIET_WORKERS.items()]
+"""The worker jobs' prologue lines that quiet Dask's dashboard sampling (``ingest.cluster_base``)."""
+
+
+def _unset_quiet(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in QUIET_WORKERS:
+        monkeypatch.delenv(env_name(key), raising=False)
 
 
 def test_cluster_kwargs_fill_only_what_the_config_leaves_unset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.delenv(PROFILE_ENV, raising=False)
+    _unset_quiet(monkeypatch)
     with dask.config.set({"jobqueue.slurm.cores": None, "jobqueue.slurm.memory": None,
                           "jobqueue.slurm.processes": None, "jobqueue.slurm.walltime": "00:30:00"}):
         kw = slurm.cluster_kwargs(_cfg(tmp_path))
     assert kw == {"cores": 1, "processes": 1, "memory": "2GB",
                   "worker_extra_args": ["--lifetime", "1620s", "--lifetime-stagger", "90s",
                                         "--dashboard-address", "127.0.0.1:0"],
-                  "job_script_prologue": [NO_PROFILER]}
+                  "job_script_prologue": QUIET}
 
     config = {"jobqueue.slurm.cores": 8, "jobqueue.slurm.memory": "32GB", "jobqueue.slurm.processes": None,
               "jobqueue.slurm.queue": "cpu", "jobqueue.slurm.worker-extra-args": ["--lifetime", "50m"]}
@@ -115,21 +121,24 @@ def test_cluster_kwargs_fill_only_what_the_config_leaves_unset(tmp_path: Path, m
     # cores and memory come from the config through dask-jobqueue itself; one process per core
     assert kw == {"processes": 8, "queue": "big", "account": "rad", "walltime": "02:00:00",
                   "worker_extra_args": ["--lifetime", "50m", "--dashboard-address", "127.0.0.1:0"],
-                  "job_script_prologue": [NO_PROFILER]}
+                  "job_script_prologue": QUIET}
 
 
-def test_worker_jobs_run_without_dasks_profiler_unless_the_environment_asks(
+def test_worker_jobs_quiet_dasks_dashboard_sampling_unless_the_environment_asks(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The profiler's sampling cost 7% of a worker's CPU: the jobs turn it off after the
-    configured prologue, and leave it to an environment that sets the switch itself."""
+    """The profiler cost 7% of a worker's CPU, the event loop's ticks and monitors 2%: the jobs
+    set them after the configured prologue, and leave a setting the environment gives to it."""
     config = {"jobqueue.slurm.job-script-prologue": ["module load python/3.11"]}
-    monkeypatch.delenv(PROFILE_ENV, raising=False)
+    _unset_quiet(monkeypatch)
     with dask.config.set(config):
         lines = slurm.job_script(_cfg(tmp_path)).splitlines()
-    assert lines.index(NO_PROFILER) == lines.index("module load python/3.11") + 1
-    monkeypatch.setenv(PROFILE_ENV, "True")
+    at = lines.index("module load python/3.11") + 1
+    assert lines[at:at + len(QUIET)] == QUIET
+    monkeypatch.setenv("DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED", "True")
     with dask.config.set(config):
-        assert NO_PROFILER not in slurm.job_script(_cfg(tmp_path)).splitlines()
+        lines = slurm.job_script(_cfg(tmp_path)).splitlines()
+    assert QUIET[0] not in lines and QUIET[0].startswith("export DASK_DISTRIBUTED__WORKER__PROFILE__ENABLED=")
+    assert QUIET[1] in lines
 
 
 def test_job_script_renders_config_and_cli_overrides(tmp_path: Path) -> None:
