@@ -36,8 +36,9 @@ class Letterbox:
         return (max(1, round(self.rows * self.scale)), max(1, round(self.cols * self.scale)))
 
     def to_json(self) -> dict[str, float | int]:
-        """The sample JSON's ``transform`` field."""
-        return dataclasses.asdict(self)
+        """The sample JSON's ``transform`` field (``dataclasses.asdict`` without its deep copy:
+        every field is a number)."""
+        return {name: getattr(self, name) for name in TRANSFORM_FIELDS}
 
 
 TRANSFORM_FIELDS = tuple(f.name for f in dataclasses.fields(Letterbox))

@@ -27,6 +27,44 @@ from shards.format import (
 )
 
 
+def _tarfile_header(name: str, size: int) -> bytes:
+    """The header ``tarfile`` writes in PAX format for a regular file with the fixed fields
+    (a PAX extended header first where the name or size does not fit ustar's fields)."""
+    info = tarfile.TarInfo(name)
+    info.size = size
+    info.mtime = TAR_MTIME
+    info.mode = TAR_MODE
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    return info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "strict")
+
+
+_NAME_MAX, _SIZE, _CHKSUM = 100, slice(124, 136), slice(148, 156)
+"""Fields of a ustar header block: the name's length, the size, the checksum."""
+_USTAR = bytearray(_tarfile_header("", 0))
+_USTAR[_CHKSUM] = b" " * 8  # as the checksum is computed
+_USTAR_SUM = sum(_USTAR) - sum(_USTAR[_SIZE])
+_USTAR_MAX_SIZE = 8**11 - 1  # 11 octal digits
+
+
+def member_header(name: str, size: int) -> bytes:
+    """The tar header of a member: the bytes of :func:`_tarfile_header`.
+
+    Where ``tarfile`` writes a plain ustar block (an ASCII name of at most 100 bytes, a size
+    that fits 11 octal digits: every sample member) the block is filled in here from a
+    template, name, size and checksum alone: a tenth of ``tarfile``'s time, which was 2% of
+    an ingest worker's. Anything else goes through ``tarfile``.
+    """
+    if not name.isascii() or len(name) > _NAME_MAX or size > _USTAR_MAX_SIZE:
+        return _tarfile_header(name, size)
+    raw, octal = name.encode("ascii"), b"%011o\0" % size
+    block = bytearray(_USTAR)
+    block[: len(raw)] = raw
+    block[_SIZE] = octal
+    block[_CHKSUM.start : _CHKSUM.start + 7] = b"%06o\0" % (_USTAR_SUM + sum(raw) + sum(octal))
+    return bytes(block)
+
+
 class _HashingFile(io.RawIOBase):
     """A write-only file wrapper that hashes and counts the bytes passing through."""
 
@@ -145,16 +183,11 @@ class ShardWriter:
         """Append one member: its header, ``parts`` as they are (no copy), its padding. The
         bytes are those of ``tarfile`` in PAX format, which the tests compare against."""
         assert self._hasher is not None, "ShardWriter used outside its with-block"
-        info = tarfile.TarInfo(name)
-        info.size = sum(len(p) for p in parts)
-        info.mtime = TAR_MTIME
-        info.mode = TAR_MODE
-        info.uid = info.gid = 0
-        info.uname = info.gname = ""
-        self._hasher.write(info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "strict"))
+        size = sum(len(p) for p in parts)
+        self._hasher.write(member_header(name, size))
         for part in parts:
             self._hasher.write(part)
-        if pad := -info.size % tarfile.BLOCKSIZE:
+        if pad := -size % tarfile.BLOCKSIZE:
             self._hasher.write(tarfile.NUL * pad)
 
     def write(self, key: str, image: np.ndarray, meta: dict[str, Any]) -> None:

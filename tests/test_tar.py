@@ -199,6 +199,17 @@ def test_writer_bytes_are_tarfiles_pax_bytes(tmp_path: Path, key_len: int) -> No
     assert writer.result is not None and writer.result.bytes == len(expected.getvalue())
 
 
+@pytest.mark.parametrize("name", ["k.npy", "k" * 100, "k" * 101, "é.json", ""])
+@pytest.mark.parametrize("size", [0, 1, 409_728, 8**11 - 1, 8**11])  # 8**11 bytes: past ustar's size field
+def test_member_headers_built_from_the_template_are_tarfiles(name: str, size: int) -> None:
+    from shards.format import TAR_MODE, TAR_MTIME
+    from shards.writer import member_header
+
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = size, TAR_MTIME, TAR_MODE, 0, 0, "", ""
+    assert member_header(name, size) == info.tobuf(tarfile.PAX_FORMAT, tarfile.ENCODING, "strict")
+
+
 def test_writer_not_durable_writes_the_same_bytes_and_hands_its_file_to_the_flusher(tmp_path: Path) -> None:
     """``durable=False`` (the ingest's workers): the same bytes as a durable write; the file's
     write-back and page drop happen in the flusher's thread, which closes its descriptor."""
