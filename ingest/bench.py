@@ -14,6 +14,9 @@ Measured side by side in one run on synthetic RSNA-like files (1024x1024 JPEG Ba
 (d) the cost of the hardening in the one-worker time per image: the codestream header and
     end-marker checks, and ``strict=True`` against a lenient decode of the same frames;
 (e) where the time per image goes: each step of a ``--resample dct`` sample, timed alone.
+
+"Per process" rates are images per CPU second (the floors' loop; the worker process with all its
+threads), in each contender's best round; "all cores" rates are wall-clock, first task to last.
 """
 
 from __future__ import annotations
@@ -24,9 +27,11 @@ import io
 import logging
 import os
 import shutil
+import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -44,27 +49,27 @@ from shards.writer import ShardWriter
 
 
 def naive(files: list[Path], out: Path, size: int) -> float:
-    """(a) pixel_array -> CLAHE -> resize -> PNG; returns seconds."""
+    """(a) pixel_array -> CLAHE -> resize -> PNG; returns CPU seconds."""
     out.mkdir(parents=True, exist_ok=True)
     clahe = cv2.createCLAHE(clipLimit=2.0, tileGridSize=(8, 8))
-    t = time.perf_counter()
+    t = time.process_time()
     for f in files:
         img = pydicom.dcmread(f).pixel_array.astype(np.uint8)
         img = cv2.resize(clahe.apply(img), (size, size), interpolation=cv2.INTER_AREA)
         cv2.imwrite(str(out / f"{f.stem}.png"), img)
-    return time.perf_counter() - t
+    return time.process_time() - t
 
 
 def old_floor(files: list[Path], size: int) -> float:
-    """(b1) read + parse + OpenCV decode + CLAHE at full size + area resize; returns seconds."""
-    t = time.perf_counter()
+    """(b1) read + parse + OpenCV decode + CLAHE at full size + area resize; returns CPU seconds."""
+    t = time.process_time()
     for f in files:
         ds = pydicom.dcmread(io.BytesIO(f.read_bytes()))
         frame = next(pydicom.encaps.generate_frames(ds.PixelData, number_of_frames=1))
         img = cv2.imdecode(np.frombuffer(frame, np.uint8), cv2.IMREAD_UNCHANGED)
         img = transforms.clahe(img, 2.0, 8)
         cv2.resize(img, (size, size), interpolation=cv2.INTER_AREA)
-    return time.perf_counter() - t
+    return time.process_time() - t
 
 
 def _frame(data: bytes) -> bytes:
@@ -75,12 +80,12 @@ def _frame(data: bytes) -> bytes:
 
 
 def new_floor(files: list[Path], size: int) -> float:
-    """(b2) read + locate the frame + n/8 scaled decode + CLAHE at the output size; seconds."""
-    t = time.perf_counter()
+    """(b2) read + locate the frame + n/8 scaled decode + CLAHE at the output size; CPU seconds."""
+    t = time.process_time()
     for f in files:
         img = simplejpeg.decode_jpeg(_frame(f.read_bytes()), colorspace="GRAY", min_height=size, min_width=size)
         transforms.clahe(transforms.resize_area(img[..., 0], (size, size)), 2.0, 8)
-    return time.perf_counter() - t
+    return time.process_time() - t
 
 
 def hardening(files: list[Path], size: int) -> tuple[float, float]:
@@ -158,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m ingest.bench", description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=256, help="synthetic images (1024x1024)")
     p.add_argument("--shard-size", type=int, default=32)
-    p.add_argument("--repeat", type=int, default=2, help="runs of each loop; the best is reported")
+    p.add_argument("--repeat", type=int, default=3, help="rounds (every contender once each); ratios are medians over them")
     p.add_argument("--workdir", type=Path, help="keep data here (default: a temp folder)")
     args = p.parse_args(argv)
     configure_logging(level=logging.WARNING)
@@ -171,61 +176,74 @@ def main(argv: list[str] | None = None) -> int:
     for f in files:  # warm the page cache so every contender reads from memory
         f.read_bytes()
 
-    # Every round runs every contender once, so a load that drifts during the run falls on all
-    # of them alike; each contender's best round is reported.
-    floors: dict[str, list[float]] = {"naive": [], "b1": [], "b2": []}
-    ingests: dict[tuple[int, str], list[dict[str, float]]] = {(w, m): [] for m in ("dct", "area") for w in (1, cores)}
+    # Every round runs every contender once, in an order that puts each ratio's two sides next
+    # to each other: this machine's speed drifts by 15-40% from minute to minute, so a ratio is
+    # taken within each round and the median over the rounds is reported (with its range).
+    # The rates in the table are each contender's best round.
+    widths = list(dict.fromkeys((1, cores)))
+    rounds: list[dict[Any, Any]] = []
     for _ in range(args.repeat):
-        floors["naive"].append(naive(files, work / "png", size))
-        floors["b1"].append(old_floor(files, size))
-        floors["b2"].append(new_floor(files, size))
-        for (w, mode), results in ingests.items():
-            results.append(ours(synth.images_dir, synth.labels_csv, work / f"o{w}{mode}", w, args.shard_size, mode))
-    t_naive, t_b1, t_b2 = (min(floors[k]) for k in ("naive", "b1", "b2"))
-    runs = {key: min(results, key=lambda r: r["span"]) for key, results in ingests.items()}
+        r: dict[Any, Any] = {"naive": naive(files, work / "png", size), "b1": old_floor(files, size)}
+        for w in widths:
+            r[(w, "area")] = ours(synth.images_dir, synth.labels_csv, work / f"o{w}area", w, args.shard_size, "area")
+        r["b2"] = new_floor(files, size)
+        for w in widths:
+            r[(w, "dct")] = ours(synth.images_dir, synth.labels_csv, work / f"o{w}dct", w, args.shard_size, "dct")
+        rounds.append(r)
     checks, strict_extra = hardening(files, size)
     breakdown = steps(files, size, work)
     n = len(files)
 
-    def per_proc(w: int, mode: str) -> float:
+    def per_cpu(run: dict[str, float]) -> float:
         """Images per CPU second of the worker process: its read-ahead and flusher threads
         count wherever they ran (in a one-worker run they can use an idle core, so the task's
         wall time would flatter it)."""
-        r = runs[(w, mode)]
-        return r["samples"] / r["cpu"]
+        return run["samples"] / run["cpu"]
 
-    def wall(w: int, mode: str) -> float:
-        r = runs[(w, mode)]
-        return r["samples"] / r["span"]
+    def per_wall(run: dict[str, float]) -> float:
+        return run["samples"] / run["span"]
+
+    def best(key: Any, rate: Any) -> float:
+        return max(rate(r[key]) for r in rounds)
+
+    def paired(ratio: Any) -> str:
+        vals = sorted(ratio(r) for r in rounds)
+        return f"{statistics.median(vals):5.2f}" + (f" ({vals[0]:.2f}-{vals[-1]:.2f})" if len(vals) > 1 else "")
+
+    def floor(seconds: float) -> float:
+        """Images per CPU second of a floor's loop."""
+        return n / seconds
 
     rows = [
-        ("(a) naive: pixel_array -> CLAHE -> resize -> PNG", n / t_naive, "1 process"),
-        ("(b1) old floor: parse + OpenCV decode + CLAHE 1024 + resize", n / t_b1, "1 process"),
-        ("(b2) new floor: 5/8 DCT decode + CLAHE 640", n / t_b2, "1 process"),
+        ("(a) naive: pixel_array -> CLAHE -> resize -> PNG (per CPU second)", best("naive", floor), "1 process"),
+        ("(b1) old floor: parse + OpenCV decode + CLAHE 1024 + resize (per CPU second)", best("b1", floor), "1 process"),
+        ("(b2) new floor: 5/8 DCT decode + CLAHE 640 (per CPU second)", best("b2", floor), "1 process"),
     ]
     for mode in ("dct", "area"):
         rows += [
-            (f"(c) ours --resample {mode}, 1 worker (per CPU second)", per_proc(1, mode), "1 worker"),
-            (f"(c) ours --resample {mode}, 1 worker (wall)", wall(1, mode), "1 worker"),
-            (f"(c) ours --resample {mode}, {cores} workers (wall)", wall(cores, mode), f"{cores} workers"),
+            (f"(c) ours --resample {mode}, 1 worker (per CPU second)", best((1, mode), per_cpu), "1 worker"),
+            (f"(c) ours --resample {mode}, 1 worker (wall)", best((1, mode), per_wall), "1 worker"),
+            (f"(c) ours --resample {mode}, {cores} workers (wall)", best((cores, mode), per_wall), f"{cores} workers"),
         ]
-    print(f"ingest bench: {n} synthetic 1024x1024 JPEG Baseline DICOMs -> {size}x{size}, shard size {args.shard_size}, {cores} cores\n")
-    print(f"| {'contender':60} | images/s | where      |")
-    print(f"|{'-' * 62}|----------|------------|")
+    print(f"ingest bench: {n} synthetic 1024x1024 JPEG Baseline DICOMs -> {size}x{size}, shard size {args.shard_size}, "
+          f"{cores} cores, {args.repeat} rounds\n")
+    print(f"| {'contender (best round)':78} | images/s | where      |")
+    print(f"|{'-' * 80}|----------|------------|")
     for name, rate, where in rows:
-        print(f"| {name:60} | {rate:8.1f} | {where:10} |")
-    one_worker_s = 1 / per_proc(1, "dct")
-    print()
-    print(f"old floor / naive                          = {t_naive / t_b1:5.2f}x")
-    print(f"new floor / old floor                      = {t_b1 / t_b2:5.2f}x")
-    print(f"ours dct per process / new floor (b2)      = {per_proc(1, 'dct') / (n / t_b2):5.2f}   (target >= 0.8)")
-    print(f"ours dct per process / old floor (b1)      = {per_proc(1, 'dct') / (n / t_b1):5.2f}   (about 2x expected)")
-    print(f"ours area per process / old floor (b1)     = {per_proc(1, 'area') / (n / t_b1):5.2f}")
+        print(f"| {name:78} | {rate:8.1f} | {where:10} |")
+    one_worker_s = 1 / best((1, "dct"), per_cpu)
+    print(f"\nratios within each round, median (range) over {args.repeat} rounds:\n")
+    print(f"old floor / naive                          = {paired(lambda r: r['naive'] / r['b1'])}")
+    print(f"new floor / old floor                      = {paired(lambda r: r['b1'] / r['b2'])}")
+    print(f"ours dct per process / new floor (b2)      = {paired(lambda r: per_cpu(r[(1, 'dct')]) * r['b2'] / n)}   (target >= 0.8)")
+    print(f"ours dct per process / old floor (b1)      = {paired(lambda r: per_cpu(r[(1, 'dct')]) * r['b1'] / n)}   (about 2x expected)")
+    print(f"ours area per process / old floor (b1)     = {paired(lambda r: per_cpu(r[(1, 'area')]) * r['b1'] / n)}")
     for mode in ("dct", "area"):
-        print(f"ours {mode:4} all cores / (cores x 1 worker) = {wall(cores, mode) / (cores * wall(1, mode)):5.2f}   (target >= 0.90)")
+        ratio = paired(lambda r, m=mode: per_wall(r[(cores, m)]) / (cores * per_wall(r[(1, m)])))
+        print(f"ours {mode:4} all cores / (cores x 1 worker) = {ratio}   (target >= 0.90)")
     print(f"hardening: header checks {checks * 1e6:.0f} us + strict decode {strict_extra * 1e6:+.0f} us per image "
           f"= {(checks + strict_extra) / one_worker_s * 100:+.1f}% of the dct one-worker time per image (target < 5%)")
-    print(f"peak RSS per worker process                = {max(r['rss'] for r in runs.values()):5.0f} MB (target < 500 MB)")
+    print(f"peak RSS per worker process                = {max(r[k]['rss'] for r in rounds for k in r if isinstance(k, tuple)):5.0f} MB (target < 500 MB)")
     print("\n(e) where the time of one dct sample goes (each step timed alone, 1 process, CPU time):\n")
     print("| step | CPU ms per image |")
     print("|---|---:|")
@@ -233,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | {ms:.3f} |")
     print(f"| all but the comparison row | {sum(ms for name, ms in breakdown if not name.startswith('(')):.3f} |")
     print()
-    print(f"cluster start-up + planning + finish       = {runs[(cores, 'dct')]['wall'] - runs[(cores, 'dct')]['span']:.1f} s (all cores run, not in the rates)")
+    last = rounds[-1][(cores, "dct")]
+    print(f"cluster start-up + planning + finish       = {last['wall'] - last['span']:.1f} s (all cores run, last round, not in the rates)")
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     return 0
