@@ -56,8 +56,8 @@ ISOLATED_TRIES = 3
 worker of an isolated rebuild dies only of causes outside it (another task, the machine)."""
 QUEUED_DEATHS = 2
 """Deaths of a worker a task was only queued on that are forgiven before they count, when
-no other task is known to have been running there (the start event of a task that crashes
-at once may be lost with its worker)."""
+no other task is known to have been running there (announcements are delivered before a task
+goes on, but a worker can die of other causes, or a scheduler miss an event)."""
 QUEUED_BEHIND_DEATHS = 12
 """The same, when another unfinished task had announced its start on that worker last: a
 shard queued behind a poison shard's every try meets up to ``2 + ISOLATED_TRIES`` deaths that

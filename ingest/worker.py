@@ -32,6 +32,7 @@ from typing import Any
 import cv2
 import numpy as np
 from distributed import get_worker
+from distributed.utils import sync
 
 from ingest import transforms
 from ingest.dicom import DicomRejected, describe
@@ -181,12 +182,19 @@ def read_outcome(read: Callable[[], bytes], sample: PlannedSample, processing: d
 def announce_start() -> None:
     """Tell the scheduler that this task now runs, and on which worker: when its worker dies,
     the driver counts the death against this task, not against one that was only queued
-    behind it (``ingest.runner``)."""
+    behind it (``ingest.runner``).
+
+    A direct call, answered before the task goes on. ``Worker.log_event`` only queues the
+    event for the worker's next batched message, a few milliseconds later: a task that killed
+    its worker at once took its announcement with it, and the shard queued behind it on that
+    worker was blamed for the death (a healthy shard was given up in a CI run).
+    """
     try:
         worker = get_worker()
     except ValueError:
         return  # called outside a Dask worker (tests, the driver)
-    worker.log_event(STARTED_TOPIC, {"key": str(worker.get_current_task()), "worker": worker.address})
+    msg = {"key": str(worker.get_current_task()), "worker": worker.address}
+    sync(worker.loop, worker.scheduler.log_event, topic=STARTED_TOPIC, msg=msg)
 
 
 class _Watchdog:

@@ -233,3 +233,31 @@ def test_a_shard_queued_behind_anothers_crash_is_not_blamed(
         assert state.deaths == 0
     assert runner._after_death(cfg, _Events(*started), "mine", state, "w1", finished)  # type: ignore[arg-type]
     assert state.deaths == 1
+
+
+def _announce_and_die() -> None:
+    import os as _os
+
+    from ingest.worker import announce_start
+
+    announce_start()
+    _os._exit(1)  # at once, as a file that crashes its worker on the first read
+
+
+def test_a_task_that_kills_its_worker_at_once_has_announced_its_start(tmp_path: Path) -> None:
+    """The driver blames a worker's death on the task that announced its start there last; the
+    announcement must reach the scheduler before the task goes on, or the death falls on a
+    shard that was only queued behind it."""
+    import dask
+    from distributed import KilledWorker
+
+    from ingest.cluster import open_client
+    from ingest.worker import STARTED_TOPIC
+
+    cfg = IngestConfig(dicom_dir=tmp_path, out=tmp_path / "out", workers=1)
+    with dask.config.set(runner.SCHEDULER_CONFIG), open_client(cfg) as client:
+        future = client.submit(_announce_and_die, key="announce-and-die", pure=False)
+        with pytest.raises(KilledWorker) as died:
+            future.result(timeout=60)
+        announced = [msg for _, msg in client.get_events(STARTED_TOPIC)]
+    assert announced == [{"key": "announce-and-die", "worker": died.value.last_worker.address}]
