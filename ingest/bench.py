@@ -16,7 +16,9 @@ Measured side by side in one run on synthetic RSNA-like files (1024x1024 JPEG Ba
 (e) where the time per image goes: each step of a ``--resample dct`` sample, timed alone.
 
 "Per process" rates are images per CPU second (the floors' loop; the worker process with all its
-threads), in each contender's best round; "all cores" rates are wall-clock, first task to last.
+threads); "all cores" rates are wall-clock, first task to last. The table shows each contender's
+best round; every ratio is taken within a round, between contenders run next to each other, and
+reported as the median (and range) over the rounds.
 """
 
 from __future__ import annotations
