@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import fcntl
 import hashlib
 import io
+import mmap
 import os
 import tarfile
 import threading
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO
@@ -93,6 +97,153 @@ def drop_cached_pages(fd: int) -> None:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
 
 
+DIRECT_CHUNK = 4 << 20
+"""Bytes per write past the page cache: a multiple of the page size, so of any device's block."""
+_PAGE = mmap.PAGESIZE
+
+
+class _ChunkPool:
+    """Page-aligned chunks, kept for the next file once one is closed (8 MB per writer open at
+    once, for the life of the process). A fresh mapping's pages are faulted in and zeroed on
+    first touch: with two new chunks for each shard of 32 samples, the direct writes cost 6%
+    more CPU per image than the page-cache writes they replace, measured in one process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._free: list[mmap.mmap] = []
+
+    def take(self) -> mmap.mmap:
+        with self._lock:
+            if self._free:
+                return self._free.pop()
+        return mmap.mmap(-1, DIRECT_CHUNK)
+
+    def give(self, chunk: mmap.mmap) -> None:
+        with self._lock:
+            self._free.append(chunk)
+
+
+_CHUNKS = _ChunkPool()
+
+
+class _DirectFile(io.RawIOBase):
+    """A new file written past the page cache (``O_DIRECT``), for files this process will not
+    read again: the ingest's shards.
+
+    Writing 11 GB of shards through the page cache cost each byte a copy into a fresh page,
+    then its write-back and the page's drop (:class:`_Flusher`). On a VM that hands freed
+    memory back to its host, that copy into long-freed pages was the largest single cost of a
+    cold full-set ingest (``copy_folio_from_iter_atomic``, 7.6% of its CPU samples). Here the
+    bytes are copied into one of two page-aligned chunks, and a thread of its own writes each
+    full chunk straight to the device while the caller fills the other. Writing 256 MB took
+    0.03 s of CPU this way, against 0.14 s through the page cache into just-freed pages and
+    0.63 s into long-freed ones; the caller waits for the disk only when it is a whole chunk
+    ahead of it.
+
+    The tail, less than a page, is written through the page cache. A filesystem that takes
+    the flag at ``open`` but refuses such writes (``EINVAL``) gets the rest through the page
+    cache too. Open with :meth:`open`, which falls back to a plain buffered file where
+    ``O_DIRECT`` does not exist or is refused at ``open`` (FUSE, tmpfs before Linux 6.6).
+    """
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self._direct = True
+        self._chunks = [_CHUNKS.take(), _CHUNKS.take()]
+        self._fill = 0
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pneumo-shard-write")
+        self._pending: Future[None] | None = None
+
+    @classmethod
+    def open(cls, path: Path) -> BinaryIO:
+        """A new file at ``path`` written past the page cache where the filesystem allows it,
+        else a plain buffered one."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | getattr(os, "O_DIRECT", 0)
+        if flags & getattr(os, "O_DIRECT", 0):
+            try:
+                return cls(os.open(path, flags, 0o666))  # type: ignore[return-value]
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+        return open(path, "wb")
+
+    def writable(self) -> bool:
+        return True
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def write(self, data: bytes | memoryview) -> int:  # type: ignore[override]
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            take = min(DIRECT_CHUNK - self._fill, len(view) - done)
+            self._chunks[0][self._fill : self._fill + take] = view[done : done + take]
+            self._fill += take
+            done += take
+            if self._fill == DIRECT_CHUNK:
+                self._send(DIRECT_CHUNK)
+        return done
+
+    def _send(self, size: int) -> None:
+        """Hand the first ``size`` bytes of the chunk being filled to the write thread, once
+        it has written the last one; go on filling the other chunk."""
+        self._wait()
+        chunk = self._chunks[0]
+        self._pending = self._pool.submit(self._write_all, memoryview(chunk)[:size])
+        self._chunks.reverse()
+        self._fill = 0
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()  # raises what the write met: ENOSPC, EIO...
+
+    def _write_all(self, view: memoryview) -> None:
+        try:
+            while view:
+                view = view[os.write(self._fd, view) :]
+        except OSError as exc:
+            if exc.errno != errno.EINVAL or not self._direct:
+                raise
+            self._buffered()  # a filesystem that refuses O_DIRECT writes, not the flag
+            self._write_all(view)
+
+    def _buffered(self) -> None:
+        """Go on through the page cache."""
+        fcntl.fcntl(self._fd, fcntl.F_SETFL, fcntl.fcntl(self._fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+        self._direct = False
+
+    def flush(self) -> None:
+        """Write everything given so far: whole pages past the page cache, the tail through it."""
+        whole = self._fill - self._fill % _PAGE
+        if whole:
+            tail = bytes(self._chunks[0][whole : self._fill])
+            self._send(whole)
+            self._chunks[0][: len(tail)] = tail
+            self._fill = len(tail)
+        self._wait()
+        if self._fill:
+            if self._direct:
+                self._buffered()
+            self._write_all(memoryview(self._chunks[0])[: self._fill])
+            self._fill = 0
+
+    def close(self) -> None:
+        """Close the file, once no write is left in flight. What :meth:`flush` has not written
+        is dropped: a writer flushes before it closes, and a failed shard is thrown away."""
+        if self.closed:
+            return
+        try:
+            self._pool.shutdown(wait=True)  # no write may still use the descriptor or a chunk
+            os.close(self._fd)
+            for chunk in self._chunks:
+                _CHUNKS.give(chunk)
+        finally:
+            self._fill, self._pending, self._chunks = 0, None, []
+            super().close()
+
+
 class _Flusher:
     """Writes back each finished file and drops its pages, in a thread of its own.
 
@@ -103,7 +254,8 @@ class _Flusher:
     the inputs' reads queued behind those writes. Here the worker's thread goes on decoding
     while this one waits. One file at a time: a worker that finishes its next shard before the
     last one is on disk waits for it, so a disk slower than the workers holds at most two
-    shards of dirty pages per worker instead of filling memory.
+    shards of dirty pages per worker instead of filling memory. A file written past the page
+    cache (:class:`_DirectFile`) leaves it only its last page and its metadata to sync.
     """
 
     def __init__(self) -> None:
@@ -151,6 +303,7 @@ class ShardWriter:
     Headers are fixed (mtime 0, uid/gid 0, no user names, mode 0644) and members are
     written in call order, so the same samples give byte-identical files. Use as a context
     manager; on an exception the temporary file is removed and nothing appears at ``path``.
+    The bytes go past the page cache where the filesystem allows it (:class:`_DirectFile`).
     ``durable=False`` skips the fsync before the rename: the file is written back and dropped
     from the page cache later, by a thread of its own (:class:`_Flusher`). For a writer whose
     files are checked against their sha256 before any reuse and synced later (the ingest:
@@ -175,7 +328,7 @@ class ShardWriter:
 
     def __enter__(self) -> "ShardWriter":
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._file = open(self._tmp, "wb")
+        self._file = _DirectFile.open(self._tmp)
         self._hasher = _HashingFile(self._file)
         return self
 
@@ -210,20 +363,26 @@ class ShardWriter:
         tb: TracebackType | None,
     ) -> None:
         assert self._file is not None and self._hasher is not None
+        written = False
         try:
-            # The end-of-archive marker, then zeros up to a whole record, as tarfile writes.
-            self._hasher.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE))
-            if pad := -self._hasher.bytes % tarfile.RECORDSIZE:
-                self._hasher.write(tarfile.NUL * pad)
-            self._file.flush()
-            if self.durable:
-                os.fsync(self._file.fileno())
-            elif exc_type is None:
-                _FLUSHER.submit(os.dup(self._file.fileno()))
+            if exc_type is None:
+                # The end-of-archive marker, then zeros up to a whole record, as tarfile writes.
+                self._hasher.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE))
+                if pad := -self._hasher.bytes % tarfile.RECORDSIZE:
+                    self._hasher.write(tarfile.NUL * pad)
+                self._file.flush()
+                if self.durable:
+                    os.fsync(self._file.fileno())
+                else:
+                    _FLUSHER.submit(os.dup(self._file.fileno()))
+                written = True
         finally:
-            self._file.close()
-        if exc_type is not None:
-            self._tmp.unlink(missing_ok=True)
+            try:
+                self._file.close()
+            finally:
+                if not written:  # an error in the with-block, or in finishing the file
+                    self._tmp.unlink(missing_ok=True)
+        if not written:
             return
         os.replace(self._tmp, self.path)
         self.result = WrittenShard(
