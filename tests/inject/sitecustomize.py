@@ -3,7 +3,7 @@
 Python imports ``sitecustomize`` at start-up from ``sys.path``; a test that puts this folder
 on ``PYTHONPATH`` (see :mod:`tests.fault_injection`) gets, in every Python process it starts
 (the ingest CLI, LocalCluster worker processes, Slurm worker jobs, their children), an
-``open()`` that misbehaves on the files named in ``PNEUMO_FAULTS``:
+``open()`` and an ``os.open()`` that misbehave on the files named in ``PNEUMO_FAULTS``:
 
     PNEUMO_FAULTS="a.dcm=segv,b.dcm=sleep:60,*.dcm=sleep:0.1"
 
@@ -40,19 +40,29 @@ def _act(action: str) -> None:
         time.sleep(float(action.split(":", 1)[1]))
 
 
+def _meet(file: object) -> None:
+    """Act on the first rule whose pattern matches ``file``'s name."""
+    if isinstance(file, (str, bytes, os.PathLike)):
+        name = os.path.basename(os.fsdecode(file))
+        for pattern, action in _RULES:
+            if fnmatch.fnmatchcase(name, pattern):
+                _act(action)
+                break
+
+
 if _RULES:
-    _real_open = io.open
+    _real_open, _real_os_open = io.open, os.open
 
     def _faulty_open(file, *args, **kwargs):  # type: ignore[no-untyped-def]
-        if isinstance(file, (str, bytes, os.PathLike)):
-            name = os.path.basename(os.fsdecode(file))
-            for pattern, action in _RULES:
-                if fnmatch.fnmatchcase(name, pattern):
-                    _act(action)
-                    break
+        _meet(file)
         return _real_open(file, *args, **kwargs)
 
+    def _faulty_os_open(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        _meet(path)  # the shard writer opens its files with os.open (O_DIRECT)
+        return _real_os_open(path, *args, **kwargs)
+
     io.open = builtins.open = _faulty_open
+    os.open = _faulty_os_open
 
 
 if os.environ.get("PNEUMO_KILL"):
