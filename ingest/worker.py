@@ -58,6 +58,7 @@ MMAP_THRESHOLD = 16 << 20
 TRIM_THRESHOLD = 64 << 20
 
 
+@functools.cache
 def keep_freed_buffers() -> bool:
     """Let this process reuse the image-sized buffers it frees; False where libc is not glibc.
 
@@ -65,9 +66,9 @@ def keep_freed_buffers() -> bool:
     mmap threshold at 128 KiB: every buffer of a decoded or CLAHE'd image (400 KB at 640 px)
     was then a fresh mmap whose pages the kernel zeroes and faults in again, about 1 ms per
     image (``python -m ingest.bench``). A worker holds one shard's images at a time, so
-    keeping up to 64 MiB of freed memory bounds what this costs. Called by each shard task,
-    not at import: in other processes (a loader holding whole shards of 26 MB) a fixed
-    threshold is slower than glibc's own adaptive one.
+    keeping up to 64 MiB of freed memory bounds what this costs. Called by each shard task
+    (once per process takes effect), not at import: in other processes (a loader holding
+    whole shards of 26 MB) a fixed threshold is slower than glibc's own adaptive one.
     """
     try:
         mallopt = ctypes.CDLL(None).mallopt
