@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -256,3 +257,18 @@ def test_local_workers_run_with_dasks_dashboard_sampling_quieted(tmp_path: Path,
     assert "profile" in got and got["tick"] == 20 and got["memory_monitor"] == 1000
 
 
+
+
+@pytest.mark.slow
+def test_ingest_bench_runs_every_contender_and_prints_every_ratio(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``python -m ingest.bench`` at a toy size: every contender runs (the floors, ours on one
+    worker and all cores, the floor split over the cores) and every ratio line is printed. A
+    benchmark asserts nothing about speed; this keeps it from rotting."""
+    from ingest.bench import main as bench_main
+
+    assert bench_main(["--n", "24", "--floor-n", "8", "--shard-size", "6", "--repeat", "1", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for line in ("(b2) new floor", "(f) new floor split over", "ours dct per process / new floor (b2)",
+                 "ours dct  all cores / (cores x 1 worker)", "(f) new floor, the same ratio", "peak RSS per worker"):
+        assert line in out, line
+    assert not re.search(r"\b(nan|inf)\b", out), out
