@@ -161,9 +161,16 @@ class _DirectFile(io.RawIOBase):
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | getattr(os, "O_DIRECT", 0)
         if flags & getattr(os, "O_DIRECT", 0):
             try:
-                return cls(os.open(path, flags, 0o666))  # type: ignore[return-value]
+                fd = os.open(path, flags, 0o666)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
+                    raise
+            else:
+                try:
+                    return cls(fd)  # type: ignore[return-value]
+                except BaseException:  # no chunk to be had: leave neither descriptor nor file
+                    os.close(fd)
+                    path.unlink(missing_ok=True)
                     raise
         return open(path, "wb")
 

@@ -156,3 +156,19 @@ def test_an_error_in_the_write_thread_reaches_the_caller_and_leaves_no_file(tmp_
     assert done.stdout.startswith("raised EFBIG after "), done.stdout
     assert int(done.stdout.split()[-1]) < 39, "the error came only at the close, not while writing"
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_writer_that_cannot_map_its_chunks_leaves_neither_file_nor_descriptor(tmp_path: Path, monkeypatch) -> None:
+    """Where the memory for the chunks cannot be had (the test refuses it from outside), the
+    writer raises at once and leaves no temporary file and no open descriptor."""
+
+    def no_memory() -> None:
+        raise OSError(errno.ENOMEM, "Cannot allocate memory")
+
+    monkeypatch.setattr(writer_mod._CHUNKS, "take", no_memory)
+    before = len(os.listdir("/proc/self/fd"))
+    with pytest.raises(OSError, match="Cannot allocate memory"):
+        with ShardWriter(tmp_path / "s.tar"):
+            pass
+    assert list(tmp_path.iterdir()) == []
+    assert len(os.listdir("/proc/self/fd")) == before
