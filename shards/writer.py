@@ -158,10 +158,10 @@ class _DirectFile(io.RawIOBase):
     def open(cls, path: Path) -> BinaryIO:
         """A new file at ``path`` written past the page cache where the filesystem allows it,
         else a plain buffered one."""
-        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | getattr(os, "O_DIRECT", 0)
-        if flags & getattr(os, "O_DIRECT", 0):
+        direct = getattr(os, "O_DIRECT", 0)  # 0 where the platform has no such flag
+        if direct:
             try:
-                fd = os.open(path, flags, 0o666)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | direct, 0o666)
             except OSError as exc:
                 if exc.errno != errno.EINVAL:
                     raise
