@@ -257,8 +257,6 @@ def test_local_workers_run_with_dasks_dashboard_sampling_quieted(tmp_path: Path,
     assert "profile" in got and got["tick"] == 20 and got["memory_monitor"] == 1000
 
 
-
-
 @pytest.mark.slow
 def test_ingest_bench_runs_every_contender_and_prints_every_ratio(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """``python -m ingest.bench`` at a toy size: every contender runs (the floors, ours on one

@@ -236,12 +236,10 @@ def test_a_shard_queued_behind_anothers_crash_is_not_blamed(
 
 
 def _announce_and_die() -> None:
-    import os as _os
-
     from ingest.worker import announce_start
 
     announce_start()
-    _os._exit(1)  # at once, as a file that crashes its worker on the first read
+    os._exit(1)  # at once, as a file that crashes its worker on the first read
 
 
 def test_a_task_that_kills_its_worker_at_once_has_announced_its_start(tmp_path: Path) -> None:
