@@ -18,7 +18,6 @@ from ingest.__main__ import main as ingest_main
 from ingest.config import IngestConfig
 from ingest.pipeline import run_ingest
 from ingest.plan import assign_splits
-from ingest.readahead import READ_THREADS
 from shards.format import META_FIELDS
 from shards.geometry import boxes_from_letterbox
 from shards.labels import read_labels
@@ -205,8 +204,8 @@ def _ingest_cmd(synth, out: Path, workers: int) -> list[str]:
 @pytest.mark.slow
 def test_sigkill_then_resume_is_byte_identical(ingested_small: Path, synth_small, tmp_path: Path) -> None:
     out = tmp_path / "killed"
-    # 0.5 s per 4-sample shard, so the kill lands mid-run (the read-ahead overlaps READ_THREADS opens)
-    env = fault_env(f"*.dcm=sleep:{0.125 * READ_THREADS}")
+    # 0.5 s per 4-sample shard, so the kill lands mid-run (the decoder opens each file itself)
+    env = fault_env("*.dcm=sleep:0.125")
     proc = subprocess.Popen(_ingest_cmd(synth_small, out, 1), cwd=REPO, env=env, start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     done = out / ".ingest" / "done"

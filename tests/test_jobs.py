@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from ingest.readahead import READ_THREADS  # the read-ahead overlaps this many slowed opens
 from tests.fault_injection import fault_env
 
 if TYPE_CHECKING:
@@ -276,7 +275,7 @@ def test_ingest_sbatch_cancelled_resubmitted_then_verify_sbatch(
     small = ["-p", slurm_cluster.partition, "-c", "1", "--mem=2G", "-t", "00:05:00"]
     logs = [tmp_path / "ingest-1.out", tmp_path / "ingest-2.out", tmp_path / "verify.out"]
 
-    first = _sbatch("ingest.sbatch", [*small, "-o", str(logs[0])], fault_env(f"*.dcm=sleep:{0.5 * READ_THREADS}", env))
+    first = _sbatch("ingest.sbatch", [*small, "-o", str(logs[0])], fault_env("*.dcm=sleep:0.5", env))
     done_dir = out / ".ingest" / "done"
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while not (done_dir.is_dir() and any(done_dir.iterdir())):

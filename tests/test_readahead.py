@@ -1,29 +1,59 @@
-"""ingest.readahead: a shard's files come in plan order, each read before its turn, and a
-failed or hanging read costs only its own file, at its own turn."""
+"""ingest.readahead: a shard's files come in plan order, the next few are in the page cache
+before they are asked for (and no more than those), and a failed or hanging hint or read
+costs only its own file, at its own turn."""
 
 from __future__ import annotations
 
-import errno
 import os
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 from ingest.readahead import ReadAhead
+from tests.pagecache import cached, evict
 
 
-def _files(root: Path, n: int) -> list[str]:
+def _files(root: Path, n: int, size: int = 1) -> list[str]:
     for i in range(n):
-        (root / f"{i}.dcm").write_bytes(bytes([i]) * (i + 1))
+        (root / f"{i}.dcm").write_bytes(bytes([i]) * (i + size))
     return [f"{i}.dcm" for i in range(n)]
 
 
-@pytest.mark.parametrize("depth,threads", [(1, 1), (4, 2), (16, 8)])
-def test_bytes_come_in_plan_order(tmp_path: Path, depth: int, threads: int) -> None:
+@pytest.mark.parametrize("depth", [2, 3, 8, 16])
+def test_bytes_come_in_plan_order(tmp_path: Path, depth: int) -> None:
     names = _files(tmp_path, 10)
-    with ReadAhead(tmp_path, names, depth=depth, threads=threads) as files:
+    with ReadAhead(tmp_path, names, depth=depth) as files:
         assert [files.next(n) for n in names] == [(tmp_path / n).read_bytes() for n in names]
+
+
+def _wait_cached(paths: list[Path]) -> None:
+    deadline = time.monotonic() + 10
+    while not all(cached(p) for p in paths):
+        assert time.monotonic() < deadline, f"never read ahead: {[p.name for p in paths if not cached(p)]}"
+        time.sleep(0.01)
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise on this platform")
+def test_the_next_files_are_in_the_page_cache_before_they_are_asked_for(tmp_path: Path) -> None:
+    """The whole point: files ``depth`` ahead of the caller are read into the page cache by the
+    time the caller gets to them, and files further ahead are left alone (each shard holds at
+    most ``depth`` files' worth of pages it asked for)."""
+    names = _files(tmp_path, 12, size=64 << 10)
+    paths = [tmp_path / n for n in names]
+    if not all(evict(p) for p in paths):
+        pytest.skip("this filesystem keeps its files in memory: nothing to read ahead")
+    with ReadAhead(tmp_path, names, depth=4) as files:
+        _wait_cached(paths[:4])  # asked for nothing yet
+        time.sleep(0.2)
+        assert not any(cached(p) for p in paths[4:]), "read further ahead than the depth"
+        for n in names[:2]:
+            files.next(n)
+        _wait_cached(paths[4:6])  # two taken: two more asked for
+        time.sleep(0.2)
+        assert not any(cached(p) for p in paths[6:]), "read further ahead than the depth"
+        assert [files.next(n) for n in names[2:]] == [p.read_bytes() for p in paths[2:]]
 
 
 def test_a_failed_read_raises_at_its_turn_only(tmp_path: Path) -> None:
@@ -37,27 +67,27 @@ def test_a_failed_read_raises_at_its_turn_only(tmp_path: Path) -> None:
         assert files.next(names[3]) == b"\3" * 4
 
 
-def test_the_next_file_is_opened_before_it_is_asked_for(tmp_path: Path) -> None:
-    """File 1 is a FIFO: a writer can open it only once a reader has, so opening it while the
-    caller has asked for nothing proves the read ahead; file 0 and file 2 do not wait on it."""
-    names = _files(tmp_path, 3)
-    fifo = tmp_path / names[1]
-    fifo.unlink()
-    os.mkfifo(fifo)
-    with ReadAhead(tmp_path, names, depth=3, threads=2) as files:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                fd = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-                break
-            except OSError as exc:  # ENXIO: no reader yet
-                assert exc.errno == errno.ENXIO and time.monotonic() < deadline, "file 1 was never opened ahead"
-                time.sleep(0.01)
-        assert files.next(names[0]) == b"\0"
-        os.write(fd, b"fifo")
-        os.close(fd)
-        assert files.next(names[1]) == b"fifo"
-        assert files.next(names[2]) == b"\2" * 3
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="no posix_fadvise on this platform")
+def test_a_hint_that_hangs_holds_up_no_read(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file whose hint never returns (a hung network mount, injected here by the test) is
+    still read at its turn, as are the files after it: the hints only ever help."""
+    names = _files(tmp_path, 10)
+    hung, release = threading.Event(), threading.Event()
+    real = os.posix_fadvise
+
+    def fadvise(fd: int, offset: int, length: int, advice: int) -> None:
+        if os.fstat(fd).st_size == 2:  # file 1
+            hung.set()
+            release.wait(30)
+        real(fd, offset, length, advice)
+
+    monkeypatch.setattr(os, "posix_fadvise", fadvise)
+    try:
+        with ReadAhead(tmp_path, names, depth=2) as files:
+            assert hung.wait(10)
+            assert [files.next(n) for n in names] == [(tmp_path / n).read_bytes() for n in names]
+    finally:
+        release.set()
 
 
 def test_asking_out_of_order_is_a_bug(tmp_path: Path) -> None:
@@ -72,5 +102,5 @@ def test_asking_out_of_order_is_a_bug(tmp_path: Path) -> None:
 
 
 def test_bad_settings_name_the_values(tmp_path: Path) -> None:
-    with pytest.raises(ValueError, match="got 0 and 2"):
-        ReadAhead(tmp_path, [], depth=0)
+    with pytest.raises(ValueError, match="got 1"):
+        ReadAhead(tmp_path, [], depth=1)

@@ -24,7 +24,6 @@ import pytest
 from ingest import slurm
 from ingest.cluster_base import QUIET_WORKERS, ClusterError, env_name
 from ingest.config import IngestConfig
-from ingest.readahead import READ_THREADS
 from tests.fault_injection import fault_env
 
 if TYPE_CHECKING:
@@ -322,8 +321,8 @@ def test_cancelled_worker_job_is_replaced_and_output_is_identical(
     config = _dask_config(tmp_path / "dask", slurm_cluster.partition, name)
     out = tmp_path / "ds"
     # 7 shards at >= 1.5 s each on 2 workers: both are mid-shard when the first one is done.
-    # about 1.6 s per 4-sample shard (the read-ahead overlaps READ_THREADS opens)
-    env = fault_env(f"*.dcm=sleep:{0.4 * READ_THREADS}", _env(config))
+    # about 1.6 s per 4-sample shard (the decoder opens each file itself)
+    env = fault_env("*.dcm=sleep:0.4", _env(config))
     seen: set[str] = set()
     victim = None
 
@@ -407,8 +406,8 @@ def test_worker_job_cancelled_while_pending_is_replaced_and_output_is_identical(
     out = tmp_path / "ds"
     # Fill the node but one core: the first worker job runs, the second waits (PENDING, Resources).
     filler = _sbatch_filler(slurm_cluster.partition, f"{name}-filler", slurm_cluster.cores - 1)
-    # 7 shards on the one worker: >= 14 s (the read-ahead overlaps READ_THREADS opens)
-    env = fault_env(f"*.dcm=sleep:{0.5 * READ_THREADS}", _env(config))
+    # 7 shards on the one worker: >= 14 s (the decoder opens each file itself)
+    env = fault_env("*.dcm=sleep:0.5", _env(config))
     seen: dict[str, set[str]] = {}
     victim = None
 

@@ -4,10 +4,8 @@ filesystems that refuse the flag, and errors met by the write thread."""
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import io
-import mmap
 import os
 import subprocess
 import sys
@@ -21,6 +19,7 @@ import pytest
 from shards import writer as writer_mod
 from shards.format import TAR_MODE, TAR_MTIME, encode_image, encode_meta
 from shards.writer import DIRECT_CHUNK, ShardWriter
+from tests.pagecache import cached
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "O_DIRECT"), reason="no O_DIRECT on this platform")
 
@@ -55,21 +54,6 @@ def _write(path: Path, samples: list[tuple[str, np.ndarray, dict]], durable: boo
     return w
 
 
-def _cached(path: Path) -> bool:
-    """Whether the first page of ``path`` is in the page cache: ``mincore`` on a mapping of it,
-    which reads nothing. (A probing read with ``RWF_NOWAIT`` starts the read it reports as
-    missing, and a fast disk can finish it in time to be seen: a flaky probe.)"""
-    libc = ctypes.CDLL(None, use_errno=True)
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), mmap.PAGESIZE, access=mmap.ACCESS_COPY) as mapped:
-        view = ctypes.c_char.from_buffer(mapped)  # only for the address; touches no page
-        vec = (ctypes.c_ubyte * 1)()
-        rc = libc.mincore(ctypes.c_void_p(ctypes.addressof(view)), ctypes.c_size_t(mmap.PAGESIZE), vec)
-        del view  # the mapping cannot close while a ctypes object exports it
-        if rc != 0:
-            raise OSError(ctypes.get_errno(), "mincore failed")
-        return bool(vec[0] & 1)
-
-
 @pytest.mark.parametrize("n", [1, 11, 27])  # within one chunk, across two, across several
 def test_direct_writes_are_tarfiles_bytes_across_chunks(tmp_path: Path, n: int) -> None:
     samples = _samples(n)
@@ -88,8 +72,8 @@ def test_direct_writes_leave_the_shard_out_of_the_page_cache(tmp_path: Path) -> 
     samples = _samples(3)
     _write(tmp_path / "direct.tar", samples)
     (tmp_path / "buffered.tar").write_bytes(_tarfile_bytes(samples))
-    assert _cached(tmp_path / "buffered.tar")
-    assert not _cached(tmp_path / "direct.tar")
+    assert cached(tmp_path / "buffered.tar")
+    assert not cached(tmp_path / "direct.tar")
 
 
 def test_a_filesystem_that_refuses_o_direct_at_open_gets_a_buffered_file(tmp_path: Path, monkeypatch) -> None:
