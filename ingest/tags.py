@@ -20,7 +20,7 @@ import pydicom
 
 from ingest.dicom import describe
 from ingest.plan import Reject
-from ingest.worker import WATCHDOG, announce_start, suspect_note_path
+from ingest.worker import WATCHDOG, announce_start
 from shards.manifest import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -51,10 +51,10 @@ def read_patient_ids(dicom_dir: str, rels: list[str], out: str, timeout_s: float
     """:func:`read_patient_id` for ``rels`` (run as one Dask task)."""
     announce_start()
     found: dict[str, TagResult] = {}
+    detail = f"reading its header took more than {timeout_s:g} s (--sample-timeout); its worker was restarted"
+    note_dir = Path(out)
     for rel in rels:
-        note = {"path": rel, "reason": "sample_timeout",
-                "detail": f"reading its header took more than {timeout_s:g} s (--sample-timeout); its worker was restarted"}
-        WATCHDOG.arm(timeout_s, suspect_note_path(Path(out), NOTE_SHARD, rel), note)
+        WATCHDOG.arm(timeout_s, note_dir, NOTE_SHARD, rel, detail)
         try:
             tag = read_patient_id(Path(dicom_dir) / rel)
         except Exception as exc:  # any unreadable header: the decoder will say more, if it gets the file

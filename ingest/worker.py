@@ -203,15 +203,17 @@ class _Watchdog:
     a note that names the file (see the module docstring)."""
 
     def __init__(self) -> None:
-        self._armed: tuple[float, Path, dict[str, Any]] | None = None
+        self._armed: tuple[float, Path, str, str, str] | None = None
         self._thread: threading.Thread | None = None
 
-    def arm(self, timeout_s: float, note_path: Path, note: dict[str, Any]) -> None:
-        """Watch the file now in work: past ``timeout_s`` write ``note`` to ``note_path``, then die."""
+    def arm(self, timeout_s: float, out: Path, shard: str, path: str, detail: str) -> None:
+        """Watch ``path`` of ``shard``, now in work: past ``timeout_s`` leave a
+        ``sample_timeout`` note saying ``detail`` under ``out`` (:func:`suspect_note_path`),
+        then die. Armed once per file, so the note is made only if it is needed."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._watch, name="pneumo-sample-watchdog", daemon=True)
             self._thread.start()
-        self._armed = (time.monotonic() + timeout_s, note_path, note)
+        self._armed = (time.monotonic() + timeout_s, out, shard, path, detail)
 
     def disarm(self) -> None:
         self._armed = None
@@ -222,10 +224,11 @@ class _Watchdog:
             armed = self._armed
             if armed is None or time.monotonic() < armed[0]:
                 continue
-            _, note_path, note = armed
+            _, out, shard, path, detail = armed
+            note_path = suspect_note_path(out, shard, path)
             note_path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(note_path, json.dumps(note))
-            log.error("%s: %s; killing this worker process so that the driver can go on", note["path"], note["detail"])
+            atomic_write_text(note_path, json.dumps({"path": path, "reason": "sample_timeout", "detail": detail}))
+            log.error("%s: %s; killing this worker process so that the driver can go on", path, detail)
             os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -289,12 +292,11 @@ def build_shard(task: ShardTask, timeout_s: float = 300.0, known: dict[str, Reje
     known = known or {}
     # The watchdog is armed while the decoder waits for a file's bytes too: a read that hangs
     # is a poison file like a decode that hangs.
+    detail = f"still busy after {timeout_s:g} s (--sample-timeout); its worker was restarted"
     with ReadAhead(task.dicom_dir, [s.path for s in task.samples if s.path not in known]) as files:
 
         def outcome(sample: PlannedSample) -> ProcessedSample | Reject:
-            note = {"path": sample.path, "reason": "sample_timeout",
-                    "detail": f"still busy after {timeout_s:g} s (--sample-timeout); its worker was restarted"}
-            WATCHDOG.arm(timeout_s, suspect_note_path(out, task.name, sample.path), note)
+            WATCHDOG.arm(timeout_s, out, task.name, sample.path, detail)
             try:
                 return read_outcome(functools.partial(files.next, sample.path), sample, task.processing)
             finally:
