@@ -69,6 +69,11 @@ def member_header(name: str, size: int) -> bytes:
     return bytes(block)
 
 
+def _padding(size: int) -> bytes:
+    """The zeros that fill a member of ``size`` bytes up to a whole tar block."""
+    return tarfile.NUL * (-size % tarfile.BLOCKSIZE)
+
+
 class _HashingFile(io.RawIOBase):
     """A write-only file wrapper that hashes and counts the bytes passing through."""
 
@@ -339,27 +344,25 @@ class ShardWriter:
         self._hasher = _HashingFile(self._file)
         return self
 
-    def _add(self, name: str, *parts: bytes | memoryview) -> None:
-        """Append one member: its header, ``parts`` as they are (no copy), its padding. The
-        bytes are those of ``tarfile`` in PAX format, which the tests compare against."""
-        assert self._hasher is not None, "ShardWriter used outside its with-block"
-        size = sum(len(p) for p in parts)
-        self._hasher.write(member_header(name, size))
-        for part in parts:
-            self._hasher.write(part)
-        if pad := -size % tarfile.BLOCKSIZE:
-            self._hasher.write(tarfile.NUL * pad)
-
     def write(self, key: str, image: np.ndarray, meta: dict[str, Any]) -> None:
-        """Append one sample: ``<key>.npy`` then ``<key>.json``."""
+        """Append one sample: ``<key>.npy`` then ``<key>.json``, each a tar member (header,
+        bytes, padding: those of ``tarfile`` in PAX format, which the tests compare against).
+
+        Three writes: the pixels as they are (no copy), and the small pieces before and after
+        them joined (one write per piece was 2% of an ingest worker's time in Python calls).
+        """
+        assert self._hasher is not None, "ShardWriter used outside its with-block"
         check_key(key)
         if key in self._keys:
             raise ValueError(f"duplicate key {key!r} in {self.path.name}")
         if meta.get("key") != key:
             raise ValueError(f"meta key {meta.get('key')!r} differs from sample key {key!r}")
         self._keys.add(key)
-        self._add(f"{key}.{IMAGE_EXT}", *image_parts(image))
-        self._add(f"{key}.{META_EXT}", encode_meta(meta))
+        npy_header, pixels = image_parts(image)
+        npy_size, js = len(npy_header) + len(pixels), encode_meta(meta)
+        self._hasher.write(member_header(f"{key}.{IMAGE_EXT}", npy_size) + npy_header)
+        self._hasher.write(pixels)
+        self._hasher.write(b"".join((_padding(npy_size), member_header(f"{key}.{META_EXT}", len(js)), js, _padding(len(js)))))
         self._first = self._first or key
         self._last = key
 
