@@ -18,6 +18,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[train,viz,dev]'
 	touch $@
 
+# The demo trains in float32 (--amp none): on a CPU without bf16 instructions (avx512_bf16,
+# amx_bf16) bf16 autocast is emulated, 6.2 s a step against 0.47 s on a 2-core AMD EPYC VM.
 demo: venv
 	$(PY) -m ingest.synth --out $(DEMO)/rsna --n $(DEMO_N) --seed 0
 	$(PY) -m ingest --dicom-dir $(DEMO)/rsna/images --labels $(DEMO)/rsna/stage_2_train_labels.csv \
@@ -26,7 +28,7 @@ demo: venv
 	    --labels $(DEMO)/rsna/stage_2_train_labels.csv
 	$(PY) -m shards stats $(DEMO)/dataset --png $(DEMO)/stats.png
 	$(PY) -m train --data $(DEMO)/dataset --task classify --out $(DEMO)/run-classify \
-	    --image-size 128 --epochs 6 --batch-size 16 --lr 2e-3
+	    --image-size 128 --epochs 6 --batch-size 16 --lr 2e-3 --amp none
 	$(PY) -m train.report $(DEMO)/run-classify -o $(DEMO)/run-classify/curves.png
 	@echo "demo done: dataset in $(DEMO)/dataset, training run in $(DEMO)/run-classify"
 

@@ -28,6 +28,7 @@ from train.distributed import (
     is_main,
     make_grad_scaler,
     parallelize,
+    slow_amp_warning,
 )
 
 LAUNCH_VARS = (
@@ -141,6 +142,27 @@ def test_parallelize_rejects_bad_options(kwargs: dict[str, Any], match: str) -> 
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend=None)
     with pytest.raises(ValueError, match=match):
         parallelize(_classifier(), env, **kwargs)
+
+
+X86, X86_BF16 = frozenset({"sse2", "avx2"}), frozenset({"sse2", "avx2", "avx512f", "avx512_bf16"})
+
+
+@pytest.mark.parametrize(
+    "amp,device,flags,warned",
+    [
+        ("bf16", "cpu", X86, True),  # emulated: this VM (AMD EPYC Zen 3)
+        ("bf16", "cpu", X86_BF16, False),
+        ("bf16", "cpu", frozenset({"sse2", "avx2", "amx_bf16"}), False),
+        ("bf16", "cpu", frozenset({"fp", "asimd"}), False),  # not x86: not judged
+        ("none", "cpu", X86, False),
+        ("bf16", "cuda", X86, False),
+    ],
+)
+def test_a_bf16_autocast_that_would_be_emulated_is_named(amp: str, device: str, flags: frozenset[str], warned: bool) -> None:
+    line = slow_amp_warning(amp, torch.device(device), flags)  # type: ignore[arg-type]
+    assert (line is not None) == warned
+    if warned:
+        assert "--amp none" in line and "avx512_bf16" in line
 
 
 def test_amp_helpers_validate() -> None:

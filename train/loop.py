@@ -34,6 +34,7 @@ from train.distributed import (
     all_reduce_sum,
     autocast_context,
     broadcast_buffers,
+    slow_amp_warning,
 )
 from train.state import EVAL_NAME, Meter, Run, jsonable
 
@@ -62,6 +63,8 @@ def train(run: Run) -> dict[str, Any]:
     log.info("training %s from step %d to %d (%d steps/epoch, global batch %d, %d ranks)",
              run.task.name, run.step, run.last_step, run.train_loader.steps,
              run.cfg.data.batch_size, run.env.world_size)
+    if run.env.is_main and (slow := slow_amp_warning(run.cfg.parallel.amp, run.env.device)):
+        log.warning(slow)
     meter = Meter()
     while run.step < run.last_step:
         epoch, first = divmod(run.step, run.train_loader.steps)
