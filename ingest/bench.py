@@ -28,6 +28,10 @@ one-worker ``dct`` run, and the per-process ratio takes the mean of the two.
 process, and (a) alone would take longer than everything else. (b2), its all-cores run and
 ours run on all ``--n``: enough shards that the last one to finish is a small part of an
 all-cores run.
+
+The probe (one file's scaled decode + CLAHE, 200 times) is printed from before and after the
+rounds, so that a run's absolute rates can be set beside another's; ``--probe`` takes it alone,
+to bracket a timing of the full set.
 """
 
 from __future__ import annotations
@@ -92,13 +96,33 @@ def _frame(data: bytes) -> bytes:
     return dicom_header.encapsulated_frame(data, header.pixel_data[0])
 
 
+def _scaled_decode_clahe(frame: bytes, size: int) -> None:
+    """The codecs' part of (b2): n/8 scaled decode, then CLAHE at the output size."""
+    img = simplejpeg.decode_jpeg(frame, colorspace="GRAY", min_height=size, min_width=size)
+    transforms.clahe(transforms.resize_area(img[..., 0], (size, size)), 2.0, 8)
+
+
 def new_floor(files: list[Path], size: int) -> float:
     """(b2) read + locate the frame + n/8 scaled decode + CLAHE at the output size; CPU seconds."""
     t = time.process_time()
     for f in files:
-        img = simplejpeg.decode_jpeg(_frame(read_file(str(f))), colorspace="GRAY", min_height=size, min_width=size)
-        transforms.clahe(transforms.resize_area(img[..., 0], (size, size)), 2.0, 8)
+        _scaled_decode_clahe(_frame(read_file(str(f))), size)
     return time.process_time() - t
+
+
+def probe(file: Path, size: int, times: int = 200) -> float:
+    """How fast this machine is right now: median wall ms of one file's scaled decode + CLAHE.
+
+    Absolute rates and full-set times taken hours apart compare only through it: on a shared
+    VM the same work has cost from 3.7 to 8.5 ms an image on different days.
+    """
+    frame = _frame(read_file(str(file)))
+    spent = []
+    for _ in range(times):
+        t = time.perf_counter()
+        _scaled_decode_clahe(frame, size)
+        spent.append(time.perf_counter() - t)
+    return statistics.median(spent) * 1e3
 
 
 def timed_new_floor(files: list[Path], size: int) -> tuple[float, float]:
@@ -209,17 +233,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--shard-size", type=int, default=64)
     p.add_argument("--repeat", type=int, default=3, help="rounds (every contender once each); ratios are medians over them")
     p.add_argument("--workdir", type=Path, help="keep data here (default: a temp folder)")
+    p.add_argument("--probe", action="store_true",
+                   help="only time the probe (one file's 5/8 decode + CLAHE, 200 times) and exit: "
+                        "take it before and after a run whose absolute figures you keep")
     args = p.parse_args(argv)
     configure_logging(level=logging.WARNING)
     cv2.setNumThreads(1)  # like each ingest worker: the comparison is per process
     cores = os.cpu_count() or 1
     size = 640
     work = args.workdir or Path(tempfile.mkdtemp(prefix="ingest-bench-"))
+    if args.probe:
+        synth = make_dataset(work / "probe", 1, seed=0, size=1024, progress=False)
+        print(f"probe: {probe(next(synth.images_dir.glob('*.dcm')), size):.2f} ms "
+              "(one core: one file's 5/8 decode + CLAHE at 640, median of 200)")
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+        return 0
     synth = make_dataset(work / "synth", args.n, seed=0, size=1024, progress=False)
     files = sorted(synth.images_dir.glob("*.dcm"))
     for f in files:  # warm the page cache so every contender reads from memory
         f.read_bytes()
     few = files[: max(1, min(args.floor_n, len(files)))]
+    probe_before = probe(files[0], size)
 
     # Every round runs every contender once, in an order that puts each ratio's two sides next
     # to each other: this machine's speed drifts by 15-40% from minute to minute, so a ratio is
@@ -243,6 +278,7 @@ def main(argv: list[str] | None = None) -> int:
         rounds.append(r)
     checks, strict_extra = hardening(few, size)
     breakdown = steps(few, size, work)
+    probe_after = probe(files[0], size)
     n, n_few = len(files), len(few)
 
     def per_cpu(run: dict[str, float]) -> float:
@@ -282,7 +318,9 @@ def main(argv: list[str] | None = None) -> int:
             (f"(c) ours --resample {mode}, {cores} workers (wall)", best((cores, mode), per_wall), f"{cores} workers"),
         ]
     print(f"ingest bench: {n} synthetic 1024x1024 JPEG Baseline DICOMs -> {size}x{size}, shard size {args.shard_size}, "
-          f"{cores} cores, {args.repeat} rounds; (a), (b1), (d), (e) on the first {n_few}\n")
+          f"{cores} cores, {args.repeat} rounds; (a), (b1), (d), (e) on the first {n_few}")
+    print(f"probe before / after: {probe_before:.2f} / {probe_after:.2f} ms (one file's 5/8 decode + CLAHE: "
+          "how fast this machine was; rates from runs with other probes do not compare)\n")
     print(f"| {'contender (best round)':78} | images/s | where      |")
     print(f"|{'-' * 80}|----------|------------|")
     for name, rate, where in rows:

@@ -265,8 +265,19 @@ def test_ingest_bench_runs_every_contender_and_prints_every_ratio(tmp_path: Path
 
     assert bench_main(["--n", "24", "--floor-n", "8", "--shard-size", "6", "--repeat", "1", "--workdir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    for line in ("(b2) new floor", "(f) new floor split over", "ours dct per process / new floor (b2)",
+    for line in ("probe before / after", "(b2) new floor", "(f) new floor split over", "ours dct per process / new floor (b2)",
                  "ours dct  all cores / (cores x 1 worker)", "(f) new floor, the same ratio",
                  "ours dct all cores ratio / (f)'s", "peak RSS per worker"):
         assert line in out, line
     assert not re.search(r"\b(nan|inf)\b", out), out
+
+
+def test_ingest_bench_probe_alone_prints_one_time_and_runs_nothing_else(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``--probe`` is what a full-set timing is taken between: one line, milliseconds, and no
+    ingest, no data beyond its one file."""
+    from ingest.bench import main as bench_main
+
+    assert bench_main(["--probe", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert re.fullmatch(r"probe: \d+\.\d\d ms \(.*\)\n", out), out
+    assert len(list(tmp_path.rglob("*.dcm"))) == 1 and not list(tmp_path.rglob("*.tar"))
