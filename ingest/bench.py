@@ -110,7 +110,10 @@ def new_floor(files: list[Path], size: int) -> float:
     return time.process_time() - t
 
 
-def probe(file: Path, size: int, times: int = 200) -> float:
+PROBE_TIMES = 200  # about 1 s of decoding: short enough to bracket a run, long enough for a stable median
+
+
+def probe(file: Path, size: int, times: int = PROBE_TIMES) -> float:
     """How fast this machine is right now: median wall ms of one file's scaled decode + CLAHE.
 
     Absolute rates and full-set times taken hours apart compare only through it: on a shared
@@ -234,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=3, help="rounds (every contender once each); ratios are medians over them")
     p.add_argument("--workdir", type=Path, help="keep data here (default: a temp folder)")
     p.add_argument("--probe", action="store_true",
-                   help="only time the probe (one file's 5/8 decode + CLAHE, 200 times) and exit: "
+                   help=f"only time the probe (one file's 5/8 decode + CLAHE, {PROBE_TIMES} times) and exit: "
                         "take it before and after a run whose absolute figures you keep")
     args = p.parse_args(argv)
     configure_logging(level=logging.WARNING)
@@ -245,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.probe:
         synth = make_dataset(work / "probe", 1, seed=0, size=1024, progress=False)
         print(f"probe: {probe(next(synth.images_dir.glob('*.dcm')), size):.2f} ms "
-              "(one core: one file's 5/8 decode + CLAHE at 640, median of 200)")
+              f"(one core: one file's 5/8 decode + CLAHE at {size}, median of {PROBE_TIMES})")
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
         return 0
@@ -297,6 +300,14 @@ def main(argv: list[str] | None = None) -> int:
         vals = sorted(ratio(r) for r in rounds)
         return f"{statistics.median(vals):5.2f}" + (f" ({vals[0]:.2f}-{vals[-1]:.2f})" if len(vals) > 1 else "")
 
+    def scaling(r: dict[Any, Any], mode: str) -> float:
+        """Ours on all cores against cores x ours on one worker (wall-clock rates)."""
+        return per_wall(r[(cores, mode)]) / (cores * per_wall(r[(1, mode)]))
+
+    def floor_scaling(r: dict[Any, Any]) -> float:
+        """(f): (b2) split over the cores against cores x (b2) in one process."""
+        return r["b2 wall"] / (cores * r["b2 all cores"])
+
     def floor(seconds: float) -> float:
         """Images per CPU second of (b2)'s loop."""
         return n / seconds
@@ -332,14 +343,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ours dct per process / new floor (b2)      = {paired(lambda r: per_cpu(r[(1, 'dct')]) * r['b2'] / n)}   (target >= 0.8)")
     print(f"ours dct per process / old floor (b1)      = {paired(lambda r: per_cpu(r[(1, 'dct')]) * r['b1'] / n_few)}   (about 2x expected)")
     print(f"ours area per process / old floor (b1)     = {paired(lambda r: per_cpu(r[(1, 'area')]) * r['b1'] / n_few)}")
-    def scaling(r: dict[Any, Any], mode: str) -> float:
-        """Ours on all cores against cores x ours on one worker (wall-clock rates)."""
-        return per_wall(r[(cores, mode)]) / (cores * per_wall(r[(1, mode)]))
-
-    def floor_scaling(r: dict[Any, Any]) -> float:
-        """(f): (b2) split over the cores against cores x (b2) in one process."""
-        return r["b2 wall"] / (cores * r["b2 all cores"])
-
     for mode in ("dct", "area"):
         ratio = paired(lambda r, m=mode: scaling(r, m))
         print(f"ours {mode:4} all cores / (cores x 1 worker) = {ratio}   (target >= 0.90)")
