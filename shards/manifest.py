@@ -9,6 +9,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from shards.atomic import atomic_write_text
 from shards.format import FORMAT_VERSION, FormatError
 
 MANIFEST_NAME = "manifest.json"
@@ -103,18 +104,6 @@ def write_manifest(root: Path | str, manifest: Manifest) -> Path:
     path = Path(root) / MANIFEST_NAME
     atomic_write_text(path, manifest.to_json())
     return path
-
-
-def atomic_write_text(path: Path, text: str, *, durable: bool = True) -> None:
-    """Write ``text`` to ``path`` through a temporary file renamed into place; ``durable``
-    syncs it to disk first (a file whose reader checks it anyway can skip that wait)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        if durable:
-            f.flush()
-            os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def sync_files(paths: list[Path]) -> None:
