@@ -229,17 +229,21 @@ def ours(images: Path, labels: Path, out: Path, workers: int, shard_size: int, r
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ingest.bench", description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=1024, help="synthetic images (1024x1024)")
     p.add_argument("--floor-n", type=int, default=256, help="images for (a), (b1), (d) and (e) (at most --n)")
-    p.add_argument("--shard-size", type=int, default=64)
+    p.add_argument("--shard-size", type=int, default=64, help="samples per shard (tasks = n / shard size)")
     p.add_argument("--repeat", type=int, default=3, help="rounds (every contender once each); ratios are medians over them")
     p.add_argument("--workdir", type=Path, help="keep data here (default: a temp folder)")
     p.add_argument("--probe", action="store_true",
                    help=f"only time the probe (one file's 5/8 decode + CLAHE, {PROBE_TIMES} times) and exit: "
                         "take it before and after a run whose absolute figures you keep")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     configure_logging(level=logging.WARNING)
     cv2.setNumThreads(1)  # like each ingest worker: the comparison is per process
     cores = os.cpu_count() or 1

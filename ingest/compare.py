@@ -67,13 +67,17 @@ def picture(area: np.ndarray, dct: np.ndarray, crop: int = 160) -> np.ndarray:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ingest.compare", description=__doc__.splitlines()[0])
     p.add_argument("--dicom-dir", type=Path, help="DICOMs to compare (default: the demo set, synthesised)")
     p.add_argument("--n", type=int, default=200, help="images of the synthesised demo set (make demo's DEMO_N)")
-    p.add_argument("--size", type=int, default=640)
+    p.add_argument("--size", type=int, default=640, help="output side in pixels")
     p.add_argument("--png", type=Path, help="write the side-by-side picture of the first image here")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     configure_logging(level=logging.WARNING, dask=False)
     cv2.setNumThreads(1)
     if args.dicom_dir is None:

@@ -72,7 +72,7 @@ def ingest_once(cfg: IngestConfig) -> dict[str, Any]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ingest.slurm_bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--n", type=int, default=128, help="synthetic images")
@@ -83,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--queue", help="Slurm partition (overrides jobqueue.slurm.queue)")
     p.add_argument("--workdir", type=Path, help="keep data here; worker jobs on other nodes must see it "
                    "(default: a temporary folder under the current one, removed at the end)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     configure_logging(level=logging.WARNING)
     for noisy in ("distributed", "dask_jobqueue", "ingest"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

@@ -671,7 +671,7 @@ def _write_csvs(out: Path, records: Sequence[SynthRecord]) -> tuple[Path, Path]:
 # --------------------------------------------------------------------------- CLI
 
 
-def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m ingest.synth",
         description="Write a synthetic RSNA-like data set (JPEG Baseline CR DICOMs + label CSVs).",
@@ -685,12 +685,12 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--quality", type=int, default=90, help="JPEG quality (default 90)")
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
-    return parser.parse_args(argv)
+    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the CLI; returns the process exit code."""
-    args = _parse_args(argv)
+    args = build_parser().parse_args(argv)
     configure_logging(level=logging.WARNING if args.quiet else logging.INFO, dask=False)
     try:
         summary = make_dataset(

@@ -185,7 +185,7 @@ SECTIONS: dict[str, Callable[[BenchData, argparse.Namespace], Section]] = {
 """Bench sections by name, run in this order."""
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m shards.bench", description=__doc__.splitlines()[0])
     p.add_argument("--n", type=int, default=256, help="synthetic 1024x1024 images to ingest at 640 px")
     p.add_argument("--shard-size", type=int, default=64, help="samples per shard")
@@ -193,7 +193,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=["verify"], help="what to measure")
     p.add_argument("--no-cluster", action="store_true", help="skip the all-cores Dask run")
     p.add_argument("--workdir", type=Path, help="keep the data here (default: a temporary folder, removed)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     configure_logging(level=logging.WARNING)
     work = args.workdir or Path(tempfile.mkdtemp(prefix="shards-bench-"))
     try:

@@ -241,19 +241,23 @@ def _reap(pid: int) -> bool:
         return False
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m shards.serve", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
     for kind, what in (("http", "nginx serving DIR"), ("s3", "rclone serve s3: each folder under DIR is a bucket")):
         s = sub.add_parser(kind, help=what)
-        s.add_argument("dir", type=Path, metavar="DIR")
+        s.add_argument("dir", type=Path, metavar="DIR", help="folder to serve")
         s.add_argument("--port", type=int, help="port on 127.0.0.1 (default: a free one)")
         s.add_argument("--state", type=Path, help="folder for the configuration and logs (default: a temporary one)")
         s.add_argument("--detach", action="store_true", help="return at once; stop with `stop --state STATE`")
         s.add_argument("--json", action="store_true", help="print the settings as one JSON object")
     st = sub.add_parser("stop", help="stop a detached server")
-    st.add_argument("--state", type=Path, required=True)
-    args = p.parse_args(argv)
+    st.add_argument("--state", type=Path, required=True, help="the --state folder the server was started with")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command == "stop":
         return 0 if stop(args.state) else 1
     if not args.dir.is_dir():

@@ -273,7 +273,7 @@ def _table(rows: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.bench", description=__doc__.splitlines()[0])
     p.add_argument("--size", type=int, default=128, help="image side")
     p.add_argument("--batch", type=int, default=8, help="per-rank batch (the fit also runs half of it)")
@@ -281,13 +281,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--world", type=int, default=None,
                    help="ranks: default one per visible GPU, or 2 CPU processes without CUDA")
     p.add_argument("--models", default="cnn,yolov8n", help="comma list: cnn and/or yolov8n/s/m")
-    p.add_argument("--strategies", default="ddp,fsdp")
+    p.add_argument("--strategies", default="ddp,fsdp", help="comma list: ddp and/or fsdp")
     p.add_argument("--amps", default=None, help="default: none,bf16 on CPU; none,bf16,fp16 on GPU")
     p.add_argument("--loader", action="store_true", help="also run loader_bench (synthetic 640 px data)")
     p.add_argument("--loader-only", action="store_true", help="run loader_bench alone")
     p.add_argument("--loader-n", type=int, default=512, help="synthetic DICOMs the loader bench ingests")
     p.add_argument("--repeat", type=int, default=3, help="loader bench runs on the same data; the best is reported")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     configure_logging(level=logging.WARNING, dask=False)
     if args.loader_only:
         print(_loader_table(args.loader_n, args.repeat))

@@ -149,7 +149,7 @@ def write_csv(path: Path, rows: Iterator[tuple[str, object]], task: str) -> int:
     return len(merged)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.predict", description=__doc__.splitlines()[0])
     p.add_argument("--data", required=True, help="dataset from `python -m ingest`: a folder or a URL "
                    "(s3://bucket/prefix, http(s)://host/path, file://)")
@@ -159,10 +159,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, required=True, help="CSV to write")
     p.add_argument("--split", choices=tuple(SPLIT_CHOICES), default="all", help="which samples to predict")
     p.add_argument("--conf", type=float, help="detector: lowest box confidence kept (default: the run's)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers")
     p.add_argument("--amp", choices=("bf16", "fp16", "none"), default="none", help="autocast dtype")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     configure_logging(dask=False)
     if args.conf is not None and not 0 <= args.conf <= 1:
         print(f"error: --conf={args.conf}: allowed 0..1", file=sys.stderr)

@@ -93,11 +93,15 @@ def plot_run(run: Path, out: Path) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m train.report", description=__doc__.splitlines()[0])
     p.add_argument("run", type=Path, help="run folder (holds metrics.jsonl)")
     p.add_argument("-o", "--out", type=Path, required=True, help="PNG to write")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         path = plot_run(args.run, args.out)
     except FileNotFoundError as exc:
