@@ -1,5 +1,5 @@
-"""The examples users copy run as written: the README's "Use the shards from your code"
-snippets and ``notebooks/explore.ipynb`` (executed with nbclient on ``ingested_small`` and
+"""The examples users copy run as written: the "Use the shards from your code" snippets of
+``docs/dataset-format.md`` and ``notebooks/explore.ipynb`` (executed with nbclient on ``ingested_small`` and
 the one-step detector of the ``detector_run`` fixture).
 """
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+PAGE = REPO / "docs" / "dataset-format.md"
 SECTION = "## Use the shards from your code"
 TRAIN_SAMPLES = 18  # ingested_small: 24 images, val_fraction 0.25
 
@@ -22,15 +23,15 @@ def _env(**extra: str) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", **extra}
 
 
-def readme_snippets() -> list[str]:
-    text = (REPO / "README.md").read_text()
+def page_snippets() -> list[str]:
+    text = PAGE.read_text()
     start = text.index(SECTION)
     end = text.find("\n## ", start + len(SECTION))
     return re.findall(r"```python\n(.*?)```", text[start:end if end > 0 else None], re.S)
 
 
-def test_readme_has_both_snippets() -> None:
-    webdataset, loader = readme_snippets()
+def test_page_has_both_snippets() -> None:
+    webdataset, loader = page_snippets()
     assert "wds.WebDataset(urls" in webdataset and '.to_tuple("npy", "json")' in webdataset
     assert "ShardLoader(" in loader and "rank" in loader and "loader.epoch(0)" in loader
     assert len(loader.strip().splitlines()) <= 12
@@ -44,8 +45,8 @@ def cwd_with_dataset(ingested_small: Path, tmp_path: Path) -> Path:
 
 
 @pytest.mark.parametrize("which", ["webdataset", "loader"])
-def test_readme_snippet_runs(which: str, cwd_with_dataset: Path) -> None:
-    code = dict(zip(["webdataset", "loader"], readme_snippets()))[which]
+def test_page_snippet_runs(which: str, cwd_with_dataset: Path) -> None:
+    code = dict(zip(["webdataset", "loader"], page_snippets()))[which]
     proc = subprocess.run([sys.executable, "-c", code], cwd=cwd_with_dataset, env=_env(),
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
