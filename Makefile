@@ -1,6 +1,11 @@
 # Two entry points (see README): `make demo` and `make test`. Each makes its own virtual
 # environment in .venv on first use and reinstalls when pyproject.toml changes.
 PYTHON ?= python3
+# torch is installed first, pinned, so that the extras keep that build. From an ordinary package
+# index a plain `torch==2.13.0` is the CUDA build (several GB of CUDA libraries); for the CPU
+# build name its index: `make demo TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu`. Left
+# empty, pip's own configuration decides (this project's CI finds a local CPU wheel there).
+TORCH_INDEX_URL ?=
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO ?= demo-out
@@ -13,8 +18,7 @@ venv: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# CPU torch first, pinned: an unpinned torch would pull several GB of CUDA packages.
-	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))
 	$(PY) -m pip install -q -e '.[train,viz,dev]'
 	touch $@
 
@@ -38,9 +42,11 @@ test: venv
 clean-demo:
 	rm -rf $(DEMO)
 
-# On a machine with one (or more) NVIDIA GPUs, about 3-5 minutes: the CUDA code paths (tests
-# marked gpu: bf16/fp16, NCCL, SyncBatchNorm, pinned copies, FSDP2, a 640 px detector step,
-# short training runs), then the training bench at 640 px on one GPU.
+# On a machine with one (or more) NVIDIA GPUs (its duration is not measured yet: no GPU has run
+# it): the CUDA code paths (tests marked gpu: bf16/fp16, NCCL, SyncBatchNorm, pinned copies,
+# FSDP2, a 640 px detector step, short training runs), then the training bench at 640 px.
+# The venv needs the CUDA build of torch: on a fresh checkout `make gpu-check` from an ordinary
+# index gets it, or name the one the driver supports: TORCH_INDEX_URL=https://download.pytorch.org/whl/cuXXX.
 gpu-check: venv
 	$(PY) -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 'gpu-check: no CUDA device visible')"
 	$(PY) -m pytest -m gpu -p no:cacheprovider tests/test_gpu.py -v
