@@ -23,7 +23,6 @@ import hashlib
 import io
 import logging
 import math
-import os
 import sys
 import time
 import uuid
@@ -40,6 +39,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from tqdm import tqdm
 
+from shards.atomic import atomic_write_bytes
 from shards.cli import EXIT_USAGE, configure_logging
 from shards.format import CLASS_NAMES
 
@@ -525,15 +525,8 @@ def write_dicom(
 
     buffer = io.BytesIO()
     ds.save_as(buffer, enforce_file_format=True)
-    _write_atomic(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue(), durable=False)
     return path
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` under a temporary name beside ``path``, then rename it into place."""
-    tmp = path.parent / f".{path.name}.partial"
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- data set
@@ -663,8 +656,8 @@ def _write_csvs(out: Path, records: Sequence[SynthRecord]) -> tuple[Path, Path]:
             classes.append(f"{rec.patient_id},{rec.class_name}")
     labels_csv = out / LABELS_CSV
     class_csv = out / CLASS_INFO_CSV
-    _write_atomic(labels_csv, ("\n".join(labels) + "\n").encode())
-    _write_atomic(class_csv, ("\n".join(classes) + "\n").encode())
+    atomic_write_bytes(labels_csv, ("\n".join(labels) + "\n").encode(), durable=False)
+    atomic_write_bytes(class_csv, ("\n".join(classes) + "\n").encode(), durable=False)
     return labels_csv, class_csv
 
 

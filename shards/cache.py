@@ -48,7 +48,6 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -56,6 +55,7 @@ from pathlib import Path
 
 import numpy as np
 
+from shards.atomic import atomic_path
 from shards.manifest import SHARDS_DIR, ShardInfo
 from shards.reader import ShardChecksumError, VerifiedShard
 from shards.store import (
@@ -189,25 +189,17 @@ class ShardCache:
         path.unlink(missing_ok=True)
         for stale in path.parent.glob(f".{path.name}.tmp-*"):
             stale.unlink(missing_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{threading.get_ident()}")
         t0 = time.perf_counter()
-
-        def attempt() -> tuple[str, memoryview, int]:
-            try:
-                return self._download(store, shard, tmp)
-            except BaseException:
-                tmp.unlink(missing_ok=True)
-                raise
-
-        digest, buf, got = retrying(
-            url, attempt, not_retried=(DatasetNotFoundError, CacheFullError, PermissionError),
-            give_up=_tries_failed(url),
-        )
-        verified = _verified(shard, buf, digest) if got == shard.bytes else None
-        if verified is None:
-            tmp.unlink(missing_ok=True)
-            raise ShardChecksumError(url, shard.sha256, digest)
-        os.replace(tmp, path)
+        # No fsync: a copy is hashed before any reuse, so a torn one is fetched again.
+        with atomic_path(path, durable=False) as tmp:
+            digest, buf, got = retrying(
+                url, lambda: self._download(store, shard, tmp),
+                not_retried=(DatasetNotFoundError, CacheFullError, PermissionError),
+                give_up=_tries_failed(url),
+            )
+            verified = _verified(shard, buf, digest) if got == shard.bytes else None
+            if verified is None:
+                raise ShardChecksumError(url, shard.sha256, digest)
         log.debug("fetched %s (%.1f MB) in %.2f s", url, got / 1e6, time.perf_counter() - t0)
         return verified
 
@@ -237,7 +229,6 @@ class ShardCache:
                     f"{store.shard_url(shard.name)} ({shard.bytes / 1e6:.1f} MB): free space there, "
                     "lower --cache-limit, or choose another --cache-dir") from exc
             raise
-        # No fsync: a copy is hashed before any reuse, so a torn one is fetched again.
         if got < shard.bytes:
             raise ConnectionError(f"the connection ended after {got} of {shard.bytes} bytes")
         return hashlib.sha256(buf[:got]).hexdigest(), buf, got
@@ -481,17 +472,15 @@ def _walk(store: Store, rel: str) -> list[str]:
 
 def _copy_file(store: Store, rel: str, dest: Path) -> None:
     url = store.url(rel)
-    tmp = dest.with_name(f".{dest.name}.tmp-{os.getpid()}")
 
     def attempt() -> None:
         try:
-            store.fs.get_file(store.path(rel), str(tmp))
-            os.replace(tmp, dest)
-        except BaseException as exc:
-            tmp.unlink(missing_ok=True)
-            if isinstance(exc, FileNotFoundError):
-                raise DatasetNotFoundError(f"{url}: not found") from exc
-            if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            with atomic_path(dest, durable=False) as tmp:
+                store.fs.get_file(store.path(rel), str(tmp))
+        except FileNotFoundError as exc:
+            raise DatasetNotFoundError(f"{url}: not found") from exc
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise _cache_error(dest.parent, exc, f"writing {url}") from exc
             raise
 

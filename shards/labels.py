@@ -8,13 +8,13 @@ in pixels of the stored image).
 from __future__ import annotations
 
 import dataclasses
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import zarr
 
+from shards.atomic import atomic_dir
 from shards.format import FORMAT_VERSION, FormatError
 
 STRING_FIELDS = ("key", "patient_id", "split", "view_position", "sex")
@@ -68,25 +68,20 @@ class LabelTable:
 
 def write_labels(path: Path | str, table: LabelTable) -> None:
     """Write the table as a zarr v3 group at ``path`` (via a temporary name, then renamed)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    group = zarr.open_group(tmp, mode="w", zarr_format=3)
-    group.attrs["format_version"] = FORMAT_VERSION
-    group.attrs["samples"] = len(table)
-    n = max(len(table), 1)
-    for f in STRING_FIELDS:
-        arr = group.create_array(f, shape=(len(table),), dtype=str, chunks=(min(n, CHUNK),))
-        if len(table):
-            arr[:] = getattr(table, f).astype(str)
-    for f in (*INT_FIELDS, "box_offsets"):
-        data = getattr(table, f)
-        group.create_array(f, data=data, chunks=(min(max(len(data), 1), CHUNK),))
-    nb = max(len(table.boxes), 1)
-    group.create_array("boxes", data=table.boxes, chunks=(min(nb, CHUNK), 4))
-    if path.exists():
-        shutil.rmtree(path)
-    tmp.rename(path)
+    with atomic_dir(path) as tmp:
+        group = zarr.open_group(tmp, mode="w", zarr_format=3)
+        group.attrs["format_version"] = FORMAT_VERSION
+        group.attrs["samples"] = len(table)
+        n = max(len(table), 1)
+        for f in STRING_FIELDS:
+            arr = group.create_array(f, shape=(len(table),), dtype=str, chunks=(min(n, CHUNK),))
+            if len(table):
+                arr[:] = getattr(table, f).astype(str)
+        for f in (*INT_FIELDS, "box_offsets"):
+            data = getattr(table, f)
+            group.create_array(f, data=data, chunks=(min(max(len(data), 1), CHUNK),))
+        nb = max(len(table.boxes), 1)
+        group.create_array("boxes", data=table.boxes, chunks=(min(nb, CHUNK), 4))
 
 
 def read_labels(path: Path | str | zarr.abc.store.Store) -> LabelTable:

@@ -20,7 +20,6 @@ weights_only=True)`` reads it.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import warnings
 from pathlib import Path
@@ -38,7 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from shards.manifest import atomic_write_text
+from shards.atomic import atomic_write, atomic_write_text
 from train.distributed import barrier
 
 __all__ = [
@@ -162,9 +161,8 @@ def export_model(path: Path | str, model: nn.Module, info: dict[str, Any]) -> Pa
     if not _is_main():
         return None
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    torch.save({"format": EXPORT_FORMAT, **info, "state_dict": state}, tmp)
-    os.replace(tmp, path)
+    with atomic_write(path, "wb") as f:
+        torch.save({"format": EXPORT_FORMAT, **info, "state_dict": state}, f)
     log.info("exported %s", path)
     return path
 

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import csv
 import logging
-import os
 import sys
 from collections import defaultdict
 from collections.abc import Iterator
@@ -36,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from shards.atomic import atomic_write
 from shards.cache import ShardSource, open_source
 from shards.cli import EXIT_USAGE, configure_logging
 from shards.format import SPLITS
@@ -133,8 +133,7 @@ def write_csv(path: Path, rows: Iterator[tuple[str, object]], task: str) -> int:
             merged[pid] = None
         else:
             merged[pid] = max(float(pred), float(merged.get(pid, 0.0) or 0.0))  # type: ignore[arg-type]
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", newline="") as f:
+    with atomic_write(path, "w", newline="") as f:
         w = csv.writer(f)
         if task == "detect":
             w.writerow(["patientId", "PredictionString"])
@@ -145,7 +144,6 @@ def write_csv(path: Path, rows: Iterator[tuple[str, object]], task: str) -> int:
             w.writerow(["patientId", "probability"])
             for pid in sorted(merged):
                 w.writerow([pid, f"{merged[pid]:.6f}"])
-    os.replace(tmp, path)
     return len(merged)
 
 
