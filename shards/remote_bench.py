@@ -1,7 +1,7 @@
 """Section ``remote`` of ``python -m shards.bench``: the training loader from local disk, from
 an HTTP server with a cold cache and with a warm one, side by side in one run.
 
-The server is nginx on loopback started by ``python -m shards.serve http`` (the command users
+The server is nginx on loopback started by ``python -m tools.serve http`` (the command users
 run), serving the bench's dataset folder. Every contender is :class:`train.data.ShardLoader`
 in this process (``workers=0``) over the ``train`` split, global batch 32 in 4 lanes, and each
 reads every byte it uses through the same sha256 check:
@@ -15,7 +15,7 @@ reads every byte it uses through the same sha256 check:
   parses those bytes (no second hash).
 
 Targets: warm >= 0.9x local, cold >= 0.5x local. Needs the ``train`` and ``remote`` extras and
-nginx (installed from Debian by ``shards.serve`` when run as root).
+nginx (installed from Debian by ``tools.serve`` when run as root).
 """
 
 from __future__ import annotations
@@ -58,10 +58,10 @@ def remote_bench(data: Path, work: Path, *, repeat: int = 5, batch: int = 32, la
     machine one epoch's rate moves by 2x from round to round, a paired ratio far less.
     """
     state = work / "nginx-state"
-    done = subprocess.run([sys.executable, "-m", "shards.serve", "http", str(data.parent), "--detach",
+    done = subprocess.run([sys.executable, "-m", "tools.serve", "http", str(data.parent), "--detach",
                            "--state", str(state), "--json"], capture_output=True, text=True, timeout=300)
     if done.returncode != 0:
-        raise RuntimeError(f"python -m shards.serve http failed: {done.stderr.strip()}")
+        raise RuntimeError(f"python -m tools.serve http failed: {done.stderr.strip()}")
     url = json.loads(done.stdout)["url"] + data.name
     rates: dict[str, list[float]] = {"local": [], "cold": [], "warm": []}
     first: dict[str, list[float]] = {"local": [], "cold": [], "warm": []}
@@ -90,7 +90,7 @@ def remote_bench(data: Path, work: Path, *, repeat: int = 5, batch: int = 32, la
                 first[name].append(to_first)
             shutil.rmtree(cache, ignore_errors=True)
     finally:
-        subprocess.run([sys.executable, "-m", "shards.serve", "stop", "--state", str(state)], timeout=60)
+        subprocess.run([sys.executable, "-m", "tools.serve", "stop", "--state", str(state)], timeout=60)
     ratios = {k: [v / loc for v, loc in zip(rates[k], rates["local"])] for k in ("cold", "warm")}
     return {"url": url, "batch": batch, "lanes": lanes, "rates": rates, "ratios": ratios,
             "median": {k: statistics.median(v) for k, v in rates.items()},

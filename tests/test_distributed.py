@@ -13,7 +13,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
-from shards.serve import free_port
+from tools.serve import free_port
 from train import distributed as D
 from train.distributed import (
     DistEnv,

@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from shards.serve import free_port
+from tools.serve import free_port
 from tests.fault_injection import INJECT_DIR
 from tests.procs import run_or_dump_stacks
 from tests.test_train import RUN_TIMEOUT, ok, records, small_args

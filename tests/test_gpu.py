@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from shards.serve import free_port
+from tools.serve import free_port
 from train.checkpoint import export_model, load_export
 from train.data import ShardLoader, read_split, to_device
 from train.distributed import (

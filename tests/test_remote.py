@@ -1,6 +1,6 @@
 """Datasets at URLs: real servers on loopback (nginx over HTTP, rclone's S3), the shard cache.
 
-The servers are started by the project's own command (``python -m shards.serve``, the one
+The servers are started by the project's own command (``python -m tools.serve``, the one
 users run), once per session; the dropped-connection server is a separate process too
 (``tests/servers/dropping_http.py``: it drops every try at a known byte, so the tries can be
 counted).
@@ -27,19 +27,19 @@ import shards.store
 from shards.cache import CacheFullError, ShardCache, ShardFetchError, local_copy, open_source
 from shards.manifest import SHARDS_DIR, read_manifest
 from shards.reader import ShardChecksumError
-from shards.serve import free_port
+from tools.serve import free_port
 from shards.store import DatasetNotFoundError, normalize_location, open_store, read_manifest_from, redact_url
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _serve(kind: str, root: Path, state: Path) -> dict:
-    done = subprocess.run([sys.executable, "-m", "shards.serve", kind, str(root), "--detach", "--state", str(state),
+    done = subprocess.run([sys.executable, "-m", "tools.serve", kind, str(root), "--detach", "--state", str(state),
                            "--json"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     if done.returncode != 0:
         if "run as root" in done.stderr or "no rclone binary" in done.stderr:
             pytest.skip(done.stderr.strip())
-        raise RuntimeError(f"python -m shards.serve {kind} failed: {done.stderr}")
+        raise RuntimeError(f"python -m tools.serve {kind} failed: {done.stderr}")
     return json.loads(done.stdout)
 
 
@@ -59,14 +59,14 @@ def served_root(ingested_small: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 
 def _running(kind: str, root: Path, state: Path):
-    """A ``shards.serve`` server of ``kind`` over ``root`` for the fixture's lifetime."""
+    """A ``tools.serve`` server of ``kind`` over ``root`` for the fixture's lifetime."""
     yield _serve(kind, root, state)
-    subprocess.run([sys.executable, "-m", "shards.serve", "stop", "--state", str(state)], cwd=ROOT, timeout=60)
+    subprocess.run([sys.executable, "-m", "tools.serve", "stop", "--state", str(state)], cwd=ROOT, timeout=60)
 
 
 @pytest.fixture(scope="session")
 def nginx(served_root: Path, tmp_path_factory: pytest.TempPathFactory):
-    """nginx serving ``served_root`` (installed from Debian by ``shards.serve`` if missing)."""
+    """nginx serving ``served_root`` (installed from Debian by ``tools.serve`` if missing)."""
     yield from _running("http", served_root, tmp_path_factory.mktemp("nginx-state"))
 
 

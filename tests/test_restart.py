@@ -22,7 +22,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from shards.serve import free_port
+from tools.serve import free_port
 from tests.procs import run_or_dump_stacks
 from tests.fault_injection import INJECT_DIR
 from train.checkpoint import load_export

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from shards.serve import free_port
+from tools.serve import free_port
 from tests.procs import run_or_dump_stacks
 from train.checkpoint import load_export
 from train.config import TrainConfig, load_toml

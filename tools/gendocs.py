@@ -34,7 +34,7 @@ CLI_MODULES: tuple[tuple[str, str], ...] = (
     ("train", "Train and predict"),
     ("train.predict", "Train and predict"),
     ("train.report", "Train and predict"),
-    ("shards.serve", "Serve a dataset for a try-out"),
+    ("tools.serve", "Serve a dataset for a try-out"),
     ("ingest.bench", "Benchmarks"),
     ("ingest.slurm_bench", "Benchmarks"),
     ("ingest.compare", "Benchmarks"),

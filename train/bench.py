@@ -143,7 +143,7 @@ def model_bench(*, task: str, arch: str, strategy: str, amp: str, size: int, bat
     """Run one configuration on ``world`` spawned ranks; return rank 0's measurements."""
     import torch.multiprocessing as mp
 
-    from shards.serve import free_port
+    from tools.serve import free_port
 
     spec = {"task": task, "arch": arch, "strategy": strategy, "amp": amp, "size": size,
             "batch": batch, "batch_small": max(1, batch // 2), "steps": steps}
