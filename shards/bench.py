@@ -23,7 +23,6 @@ there to extend the bench.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import hashlib
 import logging
 import os
@@ -34,41 +33,14 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from shards.bench_common import BenchData, Section
 from shards.cli import configure_logging
 from shards.manifest import READ_CHUNK, SHARDS_DIR, read_manifest
+from shards.remote_bench import remote_section
 from shards.report import VerifyReport
 from shards.verify import VerifyConfig, verify
 
 log = logging.getLogger(__name__)
-
-
-@dataclasses.dataclass(frozen=True)
-class BenchData:
-    """The dataset every section measures."""
-
-    out: Path
-    """The ingested dataset folder."""
-    shard_files: list[Path]
-    samples: int
-    bytes: int
-    cores: int
-
-
-@dataclasses.dataclass
-class Section:
-    """One printed table: a title, a header, rows and notes below it."""
-
-    title: str
-    header: list[str]
-    rows: list[list[str]] = dataclasses.field(default_factory=list)
-    notes: list[str] = dataclasses.field(default_factory=list)
-
-    def markdown(self) -> str:
-        widths = [max(len(r[i]) for r in (self.header, *self.rows)) for i in range(len(self.header))]
-        line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"  # noqa: E731
-        out = [f"### {self.title}", "", line(self.header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
-        out += [line(r) for r in self.rows]
-        return "\n".join(out + ([""] + self.notes if self.notes else []))
 
 
 def build_data(work: Path, n: int, shard_size: int, size: int = 640) -> BenchData:
@@ -169,13 +141,6 @@ def verify_section(data: BenchData, args: argparse.Namespace) -> Section:
                      f"deep {deep.samples / deep.seconds:.0f} samples/s per process: "
                      f"{'PASS' if deep.samples / deep.seconds >= 1000 else 'FAIL'} (target >= 1000)")
     return sec
-
-
-def remote_section(data: BenchData, args: argparse.Namespace) -> Section:
-    """The loader from local disk, HTTP cold cache, HTTP warm cache (see :mod:`shards.remote_bench`)."""
-    from shards.remote_bench import remote_section as section
-
-    return section(data, args)
 
 
 SECTIONS: dict[str, Callable[[BenchData, argparse.Namespace], Section]] = {

@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from shards.bench_common import BenchData, Section
 from shards.manifest import SHARDS_DIR
 
 
@@ -98,10 +99,8 @@ def remote_bench(data: Path, work: Path, *, repeat: int = 5, batch: int = 32, la
             "median_ratio": {k: statistics.median(v) for k, v in ratios.items()}}
 
 
-def remote_section(data: Any, args: argparse.Namespace) -> Any:
-    """The bench section (``data``: :class:`shards.bench.BenchData`)."""
-    from shards.bench import Section
-
+def remote_section(data: BenchData, args: argparse.Namespace) -> Section:
+    """The loader from local disk, HTTP cold cache and HTTP warm cache, as a bench section."""
     work = data.out.parent / "remote-bench"
     work.mkdir(parents=True, exist_ok=True)
     rounds = max(args.repeat, 5)
