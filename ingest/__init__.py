@@ -42,6 +42,7 @@ _EXPORTS = {
     "DicomRejected": "ingest.dicom",
     "decode_dicom": "ingest.dicom",
     "make_dataset": "ingest.synth",
+    "make_ingested": "ingest.synth",
 }
 
 __all__ = list(_EXPORTS)

@@ -56,11 +56,10 @@ import pydicom.encaps
 import simplejpeg
 
 from ingest import codestream, dicom_header, transforms
-from ingest.config import IngestConfig
 from ingest.dicom import _fast_header
 from ingest.pipeline import run_ingest
 from ingest.readahead import read_file
-from ingest.synth import make_dataset
+from ingest.synth import SynthSummary, make_dataset
 from shards.cli import configure_logging
 from shards.writer import ShardWriter
 
@@ -208,14 +207,11 @@ def steps(files: list[Path], size: int, work: Path) -> list[tuple[str, float]]:
     return out
 
 
-def ours(images: Path, labels: Path, out: Path, workers: int, shard_size: int, resample: str) -> dict[str, float]:
+def ours(synth: SynthSummary, out: Path, workers: int, shard_size: int, resample: str) -> dict[str, float]:
     """(c) the real ingest; returns wall seconds, busy seconds and peak worker RSS."""
     shutil.rmtree(out, ignore_errors=True)
     t = time.perf_counter()
-    summary = run_ingest(
-        IngestConfig(dicom_dir=images, out=out, labels=labels, workers=workers, shard_size=shard_size,
-                     resample=resample, progress=False)
-    )
+    summary = run_ingest(synth.ingest_config(out, workers=workers, shard_size=shard_size, resample=resample))
     wall = time.perf_counter() - t
     recs = summary.records
     span = max(r["finished"] for r in recs) - min(r["started"] for r in recs)
@@ -272,11 +268,11 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.repeat):
         r: dict[Any, Any] = {"naive": naive(few, work / "png", size), "b1": old_floor(few, size)}
         for w in widths:
-            r[(w, "area")] = ours(synth.images_dir, synth.labels_csv, work / f"o{w}area", w, args.shard_size, "area")
+            r[(w, "area")] = ours(synth, work / f"o{w}area", w, args.shard_size, "area")
         for w in widths[1:]:  # all cores first: the one-worker run goes between two runs of (b2)
-            r[(w, "dct")] = ours(synth.images_dir, synth.labels_csv, work / f"o{w}dct", w, args.shard_size, "dct")
+            r[(w, "dct")] = ours(synth, work / f"o{w}dct", w, args.shard_size, "dct")
         b2_before, _ = timed_new_floor(files, size)
-        r[(1, "dct")] = ours(synth.images_dir, synth.labels_csv, work / "o1dct", 1, args.shard_size, "dct")
+        r[(1, "dct")] = ours(synth, work / "o1dct", 1, args.shard_size, "dct")
         b2_after, r["b2 wall"] = timed_new_floor(files, size)
         # (b2) on both sides of the run it is compared with: a drift in the machine's speed
         # during the three runs weighs on both sides of the per-process ratio alike.

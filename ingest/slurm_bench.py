@@ -31,16 +31,15 @@ from typing import Any
 from ingest.cluster import open_client
 from ingest.config import IngestConfig
 from ingest.pipeline import run_ingest
-from ingest.synth import make_dataset
+from ingest.synth import SynthSummary, make_dataset
 from shards.cli import configure_logging
 from shards.manifest import read_manifest
 
 
-def _cfg(kind: str, workers: int, synth: Any, out: Path, shard_size: int, queue: str | None) -> IngestConfig:
-    return IngestConfig(
-        dicom_dir=synth.images_dir, out=out, labels=synth.labels_csv, cluster=kind,  # type: ignore[arg-type]
-        workers=workers if kind == "local" else None, jobs=workers, queue=queue,
-        shard_size=shard_size, progress=False, worker_timeout=300,
+def _cfg(kind: str, workers: int, synth: SynthSummary, out: Path, shard_size: int, queue: str | None) -> IngestConfig:
+    return synth.ingest_config(
+        out, cluster=kind, workers=workers if kind == "local" else None, jobs=workers, queue=queue,
+        shard_size=shard_size, worker_timeout=300,
     )
 
 

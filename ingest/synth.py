@@ -23,12 +23,14 @@ import hashlib
 import io
 import logging
 import math
+import shutil
 import sys
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import cv2
 import numpy as np
@@ -39,6 +41,7 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.encaps import encapsulate
 from tqdm import tqdm
 
+from ingest.config import IngestConfig
 from shards.atomic import atomic_write_bytes
 from shards.cli import EXIT_USAGE, configure_logging
 from shards.format import CLASS_NAMES
@@ -50,10 +53,12 @@ __all__ = [
     "TRANSFER_SYNTAXES",
     "SynthConfig",
     "SynthRecord",
+    "SynthIngested",
     "SynthSummary",
     "derived_uid",
     "main",
     "make_dataset",
+    "make_ingested",
     "synthetic_chest",
     "write_dicom",
 ]
@@ -167,6 +172,14 @@ class SynthSummary:
     n_boxes: int
     class_counts: dict[str, int]
     records: tuple[SynthRecord, ...] = field(repr=False)
+
+    def ingest_config(self, out: Path, **options: Any) -> IngestConfig:
+        """The configuration that ingests this set (its images, labels and class info) into
+        ``out``, without a progress bar; ``options`` are further :class:`IngestConfig` fields
+        (and may override those)."""
+        inputs = {"dicom_dir": self.images_dir, "labels": self.labels_csv, "class_info": self.class_info_csv,
+                  "progress": False}
+        return IngestConfig(**{**inputs, **options, "out": Path(out)})
 
 
 @dataclass(frozen=True)
@@ -659,6 +672,47 @@ def _write_csvs(out: Path, records: Sequence[SynthRecord]) -> tuple[Path, Path]:
     atomic_write_bytes(labels_csv, ("\n".join(labels) + "\n").encode(), durable=False)
     atomic_write_bytes(class_csv, ("\n".join(classes) + "\n").encode(), durable=False)
     return labels_csv, class_csv
+
+
+@dataclass(frozen=True)
+class SynthIngested:
+    """What :func:`make_ingested` wrote."""
+
+    synth: SynthSummary
+    """The synthetic DICOMs and label CSVs (``WORK/rsna``)."""
+    out: Path
+    """The ingested dataset folder (``WORK/ds``)."""
+
+
+def make_ingested(
+    work: Path,
+    n: int,
+    *,
+    seed: int = 0,
+    src_size: int = 1024,
+    positive_fraction: float = 0.22,
+    **ingest_options: Any,
+) -> SynthIngested:
+    """Write ``n`` synthetic DICOMs to ``work/rsna`` (see :func:`make_dataset`) and ingest them,
+    labels and class info included, into a fresh ``work/ds``: the data of the benches and tests.
+
+    Args:
+        work: Folder to write both into.
+        n, seed, positive_fraction: As for :func:`make_dataset`.
+        src_size: Rows and columns of the synthetic images (``size`` of :func:`make_dataset`).
+        **ingest_options: :class:`IngestConfig` fields, ``size`` (the ingested images') included.
+
+    Raises:
+        ValueError: If a parameter is out of its allowed range.
+    """
+    from ingest.pipeline import run_ingest  # the driver (Dask) only where a set is ingested
+
+    synth = make_dataset(Path(work) / "rsna", n, seed=seed, size=src_size, positive_fraction=positive_fraction,
+                         progress=False)
+    out = Path(work) / "ds"
+    shutil.rmtree(out, ignore_errors=True)
+    run_ingest(synth.ingest_config(out, **ingest_options))
+    return SynthIngested(synth=synth, out=out)
 
 
 # --------------------------------------------------------------------------- CLI

@@ -45,15 +45,9 @@ log = logging.getLogger(__name__)
 
 def build_data(work: Path, n: int, shard_size: int, size: int = 640) -> BenchData:
     """Make ``n`` synthetic 1024 px DICOMs and ingest them at ``size`` px (all cores)."""
-    from ingest.config import IngestConfig
-    from ingest.pipeline import run_ingest
-    from ingest.synth import make_dataset
+    from ingest.synth import make_ingested
 
-    synth = make_dataset(work / "synth", n, seed=0, size=1024, progress=False)
-    out = work / "ds"
-    shutil.rmtree(out, ignore_errors=True)
-    run_ingest(IngestConfig(dicom_dir=synth.images_dir, out=out, labels=synth.labels_csv,
-                            class_info=synth.class_info_csv, size=size, shard_size=shard_size, progress=False))
+    out = make_ingested(work, n, seed=0, src_size=1024, size=size, shard_size=shard_size).out
     m = read_manifest(out)
     files = [out / SHARDS_DIR / s.name for s in m.shards]
     return BenchData(out=out, shard_files=files, samples=m.counts["samples"], bytes=sum(s.bytes for s in m.shards),

@@ -30,16 +30,10 @@ def synth_small(tmp_path_factory: pytest.TempPathFactory):
 @pytest.fixture(scope="session")
 def ingested_small(synth_small, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """``synth_small`` ingested at 64 px into 4-sample shards (2 local workers)."""
-    from ingest.config import IngestConfig
     from ingest.pipeline import run_ingest
 
     out = tmp_path_factory.mktemp("ingested") / "ds"
-    cfg = IngestConfig(
-        dicom_dir=synth_small.images_dir, out=out, labels=synth_small.labels_csv,
-        class_info=synth_small.class_info_csv, size=64, shard_size=4, workers=2,
-        val_fraction=0.25, progress=False,
-    )
-    run_ingest(cfg)
+    run_ingest(synth_small.ingest_config(out, size=64, shard_size=4, workers=2, val_fraction=0.25))
     return out
 
 

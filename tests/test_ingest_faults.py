@@ -88,10 +88,7 @@ def test_local_cluster_poison_files_cost_one_reject_each(
     for name, value in fault_env(rules).items():
         monkeypatch.setenv(name, value)  # the LocalCluster's worker processes inherit it
     out = tmp_path / "ds"
-    cfg = IngestConfig(
-        dicom_dir=synth_small.images_dir, out=out, labels=synth_small.labels_csv, class_info=synth_small.class_info_csv,
-        size=64, shard_size=4, workers=2, val_fraction=0.25, progress=False, sample_timeout=TIMEOUT_S,
-    )
+    cfg = synth_small.ingest_config(out, size=64, shard_size=4, workers=2, val_fraction=0.25, sample_timeout=TIMEOUT_S)
     with caplog.at_level(logging.WARNING):
         summary = run_ingest(cfg)
 

@@ -20,6 +20,7 @@ from ingest.synth import (
     SynthSummary,
     main,
     make_dataset,
+    make_ingested,
     synthetic_chest,
     write_dicom,
 )
@@ -240,3 +241,36 @@ def test_cli_writes_a_dataset(tmp_path: Path) -> None:
 
 def test_main_returns_2_on_bad_value(tmp_path: Path) -> None:
     assert main(["--out", str(tmp_path), "--n", "0", "--quiet"]) == 2
+
+
+@pytest.mark.parametrize(("options", "expected"), [
+    ({}, {"labels": "csv", "class_info": "csv", "progress": False, "size": 640}),
+    ({"size": 32, "shard_size": 3}, {"size": 32, "shard_size": 3, "labels": "csv"}),
+    ({"labels": None, "class_info": None, "progress": True}, {"labels": None, "class_info": None, "progress": True}),
+], ids=["defaults", "ingest-fields", "overrides"])
+def test_ingest_config_names_the_sets_files(ds200: SynthSummary, tmp_path: Path, options: dict, expected: dict) -> None:
+    cfg = ds200.ingest_config(tmp_path / "ds", **options)
+    files = {"labels": ds200.labels_csv, "class_info": ds200.class_info_csv}
+    assert cfg.dicom_dir == ds200.images_dir and cfg.out == tmp_path / "ds"
+    for name, value in expected.items():
+        assert getattr(cfg, name) == (files[name] if value == "csv" else value), name
+
+
+def test_make_ingested_ingests_every_image_with_its_labels(tmp_path: Path) -> None:
+    from shards.labels import read_labels
+    from shards.manifest import read_manifest
+
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "left-over").write_text("from an earlier run")  # a fresh folder each time
+    made = make_ingested(tmp_path, 6, seed=2, src_size=64, positive_fraction=0.5, size=32, shard_size=4, workers=1)
+    assert made.out == tmp_path / "ds" and made.synth.images_dir == tmp_path / "rsna" / "images"
+    assert not (made.out / "left-over").exists()
+    manifest = read_manifest(made.out)
+    assert manifest.counts["samples"] == 6 and manifest.params["size"] == 32
+    assert [s.samples for s in manifest.shards if s.split == "train"][0] <= 4
+    labels = read_labels(made.out / "labels.zarr")
+    by_pid = {r.patient_id: r for r in made.synth.records}
+    assert sorted(labels.patient_id) == sorted(by_pid)
+    for pid, target, class_id in zip(labels.patient_id, labels.target, labels.class_id):
+        assert target == by_pid[pid].target
+        assert CLASS_NAMES[class_id] == by_pid[pid].class_name  # the class info was read too

@@ -219,15 +219,10 @@ def test_bad_world_size_is_a_usage_error(ingested_small: Path, tmp_path: Path):
 def test_models_learn_bright_opacities(tmp_path: Path):
     """160 synthetic 256 px images (half positive) ingested at 128 px: within a CPU budget
     of about a minute the classifier's AUC and the detector's mAP@0.5 rise well above chance."""
-    from ingest.config import IngestConfig
-    from ingest.pipeline import run_ingest
-    from ingest.synth import make_dataset
+    from ingest.synth import make_ingested
 
-    synth = make_dataset(tmp_path / "rsna", 160, seed=0, size=256, positive_fraction=0.5, progress=False)
-    data = tmp_path / "ds"
-    run_ingest(IngestConfig(dicom_dir=synth.images_dir, out=data, labels=synth.labels_csv,
-                            class_info=synth.class_info_csv, size=128, shard_size=16, workers=2,
-                            val_fraction=0.25, progress=False))
+    data = make_ingested(tmp_path, 160, seed=0, src_size=256, positive_fraction=0.5,
+                         size=128, shard_size=16, workers=2, val_fraction=0.25).out
     common = ["--data", str(data), "--batch-size", "16", "--workers", "1", "--amp", "none",
               "--lr", "2e-3", "--log-every", "4", "--epochs", "4"]
     cls_run, det_run = tmp_path / "classify", tmp_path / "detect"

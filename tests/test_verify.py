@@ -40,7 +40,6 @@ class Built:
 def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     """14 synthetic DICOMs at 128 px (one truncated) + a junk .dcm + a label without image,
     ingested at 64 px into 4-sample shards: 13 samples, 2 file rejects, 1 label problem."""
-    from ingest.config import IngestConfig
     from ingest.pipeline import run_ingest
     from ingest.synth import make_dataset
 
@@ -53,8 +52,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Built:
     labels = root / "labels.csv"
     labels.write_text(synth.labels_csv.read_text() + "ghost-patient,,,,,0\n")
     ds = root / "ds"
-    run_ingest(IngestConfig(dicom_dir=src, out=ds, labels=labels, class_info=synth.class_info_csv, size=64,
-                            shard_size=4, workers=1, val_fraction=0.25, progress=False))
+    run_ingest(synth.ingest_config(ds, labels=labels, size=64, shard_size=4, workers=1, val_fraction=0.25))
     return Built(ds, src, labels)
 
 

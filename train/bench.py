@@ -158,16 +158,11 @@ def model_bench(*, task: str, arch: str, strategy: str, amp: str, size: int, bat
 
 
 def _make_dataset(work: Path, n: int, src_size: int, size: int, shard_size: int) -> Path:
-    from ingest.config import IngestConfig
-    from ingest.pipeline import run_ingest
-    from ingest.synth import make_dataset
+    """``n`` synthetic DICOMs ingested into one split (``train``): the loader's data."""
+    from ingest.synth import make_ingested
 
-    synth = make_dataset(work / "rsna", n, seed=0, size=src_size, progress=False)
-    out = work / "dataset"
-    run_ingest(IngestConfig(dicom_dir=synth.images_dir, out=out, labels=synth.labels_csv,
-                            class_info=synth.class_info_csv, size=size, shard_size=shard_size,
-                            val_fraction=0.0, workers=min(4, os.cpu_count() or 1), progress=False))
-    return out
+    return make_ingested(work, n, seed=0, src_size=src_size, size=size, shard_size=shard_size,
+                         val_fraction=0.0, workers=min(4, os.cpu_count() or 1)).out
 
 
 def loader_bench(data: Path | str | None = None, *, n: int = 512, src_size: int = 1024,
