@@ -9,6 +9,7 @@ none raises for damaged data. :func:`shards.verify.verify` runs them in that ord
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -19,8 +20,9 @@ from shards.format import CLASS_NAMES, SHARD_NAME, SPLITS, FormatError
 from shards.label_csv import PatientLabel
 from shards.labels import LabelTable, read_labels
 from shards.manifest import LABELS_NAME, REJECTS_NAME, SHARDS_DIR, Manifest, ShardInfo, params_hash
+from shards import schema
 from shards.report import Problem
-from shards.scan import HEX64, ShardScan, fmt_boxes
+from shards.scan import ShardScan, fmt_boxes
 from shards.source import patient_id_of, source_fingerprint
 
 
@@ -30,15 +32,10 @@ def check_manifest(m: Manifest, problems: list[Problem]) -> int | None:
     def bad(check: str, what: str, expected: str | None = None, shard: str | None = None) -> None:
         problems.append(Problem(check, what, expected, shard=shard, where=None if shard else "manifest"))
 
-    size: int | None = None
-    for field in ("size", "clahe_clip", "clahe_grid"):
-        if field not in m.params:
-            bad("manifest_field", f"params lack {field!r}")
-    raw_size = m.params.get("size")
-    if isinstance(raw_size, int) and not isinstance(raw_size, bool) and raw_size > 0:
-        size = raw_size
-    elif "size" in m.params:
-        bad("manifest_field", f"params.size {raw_size!r}", "a positive integer")
+    params_problems = schema.PARAMS.problems(m.params)
+    for p in params_problems:
+        bad("manifest_field", p.what, p.expected)
+    size = None if any(p.field == "size" for p in params_problems) else m.params.get("size")
     actual = params_hash(m.params)
     if actual != m.params_hash:
         bad("params_hash", f"params {json.dumps(m.params, sort_keys=True)} hash to {actual[:16]}..., not to "
@@ -47,15 +44,15 @@ def check_manifest(m: Manifest, problems: list[Problem]) -> int | None:
     seen: set[str] = set()
     per_split: dict[str, list[ShardInfo]] = collections.defaultdict(list)
     for info in m.shards:
-        if not isinstance(info.name, str):
-            bad("manifest_field", f"shard name {info.name!r}", "a file name")
+        name = info.name if isinstance(info.name, str) else None
+        for p in schema.SHARD.problems(_entry(info)):
+            bad("manifest_field", p.what, p.expected, shard=name)
+        if name is None:
             continue
         match = SHARD_NAME.match(info.name)
         if info.name in seen:
             bad("manifest_field", "shard listed twice", shard=info.name)
         seen.add(info.name)
-        if info.split not in SPLITS:
-            bad("manifest_field", f"split {info.split!r}", f"one of {list(SPLITS)}", shard=info.name)
         if match is None or match.group(1) != info.split:
             bad("manifest_field", f"name does not follow <split>-NNNNNN.tar for split {info.split!r}", shard=info.name)
         else:
@@ -63,12 +60,6 @@ def check_manifest(m: Manifest, problems: list[Problem]) -> int | None:
             if int(match.group(2)) != len(per_split[info.split]) - 1:
                 bad("manifest_field", f"shard index {int(match.group(2))}",
                     f"{len(per_split[info.split]) - 1} (consecutive per split)", shard=info.name)
-        for field in ("samples", "bytes"):
-            v = getattr(info, field)
-            if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-                bad("manifest_field", f"{field} {v!r}", "a non-negative integer", shard=info.name)
-        if not isinstance(info.sha256, str) or not HEX64.match(info.sha256):
-            bad("manifest_field", f"sha256 {info.sha256!r}", "64 lowercase hex digits", shard=info.name)
         if isinstance(info.samples, int) and (info.samples == 0) != (info.first_key is None or info.last_key is None):
             bad("manifest_field", f"{info.samples} samples with first/last key {info.first_key!r}/{info.last_key!r}",
                 shard=info.name)
@@ -97,11 +88,12 @@ def check_manifest(m: Manifest, problems: list[Problem]) -> int | None:
 
 def usable(info: ShardInfo) -> bool:
     """True when a manifest shard entry has the field types a scan and the sums need."""
-    def is_int(v: Any) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+    return schema.SHARD_TYPES.is_valid(_entry(info))
 
-    return (isinstance(info.name, str) and info.split in SPLITS and is_int(info.samples) and is_int(info.bytes)
-            and isinstance(info.sha256, str))
+
+def _entry(info: ShardInfo) -> dict[str, Any]:
+    """A shard entry as the manifest holds it, for :mod:`shards.schema`."""
+    return {f.name: getattr(info, f.name) for f in dataclasses.fields(info)}
 
 
 def shard_files(out: Path, m: Manifest, problems: list[Problem]) -> dict[str, Path]:

@@ -308,6 +308,9 @@ def _finite_number(x: Any) -> bool:
 def check_meta(meta: dict[str, Any], key: str, size: int | None) -> list[tuple[str, str, str | None]]:
     """Deep checks of one sample's JSON: exact fields, value types, boxes, transform.
 
+    Written out by hand rather than as a JSON Schema: this runs once per sample, and
+    jsonschema costs about 20 times as much (see :mod:`shards.schema`).
+
     Returns:
         ``(check, what, expected)`` for each problem found (empty when the JSON is sound).
     """

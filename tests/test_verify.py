@@ -453,3 +453,43 @@ def test_scan_structure(tmp_path: Path, members, trailer: bytes, expect_checks: 
     assert {p.check for p in scan.problems if p.check not in ("meta_fields", "meta_value", "transform")} == expect_checks
     assert scan.keys == keys
     assert scan.complete
+
+
+# --------------------------------------------------------------------------- every bad field at once
+
+
+@pytest.mark.parametrize(("edit", "lines"), [
+    pytest.param(lambda m: m["shards"][1].update(split="tr", bytes=-5),
+                 ["train-000001.tar: split 'tr' (expected one of ['train', 'val'])",
+                  "train-000001.tar: bytes -5 (expected a non-negative integer)"], id="two-fields-of-one-shard"),
+    pytest.param(lambda m: (m["params"].update(size="big"), m["shards"][0].update(sha256="ABC")),
+                 ["manifest: params.size 'big' (expected a positive integer)",
+                  "train-000000.tar: sha256 'ABC' (expected 64 lowercase hex digits)"], id="params-and-a-shard"),
+    pytest.param(lambda m: (m["params"].pop("clahe_clip"), m["params"].pop("clahe_grid")),
+                 ["manifest: params lack ['clahe_clip', 'clahe_grid']"], id="two-missing-params"),
+])
+def test_manifest_reports_every_bad_field_naming_field_value_and_shard(
+    work: Built, capsys: pytest.CaptureFixture[str], edit: Callable[[dict[str, Any]], Any], lines: list[str],
+) -> None:
+    _edit_manifest(work, edit)
+    code, out = _run([str(work.ds)], capsys)
+    assert code == 1
+    for line in lines:
+        assert line in out.splitlines(), out
+
+
+def test_sample_json_reports_every_bad_field(tmp_path: Path) -> None:
+    good = {"key": "a", "patient_id": "a", "source": {"path": "a.dcm", "sha256": "0" * 64}, "split": "train",
+            "target": 0, "class": "Normal", "boxes": [], "view_position": "PA", "sex": "F", "age": 40,
+            "transform": {"scale": 1.0, "pad_x": 0, "pad_y": 0, "rows": 8, "cols": 8, "size": 8}}
+
+    def scan(meta: dict[str, Any], name: str) -> list[str]:
+        path = _tar(tmp_path / name, [("a.npy", _npy()), ("a.json", json.dumps(meta).encode())])
+        return [p.line() for p in scan_shard(path, split="train", deep=True, size=8).problems]
+
+    assert scan(good, "good.tar") == []
+    assert scan({**good, "target": True, "sex": 3, "age": 200}, "bad.tar") == [
+        "bad.tar key a: target True (expected -1, 0 or 1)",
+        "bad.tar key a: sex 3 (expected a string or null)",
+        "bad.tar key a: age 200 (expected an integer 0..130 or null)",
+    ]
