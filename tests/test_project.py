@@ -31,3 +31,33 @@ def test_requires_python_is_no_lower_than_any_dependency_needs() -> None:
         if theirs > ours:
             higher[name] = ".".join(map(str, theirs))
     assert not higher, f"requires-python {project['requires-python']!r}, but these need more: {higher}"
+
+
+BLOCK_WEBDATASET = '''
+import importlib, pkgutil, sys
+
+class _NoWebdataset:
+    def find_spec(self, name, path=None, target=None):
+        if name == "webdataset" or name.startswith("webdataset."):
+            raise ImportError("webdataset is a dev dependency: the project's code never imports it")
+        return None
+
+sys.meta_path.insert(0, _NoWebdataset())
+for pkg in ("ingest", "shards", "train", "tools"):
+    for mod in pkgutil.walk_packages(importlib.import_module(pkg).__path__, pkg + "."):
+        if not mod.name.endswith("__main__"):
+            importlib.import_module(mod.name)
+'''
+
+
+def test_webdataset_is_a_dev_dependency_the_code_never_imports() -> None:
+    import subprocess
+    import sys
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    named = lambda deps: {re.split(r"[\s<>=!~\[;]", d, maxsplit=1)[0] for d in deps}  # noqa: E731
+    assert "webdataset" not in named(project["dependencies"])
+    assert "webdataset" in named(project["optional-dependencies"]["dev"])
+    proc = subprocess.run([sys.executable, "-c", BLOCK_WEBDATASET], cwd=REPO, capture_output=True, text=True,
+                          timeout=300, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
