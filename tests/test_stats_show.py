@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -81,6 +82,71 @@ def test_stats_cli_prints_tables_and_draws_png(ingested_small: Path, tmp_path: P
     for heading in ("class", "boxes per positive image", "box size", "view position", "rejects: 0"):
         assert heading in out
     assert _png_shape(png) == (950, 1700)
+
+
+@pytest.fixture
+def drawn(monkeypatch: pytest.MonkeyPatch) -> Iterator[list]:
+    """The figures ``plot_stats`` draws, kept open for the test to read (it closes each after saving)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figures: list = []
+    monkeypatch.setattr(plt, "close", figures.append)
+    yield figures
+    monkeypatch.undo()
+    for fig in figures:
+        plt.close(fig)
+
+
+def test_stats_png_draws_the_counts(ingested_small: Path, tmp_path: Path, drawn: list) -> None:
+    from shards.stats import plot_stats
+
+    st = compute_stats(ingested_small)
+    plot_stats(st, tmp_path / "stats.png")
+    (fig,) = drawn
+    samples, classes, per_image, sizes, views, rejects = fig.axes
+    assert f"{st.total} samples ({st.samples['train']} train / {st.samples['val']} val)" in fig.get_suptitle()
+    # Samples per split, stacked by target: each segment is a target's count; they sum to the split.
+    stacked = {c.get_label(): list(c.datavalues) for c in samples.containers}
+    for i, split in enumerate(SPLITS):
+        assert {t: v[i] for t, v in stacked.items()} == {t: st.targets[split][t] for t in stacked}
+        assert sum(v[i] for v in stacked.values()) == st.samples[split]
+    # Detailed class: one bar per (split, class), its width the count.
+    by_split = {c.get_label(): list(c.datavalues) for c in classes.containers}
+    names = [label.get_text().replace(" /\n", " / ") for label in classes.get_yticklabels()]
+    assert names == list(CLASS_NAMES)
+    for split in SPLITS:
+        assert by_split[split] == [st.classes[split].get(c, 0) for c in names]
+    # Boxes per positive image: bar k of a split is its count of images with k boxes.
+    for c in per_image.containers:
+        assert list(c.datavalues) == [st.boxes_per_image[c.get_label()].get(k, 0) for k in range(len(c))]
+    # Box sizes: one point per box, at its width and height.
+    (points,) = sizes.collections
+    assert np.allclose(np.sort(points.get_offsets(), axis=0), np.sort(st.box_wh, axis=0))
+    # View position and sex: every sample counted once per kind.
+    for c in views.containers:
+        split = c.get_label()
+        assert sum(c.datavalues) == 2 * st.samples[split]
+    assert [t.get_text() for t in rejects.texts] == ["no rejects, no label problems"]
+
+
+def test_stats_png_draws_rejects_by_reason(ingested_small: Path, tmp_path: Path, drawn: list) -> None:
+    from shards.stats import plot_stats
+
+    ds = tmp_path / "ds"
+    shutil.copytree(ingested_small, ds)
+    lines = [{"kind": "file", "path": f"{i}.dcm", "reason": r, "detail": "x"}
+             for i, r in enumerate(["truncated", "truncated", "not_dicom"])]
+    lines.append({"kind": "label", "reason": "no_image", "detail": "x", "patient_id": "p", "path": None, "line": 3})
+    (ds / "rejects.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    plot_stats(compute_stats(ds), tmp_path / "stats.png")
+    rejects = drawn[0].axes[5]
+    (bars,) = rejects.containers
+    labels = [label.get_text() for label in rejects.get_yticklabels()]
+    assert dict(zip(labels, bars.datavalues)) == {"truncated\n(file)": 2, "not_dicom\n(file)": 1, "no_image\n(label)": 1}
+    assert "Rejected files (3) and label problems (1)" in rejects.get_title()
 
 
 def test_stats_on_missing_folder_exits_2(tmp_path: Path, capsys) -> None:
