@@ -63,13 +63,16 @@ def test_sbatch_directives_all_come_before_the_first_command(name: str) -> None:
     assert f"sbatch jobs/{name}" in "\n".join(lines[:30]), "the header says how to submit it"
 
 
-@pytest.mark.parametrize("name", SCRIPTS)
-def test_every_setting_can_come_from_the_environment(name: str) -> None:
-    settings = _settings(name)
-    assert len(settings) >= 4
-    for line in settings:
-        m = re.match(r"([A-Z_]+)=\$\{(\w+):?-", line)
-        assert m and m.group(1) == m.group(2), f"{name}: {line!r} is not NAME=${{NAME:-default}}"
+def _setting_names(name: str) -> list[str]:
+    return [re.match(r"[A-Z_]+", line).group(0) for line in _settings(name)]  # type: ignore[union-attr]
+
+
+def _setting_values(name: str, env: dict[str, str]) -> dict[str, str]:
+    """Each setting's value as the script's own settings block computes it under ``env``."""
+    names = _setting_names(name)
+    script = "\n".join(_settings(name)) + f'\nfor v in {" ".join(names)}; do printf "%s=%s\\0" "$v" "${{!v}}"; done'
+    proc = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True, timeout=30, check=True)
+    return dict(item.split("=", 1) for item in proc.stdout.split("\0")[:-1])
 
 
 def test_train_script_requests_one_task_per_node_with_gpus() -> None:
@@ -83,7 +86,8 @@ def stubs(tmp_path: Path) -> dict[str, Any]:
     bin_dir, venv = tmp_path / "bin", tmp_path / "venv"
     (venv / "bin").mkdir(parents=True)
     bin_dir.mkdir()
-    record = 'printf "%s\\0" "$@" > "$STUB_DIR/$(basename "$0").args"; env > "$STUB_DIR/$(basename "$0").env"\n'
+    record = ('printf "%s\\0" "$@" > "$STUB_DIR/$(basename "$0").args"; env > "$STUB_DIR/$(basename "$0").env"; '
+              'printf "%s" "$0" > "$STUB_DIR/$(basename "$0").path"\n')
     for path in (venv / "bin" / "python", bin_dir / "srun"):
         path.write_text("#!/usr/bin/env bash\n" + record)
         path.chmod(0o755)
@@ -108,18 +112,27 @@ def _recorded(stubs: dict[str, Any], program: str) -> tuple[list[str], dict[str,
     return args, env
 
 
-RSNA = "/shared/rsna"
-INGEST_DEFAULT = ["-m", "ingest", "--dicom-dir", f"{RSNA}/stage_2_train_images", "--out", "/shared/datasets/rsna-640",
-                  "--cluster", "slurm", "--jobs", "8", "--worker-timeout", "1800",
-                  "--labels", f"{RSNA}/stage_2_train_labels.csv", "--class-info", f"{RSNA}/stage_2_detailed_class_info.csv"]
-TRAIN_TAIL = ["--data", "/shared/datasets/rsna-640", "--task", "classify", "--out", "runs/classify-1234",
-              "--strategy", "ddp", "--amp", "bf16", "--resume"]
+def _fill(template: list[str], values: dict[str, str]) -> list[str]:
+    """``template`` with ``{NAME}`` replaced by a setting's value and ``{*NAME}`` by its words."""
+    out: list[str] = []
+    for token in template:
+        star = re.fullmatch(r"\{\*(\w+)\}", token)
+        out += values[star.group(1)].split() if star else [token.format_map(values)]
+    return out
+
+
+# The commands as the scripts build them from their settings: the values come from each
+# script's own settings block (its defaults, or what the case sets), never copied here.
+INGEST = ["-m", "ingest", "--dicom-dir", "{DICOM_DIR}", "--out", "{OUT}", "--cluster", "slurm", "--jobs", "{JOBS}",
+          "--worker-timeout", "{WORKER_TIMEOUT_S}", "--labels", "{LABELS}", "--class-info", "{CLASS_INFO}"]
+VERIFY = ["-m", "shards", "verify", "{OUT}", "--deep", "--workers", "{WORKERS}", "--json", "{REPORT}"]
+TRAIN = ["-m", "{TRAIN_MODULE}", "--data", "{DATA}", "--task", "{TASK}", "--out", "{RUN}", "{*TRAIN_ARGS}", "--resume"]
 
 
 @pytest.mark.parametrize(
     ("name", "settings", "program", "expected", "env_expected"),
     [
-        ("ingest.sbatch", {}, "python", INGEST_DEFAULT, {"TQDM_MININTERVAL": "60"}),
+        ("ingest.sbatch", {}, "python", INGEST, {"TQDM_MININTERVAL": "{PROGRESS_EVERY_S}"}),
         (
             "ingest.sbatch",
             {"LABELS": "", "CLASS_INFO": "", "DICOM_DIR": "/d", "OUT": "/o", "JOBS": "3", "WORKER_QUEUE": "cpu",
@@ -131,23 +144,22 @@ TRAIN_TAIL = ["--data", "/shared/datasets/rsna-640", "--task", "classify", "--ou
              "--shard-size", "64", "--size", "512"],
             {"TQDM_MININTERVAL": "5"},
         ),
-        ("verify.sbatch", {}, "python",
-         ["-m", "shards", "verify", "/shared/datasets/rsna-640", "--deep", "--workers", "32", "--json", "verify-1234.json"], {}),
+        ("verify.sbatch", {}, "python", VERIFY, {}),
         ("verify.sbatch", {"OUT": "/o", "SOURCE": "/d", "LABELS": "/l.csv", "WORKERS": "4", "REPORT": "/r.json"}, "python",
          ["-m", "shards", "verify", "/o", "--deep", "--workers", "4", "--json", "/r.json", "--source", "/d", "--labels", "/l.csv"],
          {}),
         (
             "train.sbatch", {}, "srun",
             ["--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--cpus-per-task=32", "--kill-on-bad-exit=1",
-             "{python}", "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node=4", "--rdzv-backend=c10d",
-             "--rdzv-endpoint=node01:11234", "--rdzv-id=1234", "--max-restarts=3", "-m", "train", *TRAIN_TAIL],
+             "{python}", "-m", "torch.distributed.run", "--nnodes=2", "--nproc-per-node={PROCS_PER_NODE}",
+             "--rdzv-backend=c10d", "--rdzv-endpoint=node01:11234", "--rdzv-id=1234",
+             "--max-restarts={MAX_RESTARTS}", *TRAIN],
             {"OMP_NUM_THREADS": "8", "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"},
         ),
         (
             "train.sbatch", {"LAUNCH": "srun", "TASK": "detect", "TRAIN_ARGS": "--strategy fsdp"}, "srun",
             ["--nodes=2", "--ntasks=8", "--ntasks-per-node=4", "--cpus-per-task=8", "--kill-on-bad-exit=1",
-             "{python}", "-m", "train", "--data", "/shared/datasets/rsna-640", "--task", "detect",
-             "--out", "runs/detect-1234", "--strategy", "fsdp", "--resume"],
+             "{python}", *TRAIN],
             {"OMP_NUM_THREADS": "8"},
         ),
     ],
@@ -159,9 +171,80 @@ def test_script_renders_its_settings_into_the_command(
     proc = _render(stubs, name, settings)
     assert proc.returncode == 0, proc.stderr
     args, env = _recorded(stubs, program)
-    assert args == [a.replace("{python}", stubs["python"]) for a in expected]
+    values = {**_setting_values(name, {**stubs["env"], **settings}), "python": stubs["python"]}
+    assert args == _fill(expected, values)
     for key, value in env_expected.items():
-        assert env.get(key) == value, key
+        assert env.get(key) == value.format_map(values), key
+
+
+def test_the_defaults_are_rsnas_layout_on_a_shared_filesystem(stubs: dict[str, Any]) -> None:
+    ingest = _setting_values("ingest.sbatch", stubs["env"])
+    assert Path(ingest["LABELS"]).parent == Path(ingest["DICOM_DIR"]).parent == Path(ingest["CLASS_INFO"]).parent
+    assert (Path(ingest["DICOM_DIR"]).name, Path(ingest["LABELS"]).name) == (
+        "stage_2_train_images", "stage_2_train_labels.csv")
+    train = _setting_values("train.sbatch", stubs["env"])
+    verify = _setting_values("verify.sbatch", stubs["env"])
+    assert ingest["OUT"] == train["DATA"] == verify["OUT"], "the three scripts chain on the same dataset"
+    assert train["RUN"] == f"runs/{train['TASK']}-1234" and verify["REPORT"] == "verify-1234.json"
+
+
+# Each setting set to a value of its own, and where the rendered command shows it: "args"
+# (its words, in a row, or as the value of an --option=), "args:WORD" (WORD among them),
+# "env:NAME" (a variable of the program's environment), "cwd" (the folder it runs in),
+# "program" (the python it runs).
+MARKERS = {
+    "ingest.sbatch": {
+        "REPO": ("{tmp}", "cwd"), "VENV": ("{tmp}/venv2", "program"), "DICOM_DIR": ("/m/dicom", "args"),
+        "LABELS": ("/m/l.csv", "args"), "CLASS_INFO": ("/m/c.csv", "args"), "OUT": ("/m/out", "args"),
+        "JOBS": ("5", "args"), "WORKER_QUEUE": ("q-m", "args"), "WORKER_ACCOUNT": ("acct-m", "args"),
+        "WORKER_WALLTIME": ("07:07:07", "args"), "WORKER_TIMEOUT_S": ("77", "args"),
+        "INGEST_ARGS": ("--size 96 --shard-size 7", "args"), "PROGRESS_EVERY_S": ("7", "env:TQDM_MININTERVAL"),
+    },
+    "train.sbatch": {
+        "REPO": ("{tmp}", "cwd"), "VENV": ("{tmp}/venv2", "program"), "DATA": ("/m/data", "args"),
+        "TASK": ("detect", "args"), "RUN": ("/m/run", "args"), "LAUNCH": ("srun", "args:--ntasks=8"),
+        "PROCS_PER_NODE": ("6", "args"), "TRAIN_ARGS": ("--lr 0.7", "args"), "TRAIN_MODULE": ("probe_m", "args"),
+        "MAX_RESTARTS": ("5", "args"),
+    },
+    "verify.sbatch": {
+        "REPO": ("{tmp}", "cwd"), "VENV": ("{tmp}/venv2", "program"), "OUT": ("/m/out", "args"),
+        "SOURCE": ("/m/src", "args"), "LABELS": ("/m/l.csv", "args"), "WORKERS": ("3", "args"),
+        "REPORT": ("/m/r.json", "args"), "VERIFY_ARGS": ("--no-progress", "args"),
+    },
+}
+
+
+def _shows(value: str, where: str, stubs: dict[str, Any], program: str) -> bool:
+    args, env = _recorded(stubs, program)
+    if where == "cwd":
+        return env.get("PWD") == value
+    if where == "program":  # the python run directly, or the one srun is told to run
+        python = f"{value}/bin/python"
+        return (stubs["dir"] / f"{program}.path").read_text() == python if program == "python" else python in args
+    if where.startswith("env:"):
+        return env.get(where[4:]) == value
+    if where.startswith("args:"):
+        return where[5:] in args
+    words = value.split()
+    runs = [args[i : i + len(words)] for i in range(len(args))]
+    return words in runs or any(a.endswith(f"={value}") for a in args)
+
+
+@pytest.mark.parametrize(("name", "setting"), [(n, s) for n in SCRIPTS for s in _setting_names(n)])
+def test_every_setting_reaches_the_command(stubs: dict[str, Any], name: str, setting: str) -> None:
+    assert setting in MARKERS[name], f"{name}: no marker for the setting {setting}: add one to MARKERS"
+    value, where = MARKERS[name][setting]
+    value = value.format(tmp=stubs["dir"])
+    if where == "program":
+        (Path(value) / "bin").mkdir(parents=True)
+        os.symlink(stubs["python"], Path(value) / "bin" / "python")
+    program = "srun" if name == "train.sbatch" else "python"
+    default = _render(stubs, name, {})
+    assert default.returncode == 0, default.stderr
+    assert not _shows(value, where, stubs, program), f"{setting}={value!r} already shows without being set"
+    proc = _render(stubs, name, {setting: value})
+    assert proc.returncode == 0, proc.stderr
+    assert _shows(value, where, stubs, program), f"{name}: {setting}={value!r} does not reach the command"
 
 
 @pytest.mark.parametrize(
