@@ -320,8 +320,8 @@ def test_cancelled_worker_job_is_replaced_and_output_is_identical(
     name = _unique_name()
     config = _dask_config(tmp_path / "dask", slurm_cluster.partition, name)
     out = tmp_path / "ds"
-    # 7 shards at >= 1.5 s each on 2 workers: both are mid-shard when the first one is done.
-    # about 1.6 s per 4-sample shard (the decoder opens each file itself)
+    # Each file's open sleeps 0.4 s, so a 4-sample shard takes about 1.6 s: with 7 shards on
+    # 2 workers, both are mid-shard when the first shard is done.
     env = fault_env("*.dcm=sleep:0.4", _env(config))
     seen: set[str] = set()
     victim = None
