@@ -73,8 +73,8 @@ def remote_bench(data: Path, work: Path, *, repeat: int = 5, batch: int = 32, la
         for s in (data / SHARDS_DIR).glob("*.tar"):
             s.read_bytes()  # page cache warm for every contender (nginx reads the same files)
         _epoch_rate(url, work / "cache-probe", batch, lanes)  # start-up costs (imports, first connections)
-        # Removed now, while its pages are still dirty: kept, their write-back 30 s later
-        # (843 MB at 236 MB/s on the bench's VM) fell on the first rounds.
+        # Removed now, while its pages are still dirty: kept, their write-back (the kernel's,
+        # about 30 s later) would share the disk with the first rounds.
         shutil.rmtree(work / "cache-probe", ignore_errors=True)
         _epoch_rate(data, None, batch, lanes)
         for r in range(repeat):
