@@ -19,7 +19,8 @@ Modules, one per stage:
 * :mod:`ingest.pipeline`: ``run_ingest``, the driver: plan, Dask tasks, labels, manifest last.
 * :mod:`ingest.cluster`, :mod:`ingest.slurm`, :mod:`ingest.cluster_base`: the Dask cluster
   (a ``LocalCluster`` or Slurm worker jobs).
-* :mod:`ingest.synth`: RSNA-like synthetic DICOMs and label CSVs, for demos and tests.
+* :mod:`ingest.synth`: RSNA-like synthetic DICOMs and label CSVs, for demos and tests, and
+  ``make_ingested``: such a set, ingested (the data of the benches and tests).
 * entry points: ``python -m ingest``, ``ingest.synth``, ``ingest.bench``, ``ingest.compare``,
   ``ingest.slurm_bench``.
 

@@ -7,14 +7,16 @@ stand on it and never on each other. Modules:
 * :mod:`shards.format`: member names, encode/decode (never pickled), classes, splits.
 * :mod:`shards.geometry`: the letterbox every sample records as ``transform``.
 * :mod:`shards.manifest`: ``manifest.json`` and its ``params_hash``; the dataset's file names.
+* :mod:`shards.atomic`: the one way every file and folder is written (temporary name, rename).
 * :mod:`shards.labels`: ``labels.zarr``; :mod:`shards.label_csv`: RSNA's label CSVs.
 * :mod:`shards.source`: the source folder: its inputs, fingerprint, patient ids by name.
 * :mod:`shards.writer`: the deterministic shard writer; :mod:`shards.tar`: the one tar parser;
   :mod:`shards.reader`: the streaming reader that checks each shard's sha256.
 * integrity checks: :mod:`shards.verify` (the driver), :mod:`shards.scan` (one shard in one
-  pass), :mod:`shards.crosschecks` (dataset-level checks), :mod:`shards.report` (the check
-  table and the report).
-* entry points: ``python -m shards`` (verify / stats / show), ``shards.bench``;
+  pass), :mod:`shards.crosschecks` (dataset-level checks), :mod:`shards.schema` (the JSON
+  Schemas of the manifest's fields), :mod:`shards.report` (the check table and the report).
+* entry points: ``python -m shards`` (verify / stats / show), ``shards.bench`` (its sections
+  in :mod:`shards.remote_bench`, what they share in :mod:`shards.bench_common`);
   :mod:`shards.cli` is what every entry point of the project shares (logging, exit codes).
 
 :mod:`shards.stats` and :mod:`shards.show` need matplotlib and are not imported here.
