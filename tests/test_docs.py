@@ -16,7 +16,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
-sys.path.insert(0, str(REPO))  # tools/ is not an installed package
+sys.path.insert(0, str(REPO))  # this checkout's tools/, whichever checkout the environment installed
 
 from tools import gendocs  # noqa: E402
 
