@@ -51,6 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds one file may keep a worker busy before it is rejected (sample_timeout)")
     p.add_argument("--patient-id", choices=("name", "tag"), default=d["patient_id"].default,
                    help="patient id from the file name (RSNA's <id>.dcm) or from the PatientID tag (renamed files)")
+    p.add_argument("--pseudonymize", type=Path, metavar="KEYFILE",
+                   help="a secret key file (chmod 600): patient ids, keys and paths are written as its "
+                   "HMAC-SHA256 pseudonyms; no shard, labels.zarr or manifest holds an id, file name or "
+                   "folder (rejects.jsonl keeps paths for the operator)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p

@@ -67,11 +67,15 @@ class IngestConfig:
     """Seconds one file may keep a worker busy; past it the file is a ``sample_timeout`` reject."""
     patient_id: Literal["name", "tag"] = "name"
     """Where a sample's patient id comes from: the file name (RSNA's ``<id>.dcm``) or the PatientID tag."""
+    pseudonymize: Path | None = None
+    """Key file (mode 600): patient ids, sample keys and paths leave the ingest as keyed hashes
+    of themselves (:mod:`shards.pseudonym`); None records them as they are."""
 
     def __post_init__(self) -> None:
         self.dicom_dir, self.out = Path(self.dicom_dir), Path(self.out)
         self.labels = Path(self.labels) if self.labels else None
         self.class_info = Path(self.class_info) if self.class_info else None
+        self.pseudonymize = Path(self.pseudonymize) if self.pseudonymize else None
         if self.cluster not in CLUSTERS:
             raise ValueError(f"cluster={self.cluster!r}; allowed: {', '.join(CLUSTERS)}")
         if self.workers is not None and self.workers < 1:

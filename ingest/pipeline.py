@@ -37,6 +37,7 @@ from shards.manifest import (
     sync_files,
     write_manifest,
 )
+from shards.pseudonym import SCHEME, KeyFileError, Pseudonymizer
 from shards.source import discover, patient_id_of, source_fingerprint
 
 log = logging.getLogger(__name__)
@@ -91,14 +92,39 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def _identity(cfg: IngestConfig, fingerprint: str, labels_sha: str | None) -> dict[str, Any]:
+def _identity(cfg: IngestConfig, inputs: list[tuple[str, int]], labels_sha: str | None,
+              pseudonyms: Pseudonymizer | None) -> dict[str, Any]:
     params = cfg.dataset_params()
     return {
         "params": params,
         "params_hash": params_hash(params),
-        "source_fingerprint": fingerprint,
+        # Keyed when pseudonymized: a plain hash of the file names could be checked against guesses.
+        "source_fingerprint": pseudonyms.fingerprint_files(inputs) if pseudonyms else source_fingerprint(inputs),
         "labels_sha256": labels_sha,
+        "key_fingerprint": pseudonyms.fingerprint if pseudonyms else None,
     }
+
+
+def _pseudonymizer(cfg: IngestConfig) -> Pseudonymizer | None:
+    if cfg.pseudonymize is None:
+        return None
+    try:
+        return Pseudonymizer.from_file(cfg.pseudonymize)
+    except KeyFileError as exc:
+        raise IngestUsageError(str(exc)) from exc
+
+
+def _check_key(out: Path, previous: str | None, current: str | None) -> None:
+    """Refuse to go on with another key (or none) than the one ``out`` was made with."""
+    if previous == current:
+        return
+    if previous is None:
+        raise IngestUsageError(f"--out {out} holds a dataset made without --pseudonymize; use a new --out")
+    if current is None:
+        raise IngestUsageError(f"--out {out} holds a dataset pseudonymized with key {previous[:8]}...; "
+                               "give the same --pseudonymize KEYFILE or use a new --out")
+    raise IngestUsageError(f"--out {out} holds a dataset pseudonymized with another key ({previous[:8]}..., "
+                           f"this one is {current[:8]}...); give that key or use a new --out")
 
 
 def _check_out(cfg: IngestConfig, identity: dict[str, Any]) -> bool:
@@ -118,11 +144,13 @@ def _check_out(cfg: IngestConfig, identity: dict[str, Any]) -> bool:
             "params_hash": m.get("params_hash"),
             "source_fingerprint": m.get("source", {}).get("fingerprint"),
             "labels_sha256": m.get("source", {}).get("labels_sha256"),
+            "key_fingerprint": (m.get("source", {}).get("pseudonym") or {}).get("key_fingerprint"),
         }
     elif any(out.iterdir()):
         raise IngestUsageError(f"--out {out} is not empty and holds no pneumo-hpc dataset; choose an empty folder")
     if previous is None:
         return False
+    _check_key(out, previous.get("key_fingerprint"), identity["key_fingerprint"])
     if previous["params_hash"] != identity["params_hash"]:
         diff = {k: (v, identity["params"].get(k)) for k, v in (previous["params"] or {}).items() if identity["params"].get(k) != v}
         changes = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
@@ -141,6 +169,7 @@ def _plan(
     ignored: int,
     labels: dict[str, PatientLabel] | None,
     problems: list[LabelProblem],
+    pseudonyms: Pseudonymizer | None,
 ) -> Plan:
     """The plan, by file names or (``--patient-id tag``) by PatientID tags, with the
     ``patient_id_mismatch`` lines that can be known before decoding."""
@@ -158,6 +187,7 @@ def _plan(
         val_fraction=cfg.val_fraction,
         seed=cfg.seed,
         processing=cfg.processing_params(),
+        pseudonyms=pseudonyms,
     )
     plan.rejects.extend(rej for _, rej in tags.values() if rej is not None)
     if not by_tag:  # a renamed file finds no label: show its tag (samples' tags the workers compare)
@@ -179,6 +209,7 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
     t0 = time.perf_counter()
     if not cfg.dicom_dir.is_dir():
         raise IngestUsageError(f"--dicom-dir {cfg.dicom_dir} is not a folder")
+    pseudonyms = _pseudonymizer(cfg)
     labels, problems = None, []
     if cfg.labels is not None:
         try:
@@ -187,7 +218,7 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
             raise IngestUsageError(str(exc)) from exc
     found = discover(cfg.dicom_dir)
     labels_sha = sha256_file(cfg.labels) if cfg.labels else None
-    identity = _identity(cfg, source_fingerprint(found.inputs), labels_sha)
+    identity = _identity(cfg, found.inputs, labels_sha, pseudonyms)
     if _check_out(cfg, identity):
         summary = _summary_from_manifest(cfg.out, t0)
         return summary
@@ -205,7 +236,7 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
                 opened.append(stack.enter_context(cluster(cfg)))
             return opened[0]
 
-        plan = _plan(cfg, client, found.inputs, found.ignored, labels, problems)
+        plan = _plan(cfg, client, found.inputs, found.ignored, labels, problems, pseudonyms)
         log.info(
             "plan: %d input files (%d other files ignored), %d early rejects, %d shards (shard size %d)",
             len(plan.inputs), plan.ignored, len(plan.rejects), len(plan.tasks), cfg.shard_size,
@@ -226,7 +257,7 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
             sync_files([cfg.out / SHARDS_DIR / t.name for t in pending])
             log.debug("synced %d shards to disk in %.1f s", len(pending), time.perf_counter() - t_sync)
     _remove_stale(cfg.out, {t.name for t in plan.tasks})
-    summary = _finish(cfg, plan, records, identity, t0, built=len(pending))
+    summary = _finish(cfg, plan, records, identity, t0, built=len(pending), pseudonyms=pseudonyms)
     summary.records = [records[t.name] for t in pending]
     shutil.rmtree(cfg.out / WORK_DIR, ignore_errors=True)
     return summary
@@ -242,7 +273,8 @@ def _remove_stale(out: Path, names: set[str]) -> None:
 
 
 def _finish(
-    cfg: IngestConfig, plan: Plan, records: dict[str, dict[str, Any]], identity: dict[str, Any], t0: float, built: int
+    cfg: IngestConfig, plan: Plan, records: dict[str, dict[str, Any]], identity: dict[str, Any], t0: float, built: int,
+    pseudonyms: Pseudonymizer | None = None,
 ) -> IngestSummary:
     rows: list[dict[str, Any]] = []
     shards: list[ShardInfo] = []
@@ -290,14 +322,7 @@ def _finish(
         params=identity["params"],
         params_hash=identity["params_hash"],
         packages=package_versions(),
-        source={
-            "dicom_dir": str(cfg.dicom_dir.resolve()),
-            "files": len(plan.inputs),
-            "fingerprint": identity["source_fingerprint"],
-            "labels": str(cfg.labels.resolve()) if cfg.labels else None,
-            "labels_sha256": identity["labels_sha256"],
-            "class_info": str(cfg.class_info.resolve()) if cfg.class_info else None,
-        },
+        source=_source_record(cfg, plan, identity, pseudonyms),
         counts=counts,
         shards=shards,
     )
@@ -306,6 +331,28 @@ def _finish(
         out=cfg.out, counts=counts, rejects_by_reason=dict(rejects_by), problems_by_reason=dict(problems_by),
         shards_built=built, shards_reused=len(plan.tasks) - built, seconds=time.perf_counter() - t0,
     )
+
+
+def _source_record(cfg: IngestConfig, plan: Plan, identity: dict[str, Any],
+                   pseudonyms: Pseudonymizer | None) -> dict[str, Any]:
+    """The manifest's ``source``; pseudonymized, each path is its pseudonym, each file its sha256."""
+    def where(path: Path | None) -> str | None:
+        if path is None:
+            return None
+        return pseudonyms.file(path) if pseudonyms else str(path.resolve())
+
+    source = {
+        "dicom_dir": where(cfg.dicom_dir),
+        "files": len(plan.inputs),
+        "fingerprint": identity["source_fingerprint"],
+        "labels": where(cfg.labels),
+        "labels_sha256": identity["labels_sha256"],
+        "class_info": where(cfg.class_info),
+    }
+    if pseudonyms:
+        source["class_info_sha256"] = sha256_file(cfg.class_info) if cfg.class_info and cfg.class_info.is_file() else None
+        source["pseudonym"] = {"scheme": SCHEME, "key_fingerprint": pseudonyms.fingerprint}
+    return source
 
 
 def _summary_from_manifest(out: Path, t0: float) -> IngestSummary:

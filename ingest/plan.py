@@ -14,6 +14,7 @@ from pathlib import Path
 
 from shards.format import SPLITS, key_for, shard_name
 from shards.label_csv import LabelProblem, PatientLabel
+from shards.pseudonym import Pseudonymizer
 from shards.source import patient_id_of, source_fingerprint
 
 
@@ -31,7 +32,12 @@ class Reject:
 
 @dataclasses.dataclass(frozen=True)
 class PlannedSample:
-    """A sample to build: source file (relative to the DICOM folder) and its label."""
+    """A sample to build: source file (relative to the DICOM folder) and its label.
+
+    ``patient_id`` and ``path`` are the real ones (the worker reads the file, compares the
+    PatientID tag, and names both in ``rejects.jsonl``); ``recorded_id`` and ``recorded_path``,
+    set under ``--pseudonymize``, are what the sample's JSON and ``labels.zarr`` hold instead.
+    """
 
     key: str
     patient_id: str
@@ -40,6 +46,8 @@ class PlannedSample:
     target: int
     class_name: str | None
     boxes: tuple[tuple[float, float, float, float], ...]
+    recorded_id: str | None = None
+    recorded_path: str | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -107,6 +115,7 @@ def make_plan(
     inputs: list[tuple[str, int]],
     ignored: int = 0,
     patient_ids: dict[str, str] | None = None,
+    pseudonyms: Pseudonymizer | None = None,
 ) -> Plan:
     """Turn the file list (from :func:`shards.source.discover`) and the labels into shard
     tasks, early rejects and label problems.
@@ -117,6 +126,8 @@ def make_plan(
     Args:
         patient_ids: ``--patient-id tag``: the PatientID of each input by path; an input
             missing from it is left out (the caller rejects it). None: ids from file names.
+        pseudonyms: ``--pseudonymize``: keys, the split, the shard order and duplicate keys
+            go by each patient's pseudonym; labels are matched by the real id.
     """
     rejects: list[Reject] = []
     problems = list(label_problems)
@@ -126,7 +137,7 @@ def make_plan(
         if patient_ids is not None and rel not in patient_ids:
             continue
         pid = patient_ids[rel] if patient_ids is not None else patient_id_of(rel)
-        key = key_for(pid)
+        key = key_for(pseudonyms.patient(pid) if pseudonyms else pid)
         if pid in chosen:
             rejects.append(Reject(rel, "duplicate_patient", f"patient {pid} already ingested from {chosen[pid]}"))
         elif key in by_key:
@@ -140,24 +151,29 @@ def make_plan(
         for pid in sorted(set(labels) - set(chosen)):
             problems.append(LabelProblem("label_without_image", "labelled patient has no ingestable image file", pid))
 
-    targets = {pid: (labels[pid].target if labels is not None else -1) for pid in chosen}
+    # Every function of the id takes what the dataset records: with a key, the pseudonym.
+    shown = {pid: pseudonyms.patient(pid) if pseudonyms else pid for pid in chosen}
+    targets = {shown[pid]: (labels[pid].target if labels is not None else -1) for pid in chosen}
     split_of = assign_splits(targets, val_fraction, seed)
     tasks: list[ShardTask] = []
     for split in SPLITS:
-        pids = sorted((p for p in chosen if split_of[p] == split), key=lambda p: (unit_hash(seed + 1, p), p))
+        pids = sorted((p for p in chosen if split_of[shown[p]] == split),
+                      key=lambda p: (unit_hash(seed + 1, shown[p]), shown[p]))
         for index, start in enumerate(range(0, len(pids), shard_size)):
             samples = []
             for pid in pids[start : start + shard_size]:
                 label = labels.get(pid) if labels is not None else None
                 samples.append(
                     PlannedSample(
-                        key=key_for(pid),
+                        key=key_for(shown[pid]),
                         patient_id=pid,
                         path=chosen[pid],
                         split=split,
                         target=label.target if label else -1,
                         class_name=label.class_name if label else None,
                         boxes=tuple(label.boxes) if label else (),
+                        recorded_id=shown[pid] if pseudonyms else None,
+                        recorded_path=pseudonyms.path(chosen[pid]) if pseudonyms else None,
                     )
                 )
             tasks.append(

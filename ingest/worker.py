@@ -118,8 +118,8 @@ def process_sample(data: bytes, sample: PlannedSample, processing: dict) -> Proc
 
     meta = {
         "key": sample.key,
-        "patient_id": sample.patient_id,
-        "source": {"path": sample.path, "sha256": hashlib.sha256(data).hexdigest()},
+        "patient_id": sample.recorded_id or sample.patient_id,
+        "source": {"path": sample.recorded_path or sample.path, "sha256": hashlib.sha256(data).hexdigest()},
         "split": sample.split,
         "target": sample.target,
         "class": sample.class_name,

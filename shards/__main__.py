@@ -47,6 +47,9 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--deep", action="store_true", help="decode every sample; check JSON and labels.zarr row by row")
     v.add_argument("--source", type=Path, metavar="DIR", help="the ingested DICOM folder: every file is one sample or one reject")
     v.add_argument("--labels", type=Path, metavar="CSV", help="the ingested labels CSV: every labelled patient is accounted for")
+    v.add_argument("--pseudonymize", type=Path, metavar="KEYFILE",
+                   help="the key a pseudonymized dataset was made with: --source and --labels are reconciled "
+                   "through it (without it they are left out)")
     v.add_argument("--workers", type=int, metavar="N", help="Dask worker processes (default: all cores; 1: in this process)")
     v.add_argument("--json", dest="json_path", type=Path, metavar="FILE", help="also write the report as JSON to this file")
     v.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
@@ -72,7 +75,7 @@ def _verify(args: argparse.Namespace) -> int:
     try:
         with local_copy(args.out, progress=args.progress) as (out, display):
             cfg = VerifyConfig(out=out, deep=args.deep, source=args.source, labels=args.labels,
-                               workers=args.workers, progress=args.progress)
+                               pseudonymize=args.pseudonymize, workers=args.workers, progress=args.progress)
             report = verify(cfg)
             report.out = display  # name the URL, not the temporary copy
     except (ValueError, VerifyUsageError, DatasetNotFoundError, RemoteReadError) as exc:

@@ -103,6 +103,8 @@ class VerifyReport:
     scan_seconds: float = 0.0
     """Wall time from submitting the first shard task to the last result (no cluster start-up)."""
     workers: int = 1
+    notes: list[str] = dataclasses.field(default_factory=list)
+    """Checks left out and why (a pseudonymized dataset verified without its key)."""
 
     @property
     def ok(self) -> bool:
@@ -126,7 +128,7 @@ class VerifyReport:
 
     def lines(self) -> list[str]:
         """One line per problem, then the summary."""
-        return [p.line() for p in self.problems] + self.summary()
+        return [p.line() for p in self.problems] + [f"note: {n}" for n in self.notes] + self.summary()
 
     def to_json(self) -> dict[str, Any]:
         """The machine-readable report (what ``--json`` writes)."""
@@ -143,4 +145,5 @@ class VerifyReport:
             "seconds": round(self.seconds, 3),
             "scan_seconds": round(self.scan_seconds, 3),
             "workers": self.workers,
+            "notes": list(self.notes),
         }

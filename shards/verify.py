@@ -14,7 +14,9 @@ Three depths, each including the one before:
 * **source** (``source=DIR`` and/or ``labels=CSV``): every input file under DIR (as the
   ingest discovers them) is exactly one sample or one rejects line, sample source sha256s
   match the files, and every labelled patient is a sample, a file reject or a
-  ``label_without_image`` problem.
+  ``label_without_image`` problem. A pseudonymized dataset (``--pseudonymize``) holds only
+  pseudonyms of paths and ids: these checks need its key (``pseudonymize=KEYFILE``) to map
+  the source files and labelled patients onto them; without it they are left out, with a note.
 
 Each problem found is a :class:`~shards.report.Problem` (shard, key, what is wrong, what was
 expected; the checks are listed in :data:`~shards.report.CHECKS`); nothing is raised for
@@ -47,9 +49,10 @@ from shards.manifest import (
     read_manifest,
     sha256_file,
 )
+from shards.pseudonym import KeyFileError, Pseudonymizer
 from shards.report import Problem, VerifyReport
 from shards.scan import ShardScan, hash_files, scan_shard
-from shards.source import discover
+from shards.source import discover, source_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +76,8 @@ class VerifyConfig:
     """The DICOM folder that was ingested: check every input file is accounted for."""
     labels: Path | None = None
     """The labels CSV that was ingested: check every labelled patient is accounted for."""
+    pseudonymize: Path | None = None
+    """The key file a pseudonymized dataset was made with, to reconcile it with ``source`` and ``labels``."""
     workers: int | None = None
     """Dask worker processes (default: all cores); 1 scans in this process."""
     progress: bool = True
@@ -82,6 +87,7 @@ class VerifyConfig:
         self.out = Path(self.out)
         self.source = Path(self.source) if self.source is not None else None
         self.labels = Path(self.labels) if self.labels is not None else None
+        self.pseudonymize = Path(self.pseudonymize) if self.pseudonymize is not None else None
         if self.workers is not None and self.workers < 1:
             raise ValueError(f"workers={self.workers}; must be >= 1")
 
@@ -153,6 +159,10 @@ def verify(cfg: VerifyConfig) -> VerifyReport:
     if cfg.source is not None and not cfg.source.is_dir():
         raise VerifyUsageError(f"--source {cfg.source} is not a folder")
     patient_labels = _load_label_csv(cfg.labels) if cfg.labels is not None else None
+    try:
+        pseudonyms = Pseudonymizer.from_file(cfg.pseudonymize) if cfg.pseudonymize is not None else None
+    except KeyFileError as exc:
+        raise VerifyUsageError(str(exc)) from exc
     workers = cfg.workers or os.cpu_count() or 1
     report = VerifyReport(out=out, mode=cfg.mode, problems=[], workers=workers)
     problems = report.problems
@@ -169,6 +179,7 @@ def verify(cfg: VerifyConfig) -> VerifyReport:
     except (FormatError, OSError, ValueError) as exc:  # ValueError: e.g. "counts" not an object
         problems.append(Problem("manifest_unreadable", str(exc), where="manifest"))
         return _done(report, t0)
+    reconcile = _pseudonym_check(manifest, cfg, pseudonyms, report)
     size = crosschecks.check_manifest(manifest, problems)
     if not all(crosschecks.usable(s) for s in manifest.shards):
         return _done(report, t0)  # a shard list with wrong field types (reported) cannot guide the scan
@@ -176,7 +187,7 @@ def verify(cfg: VerifyConfig) -> VerifyReport:
     present = crosschecks.shard_files(out, manifest, problems)
     calls = _shard_calls(manifest, present, size, cfg, problems)
     inputs: list[tuple[str, int]] = []
-    if cfg.source is not None:
+    if cfg.source is not None and reconcile:
         inputs = discover(cfg.source)[0]
         for i in range(0, len(inputs), SOURCE_BATCH):
             batch = inputs[i : i + SOURCE_BATCH]
@@ -208,11 +219,59 @@ def verify(cfg: VerifyConfig) -> VerifyReport:
     rejects = crosschecks.read_rejects(out, manifest, problems)
     if cfg.deep:
         problems.extend(crosschecks.check_labels_zarr(out, manifest, scans))
-    if cfg.source is not None:
+    if reconcile and pseudonyms is not None:
+        manifest, scans_in_order = _unmask(manifest, scans_in_order, pseudonyms, inputs, patient_labels)
+    if cfg.source is not None and reconcile:
         problems.extend(crosschecks.check_source(cfg.source, inputs, manifest, scans_in_order, rejects, source_sha))
-    if patient_labels is not None:
+    if patient_labels is not None and reconcile:
         problems.extend(crosschecks.check_patients(cfg.labels, patient_labels, manifest, scans_in_order, rejects))
     return _done(report, t0)
+
+
+def _pseudonym_check(m: Manifest, cfg: VerifyConfig, pseudonyms: Pseudonymizer | None,
+                     report: VerifyReport) -> bool:
+    """Whether the source and labels checks can run: a pseudonymized dataset needs its key.
+
+    Raises:
+        VerifyUsageError: a key for a dataset made without one, or another key than its own.
+    """
+    recorded = (m.source.get("pseudonym") or {}).get("key_fingerprint")
+    if pseudonyms is not None:
+        if recorded is None:
+            raise VerifyUsageError(f"{cfg.out} is not pseudonymized; verify it without --pseudonymize")
+        if recorded != pseudonyms.fingerprint:
+            raise VerifyUsageError(f"--pseudonymize {cfg.pseudonymize} is not the key {cfg.out} was made with "
+                                   f"(key fingerprint {pseudonyms.fingerprint[:8]}..., the dataset's {recorded[:8]}...)")
+        return True
+    if recorded is not None and (cfg.source is not None or cfg.labels is not None):
+        report.notes.append("the dataset is pseudonymized: --source and --labels need its --pseudonymize KEYFILE "
+                            "to be reconciled; checked everything else")
+        return False
+    return True
+
+
+def _unmask(m: Manifest, scans: list[ShardScan], pseudonyms: Pseudonymizer, inputs: list[tuple[str, int]],
+            patient_labels: tuple[dict[str, PatientLabel], str] | None) -> tuple[Manifest, list[ShardScan]]:
+    """The manifest and scans with each pseudonym that the key maps a source file or labelled
+    patient to replaced by that file's path or patient's id, so that the plain checks apply."""
+    path_of = {pseudonyms.path(rel): rel for rel, _ in inputs}
+    pid_of = {pseudonyms.patient(pid): pid for pid in (patient_labels[0] if patient_labels else {})}
+    unmasked = []
+    for scan in scans:
+        records = []
+        for meta in scan.records:
+            meta = dict(meta)
+            src = meta.get("source")
+            if isinstance(src, dict) and src.get("path") in path_of:
+                meta["source"] = {**src, "path": path_of[src["path"]]}
+            if meta.get("patient_id") in pid_of:
+                meta["patient_id"] = pid_of[meta["patient_id"]]
+            records.append(meta)
+        unmasked.append(dataclasses.replace(scan, records=records))
+    source = dict(m.source)
+    if inputs and source.get("fingerprint") == pseudonyms.fingerprint_files(inputs):
+        source["fingerprint"] = source_fingerprint(inputs)  # the keyed one holds
+    return dataclasses.replace(m, source=source), unmasked
 
 
 def _shard_calls(m: Manifest, present: dict[str, Path], size: int | None, cfg: VerifyConfig,
