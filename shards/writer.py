@@ -273,28 +273,58 @@ class _Flusher:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._pending: threading.Thread | None = None
+        self._error: OSError | None = None
 
-    def submit(self, fd: int) -> None:
-        """Write back, drop and close ``fd`` (which this object now owns)."""
+    def submit(self, fd: int, path: Path) -> None:
+        """Write back, drop and close ``fd`` (which this object now owns), the file now at
+        ``path``; a write-back that fails removes it there (see :meth:`wait`)."""
         with self._lock:
-            if self._pending is not None:
-                self._pending.join()
-            self._pending = threading.Thread(target=self._flush, args=(fd,), name="pneumo-shard-flush", daemon=True)
+            self._join()
+            self._pending = threading.Thread(target=self._flush, args=(fd, path), name="pneumo-shard-flush", daemon=True)
             self._pending.start()
 
-    @staticmethod
-    def _flush(fd: int) -> None:
+    def wait(self) -> None:
+        """Wait for the file in flight; raise the error of a write-back that failed since the
+        last call (ENOSPC, EDQUOT or EIO: its file was removed)."""
+        with self._lock:
+            self._join()
+            if self._error is not None:
+                error, self._error = self._error, None
+                raise error
+
+    def _join(self) -> None:
+        if self._pending is not None:
+            self._pending.join()
+            self._pending = None
+
+    def _flush(self, fd: int, path: Path) -> None:
+        # Not durable by contract (the driver syncs, a reuse re-hashes), but a write-back error
+        # means bytes that never reached the disk: the file goes, and the writer hears of it.
         try:
-            os.fdatasync(fd)
-            drop_cached_pages(fd)
-        except OSError:
-            pass  # not durable by contract: the driver syncs, and a reuse re-hashes (ingest.worker)
-        finally:
-            os.close(fd)
+            inode = os.fstat(fd).st_ino
+            try:
+                os.fdatasync(fd)
+                drop_cached_pages(fd)
+            finally:
+                os.close(fd)  # NFS reports a quota met at write-back here
+        except OSError as exc:
+            with contextlib.suppress(OSError):
+                if path.stat().st_ino == inode:  # not a file written since under that name
+                    path.unlink()
+            if exc.filename is None:
+                exc.filename = str(path)
+            self._error = self._error or exc
 
 
 _FLUSHER = _Flusher()
 """The one flusher of this process (see :class:`ShardWriter`'s ``durable``)."""
+
+
+def wait_flushed() -> None:
+    """Wait until this process's shards written with ``durable=False`` are on disk; raise the
+    error of one whose write-back failed (its file is gone). The ingest's driver calls it on
+    every worker before it trusts their shards."""
+    _FLUSHER.wait()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -374,6 +404,7 @@ class ShardWriter:
     ) -> None:
         assert self._file is not None and self._hasher is not None
         written = False
+        flush_fd: int | None = None
         try:
             if exc_type is None:
                 # The end-of-archive marker, then zeros up to a whole record, as tarfile writes.
@@ -384,17 +415,31 @@ class ShardWriter:
                 if self.durable:
                     os.fsync(self._file.fileno())
                 else:
-                    _FLUSHER.submit(os.dup(self._file.fileno()))
+                    _FLUSHER.wait()  # the shard before this one: a write-back error stops this one too
+                    flush_fd = os.dup(self._file.fileno())
                 written = True
         finally:
             try:
-                self._file.close()
+                self._file.close()  # an error here (EDQUOT written back) fails the shard
+            except BaseException:
+                written = False
+                raise
             finally:
                 if not written:  # an error in the with-block, or in finishing the file
                     self._tmp.unlink(missing_ok=True)
+                    if flush_fd is not None:
+                        os.close(flush_fd)
         if not written:
             return
-        os.replace(self._tmp, self.path)
+        try:
+            os.replace(self._tmp, self.path)
+        except BaseException:
+            self._tmp.unlink(missing_ok=True)
+            if flush_fd is not None:
+                os.close(flush_fd)
+            raise
+        if flush_fd is not None:
+            _FLUSHER.submit(flush_fd, self.path)
         self.result = WrittenShard(
             path=self.path,
             samples=len(self._keys),
