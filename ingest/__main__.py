@@ -13,6 +13,9 @@ from shards.cli import EXIT_USAGE, configure_logging
 log = logging.getLogger("ingest")
 
 EXIT_CLUSTER = 1
+EXIT_NO_SPACE = 3
+EXIT_INTERRUPTED = 130
+"""128 + SIGINT, as a shell reports a command ended by Ctrl-C."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
     from ingest.cluster_base import ClusterError
-    from ingest.pipeline import IngestUsageError, run_ingest
+    from ingest.pipeline import IngestOutOfSpace, IngestUsageError, run_ingest
 
     kwargs = {k: v for k, v in vars(args).items() if k != "verbose"}
     try:
@@ -88,6 +91,12 @@ def main(argv: list[str] | None = None) -> int:
     except ClusterError as exc:  # no workers: wrong partition, account, interface, ...
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_CLUSTER
+    except IngestOutOfSpace as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_NO_SPACE
+    except KeyboardInterrupt:
+        print("interrupted: the finished shards are kept; run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
     for line in summary.lines():
         print(line)
     return 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
+import threading
 from collections.abc import Iterator
 
 import dask
@@ -16,6 +18,21 @@ from ingest.config import IngestConfig
 __all__ = ["ClusterError", "open_client"]
 
 log = logging.getLogger(__name__)
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Ignore SIGINT while the local processes start, so that they inherit that: a Ctrl-C
+    reaches the whole process group, and the driver alone answers it (it stops the cluster and
+    says how to resume) instead of every worker printing its own KeyboardInterrupt."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager
@@ -35,7 +52,7 @@ def open_client(cfg: IngestConfig) -> Iterator[Client]:
         return
     workers = cfg.workers or os.cpu_count() or 1
     # The nannies hand this config to the worker processes they start.
-    with dask.config.set(worker_config()):
+    with dask.config.set(worker_config()), _sigint_ignored():
         cluster = LocalCluster(
             n_workers=workers,
             threads_per_worker=1,

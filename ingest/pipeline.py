@@ -21,6 +21,7 @@ from ingest.config import IngestConfig
 from ingest.plan import Plan, ShardTask, make_plan
 from ingest.runner import build_shards, cluster, read_tags
 from ingest.worker import DONE_DIR, WORK_DIR, label_row, mismatch, reusable_record
+from shards.diskspace import free_bytes, human, is_out_of_space, sample_bytes_at_least, what_filled
 from shards.format import FORMAT_VERSION, SPLITS
 from shards.label_csv import LabelFileError, LabelProblem, PatientLabel, read_label_csv
 from shards.labels import LabelTable, write_labels
@@ -47,6 +48,11 @@ PARAMS_FILE = f"{WORK_DIR}/params.json"
 
 class IngestUsageError(ValueError):
     """Bad input found before any work: the CLI exits 2 with this one-line message."""
+
+
+class IngestOutOfSpace(RuntimeError):
+    """The output's filesystem or quota filled up: the run stopped at once, leaving what a
+    resume can trust; the CLI exits 3 with this one-line message."""
 
 
 @dataclasses.dataclass
@@ -203,8 +209,11 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
     """Run (or resume) an ingest; see the SPEC for the output it writes.
 
     Raises:
-        IngestUsageError: bad labels file, missing DICOM folder, or an OUT made with other
-            parameters; raised before any work is done.
+        IngestUsageError: bad labels file, missing DICOM folder, an OUT made with other
+            parameters, that cannot be written or clearly has too little room; raised before
+            any decoding.
+        IngestOutOfSpace: OUT's filesystem or quota filled up (ENOSPC, EDQUOT): the run
+            stops at once; once space is freed the same call resumes.
     """
     t0 = time.perf_counter()
     if not cfg.dicom_dir.is_dir():
@@ -224,50 +233,103 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
         return summary
     if not found.inputs:
         raise IngestUsageError(f"--dicom-dir {cfg.dicom_dir}: no DICOM files found (*.dcm or files with the DICOM preamble)")
-    (cfg.out / DONE_DIR).mkdir(parents=True, exist_ok=True)
-    (cfg.out / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(cfg.out / PARAMS_FILE, json.dumps(identity, indent=2, sort_keys=True))
+    _prepare_out(cfg, identity, len(found.inputs))
 
-    with contextlib.ExitStack() as stack:
-        opened: list[Client] = []
+    plan: Plan | None = None
+    records: dict[str, dict[str, Any]] = {}
+    try:
+        with contextlib.ExitStack() as stack:
+            opened: list[Client] = []
 
-        def client() -> Client:  # the cluster starts only when there is work for it
-            if not opened:
-                opened.append(stack.enter_context(cluster(cfg)))
-            return opened[0]
+            def client() -> Client:  # the cluster starts only when there is work for it
+                if not opened:
+                    opened.append(stack.enter_context(cluster(cfg)))
+                return opened[0]
 
-        plan = _plan(cfg, client, found.inputs, found.ignored, labels, problems, pseudonyms)
-        log.info(
-            "plan: %d input files (%d other files ignored), %d early rejects, %d shards (shard size %d)",
-            len(plan.inputs), plan.ignored, len(plan.rejects), len(plan.tasks), cfg.shard_size,
-        )
-        records: dict[str, dict[str, Any]] = {}
-        pending: list[ShardTask] = []
-        for task in plan.tasks:
-            record = reusable_record(cfg.out, task)
-            if record is None:
-                pending.append(task)
-            else:
-                records[task.name] = record
-        if records:
-            log.info("resuming: %d of %d shards already complete", len(records), len(plan.tasks))
-        if pending:
-            build_shards(cfg, client(), pending, records)
-            t_sync = time.perf_counter()
-            sync_files([cfg.out / SHARDS_DIR / t.name for t in pending])
-            log.debug("synced %d shards to disk in %.1f s", len(pending), time.perf_counter() - t_sync)
-    _remove_stale(cfg.out, {t.name for t in plan.tasks})
-    summary = _finish(cfg, plan, records, identity, t0, built=len(pending), pseudonyms=pseudonyms)
+            plan = _plan(cfg, client, found.inputs, found.ignored, labels, problems, pseudonyms)
+            log.info(
+                "plan: %d input files (%d other files ignored), %d early rejects, %d shards (shard size %d)",
+                len(plan.inputs), plan.ignored, len(plan.rejects), len(plan.tasks), cfg.shard_size,
+            )
+            pending: list[ShardTask] = []
+            for task in plan.tasks:
+                record = reusable_record(cfg.out, task)
+                if record is None:
+                    pending.append(task)
+                else:
+                    records[task.name] = record
+            if records:
+                log.info("resuming: %d of %d shards already complete", len(records), len(plan.tasks))
+            _remove_temporaries(cfg.out)  # those of a stopped run hold room the rest needs
+            _check_room(cfg, pending)
+            if pending:
+                build_shards(cfg, client(), pending, records)
+                t_sync = time.perf_counter()
+                sync_files([cfg.out / SHARDS_DIR / t.name for t in pending])
+                log.debug("synced %d shards to disk in %.1f s", len(pending), time.perf_counter() - t_sync)
+        _remove_stale(cfg.out, {t.name for t in plan.tasks})
+        summary = _finish(cfg, plan, records, identity, t0, built=len(pending), pseudonyms=pseudonyms)
+    except OSError as exc:
+        if not is_out_of_space(exc):
+            raise
+        raise IngestOutOfSpace(_no_space(exc, cfg, plan, records)) from exc
     summary.records = [records[t.name] for t in pending]
     shutil.rmtree(cfg.out / WORK_DIR, ignore_errors=True)
     return summary
 
 
-def _remove_stale(out: Path, names: set[str]) -> None:
+def _prepare_out(cfg: IngestConfig, identity: dict[str, Any], inputs: int) -> None:
+    """Create OUT's folders and record the run's identity, or refuse an OUT that cannot be written."""
+    try:
+        (cfg.out / DONE_DIR).mkdir(parents=True, exist_ok=True)
+        (cfg.out / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
+        atomic_write_text(cfg.out / PARAMS_FILE, json.dumps(identity, indent=2, sort_keys=True))
+    except OSError as exc:
+        need = human(inputs * sample_bytes_at_least(cfg.size))
+        raise IngestUsageError(f"--out {cfg.out} cannot be written ({exc.strerror or exc}); "
+                               f"the {inputs} input files need at least {need} of shards") from exc
+
+
+def _check_room(cfg: IngestConfig, pending: list[ShardTask]) -> None:
+    """Refuse, before any decoding, shards that clearly cannot fit: more than the free space
+    even at the least bytes a sample can take (quotas show only when they are met)."""
+    samples = sum(len(t.samples) for t in pending)
+    need = samples * sample_bytes_at_least(cfg.size)
+    free = free_bytes(cfg.out / SHARDS_DIR)
+    if need > free:
+        raise IngestUsageError(
+            f"--out {cfg.out}: {human(free)} free, but the {len(pending)} shards to write ({samples} samples "
+            f"at {cfg.size} px) need at least {human(need)}; free space or choose another --out"
+        )
+
+
+def _no_space(exc: OSError, cfg: IngestConfig, plan: Plan | None, records: dict[str, dict[str, Any]]) -> str:
+    """The one line of a run stopped by a full disk or quota: what filled up, and about how
+    much more the rest needs (the shards still to write times the mean shard size)."""
+    what = what_filled(exc, cfg.out)
+    if plan is None:
+        return f"{what}; free space and run the same command to resume"
+    left = len(plan.tasks) - len(records)
+    if left == 0:
+        return f"{what} while writing the labels and the manifest; free a little space and run the same command to finish"
+    if records:
+        mean, how = sum(r["bytes"] for r in records.values()) / len(records), "the mean shard so far"
+    else:
+        mean, how = cfg.shard_size * sample_bytes_at_least(cfg.size), "at least, estimated"
+    return (f"{what}; the {left} of {len(plan.tasks)} shards still to write need about {human(left * mean)} more "
+            f"({left} x {human(mean)}, {how}); free space and run the same command to resume")
+
+
+def _remove_temporaries(out: Path) -> None:
     for path in (out / SHARDS_DIR).iterdir():
         if path.name.startswith(".") and ".tmp-" in path.name:
-            path.unlink(missing_ok=True)  # temporary file of a shard killed mid-write
-        elif path.name not in names:
+            path.unlink(missing_ok=True)  # temporary file of a shard stopped mid-write
+
+
+def _remove_stale(out: Path, names: set[str]) -> None:
+    _remove_temporaries(out)
+    for path in (out / SHARDS_DIR).iterdir():
+        if path.name not in names:
             log.warning("removing %s: not part of this dataset's plan", path)
             path.unlink()
 

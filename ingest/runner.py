@@ -43,6 +43,8 @@ from ingest.worker import (
     read_suspects,
     reusable_record,
 )
+from shards.diskspace import NoSpace
+from shards.writer import wait_flushed
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +194,7 @@ def _after_death(cfg: IngestConfig, client: Client, key: str, state: _ShardState
 
 
 def _shard_outcome(cfg: IngestConfig, client: Client, future: Future, state: _ShardState,
-                   finished: Collection[str] = ()) -> dict[str, Any] | None:
+                   finished: Collection[str] = ()) -> dict[str, Any] | NoSpace | None:
     """The record of a finished shard task; None when its worker died and it is to be built
     again; the record of an abandoned shard when its workers keep dying."""
     try:
@@ -211,7 +213,12 @@ def _shard_outcome(cfg: IngestConfig, client: Client, future: Future, state: _Sh
 
 
 def build_shards(cfg: IngestConfig, client: Client, pending: list[ShardTask], records: dict[str, dict[str, Any]]) -> None:
-    """Build the pending shards; put each one's result record in ``records``."""
+    """Build the pending shards; put each one's result record in ``records``.
+
+    Raises:
+        OSError: ENOSPC or EDQUOT, at the first shard that met it (not retried: a full disk
+            is not transient), or from a shard's write-back once all are built.
+    """
     bar = tqdm(total=sum(len(t.samples) for t in pending), unit="img", desc="ingest", disable=not cfg.progress,
                file=sys.stderr, smoothing=0.1)
 
@@ -221,6 +228,8 @@ def build_shards(cfg: IngestConfig, client: Client, pending: list[ShardTask], re
         record = _shard_outcome(cfg, client, future, state, finished)
         if record is None:
             return [state]
+        if isinstance(record, NoSpace):
+            raise record.error()
         if future.status == "finished":  # not a task that died (its shard abandoned)
             finished.add(str(future.key))
         records[record["name"]] = record
@@ -233,6 +242,7 @@ def build_shards(cfg: IngestConfig, client: Client, pending: list[ShardTask], re
     try:
         jobs = [_ShardState(t, read_suspects(cfg.out, t.name)) for t in pending]
         drive(client, jobs, lambda state: _submit_shard(client, cfg, state), finish)
+        client.run(wait_flushed)  # a shard whose write-back failed is gone: the error says why
     finally:
         bar.close()
 

@@ -40,6 +40,7 @@ from ingest.isolate import ChildDied, ChildTimedOut, IsolatedProcess
 from ingest.plan import PlannedSample, Reject, ShardTask
 from ingest.readahead import ReadAhead
 from ingest.render import render
+from shards.diskspace import NoSpace, is_out_of_space
 from shards.format import CLASS_NAMES
 from shards.geometry import boxes_to_letterbox
 from shards.label_csv import LabelProblem
@@ -273,7 +274,7 @@ def read_suspects(out: Path, shard: str) -> dict[str, Reject]:
     return found
 
 
-def build_shard(task: ShardTask, timeout_s: float = 300.0, known: dict[str, Reject] | None = None) -> dict[str, Any]:
+def build_shard(task: ShardTask, timeout_s: float = 300.0, known: dict[str, Reject] | None = None) -> dict[str, Any] | NoSpace:
     """Build one shard; return (and persist) its result record.
 
     Args:
@@ -284,7 +285,9 @@ def build_shard(task: ShardTask, timeout_s: float = 300.0, known: dict[str, Reje
             rejected without being opened.
 
     The record holds the shard's name, split, sample count, bytes, sha256, first/last key, the
-    per-sample metadata, the rejects and the label problems found while building it.
+    per-sample metadata, the rejects and the label problems found while building it. A full
+    disk or quota is a :class:`~shards.diskspace.NoSpace` instead, and leaves neither the shard
+    nor its record.
     """
     announce_start()
     keep_freed_buffers()
@@ -313,7 +316,7 @@ def _isolated_outcome(dicom_dir: str, sample: PlannedSample, processing: dict) -
     return ("sample", result.image, result.meta, result.problems, result.fast_path)
 
 
-def build_shard_isolated(task: ShardTask, timeout_s: float = 300.0, known: dict[str, Reject] | None = None) -> dict[str, Any]:
+def build_shard_isolated(task: ShardTask, timeout_s: float = 300.0, known: dict[str, Reject] | None = None) -> dict[str, Any] | NoSpace:
     """:func:`build_shard`, each file decoded in a child process: a file whose child dies is a
     ``worker_crashed`` reject, one that takes longer than ``timeout_s`` a ``sample_timeout``.
 
@@ -336,13 +339,29 @@ def build_shard_isolated(task: ShardTask, timeout_s: float = 300.0, known: dict[
         return _write_shard(task, outcome, known or {}, isolated=True)
 
 
-def abandon_shard(task: ShardTask, detail: str) -> dict[str, Any]:
+def abandon_shard(task: ShardTask, detail: str) -> dict[str, Any] | NoSpace:
     """Give up on a shard whose workers keep dying even in isolation: an empty shard, and
     each of its files a ``worker_crashed`` reject (runs in the driver)."""
     return _write_shard(task, lambda s: Reject(s.path, "worker_crashed", detail), {}, isolated=True)
 
 
 def _write_shard(
+    task: ShardTask,
+    outcome: Callable[[PlannedSample], ProcessedSample | Reject],
+    known: dict[str, Reject],
+    isolated: bool,
+) -> dict[str, Any] | NoSpace:
+    """:func:`_write_one`; a full disk or quota is returned as :class:`NoSpace`, not raised:
+    the scheduler would retry a task that raised, and a full disk is not transient."""
+    try:
+        return _write_one(task, outcome, known, isolated)
+    except OSError as exc:
+        if not is_out_of_space(exc):
+            raise
+        return NoSpace.of(exc)
+
+
+def _write_one(
     task: ShardTask,
     outcome: Callable[[PlannedSample], ProcessedSample | Reject],
     known: dict[str, Reject],
