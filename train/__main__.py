@@ -2,7 +2,9 @@
 
 Launch with ``torchrun --nproc_per_node G -m train ...``, with ``srun`` (one task per GPU;
 the SLURM_* variables are mapped by :mod:`train.distributed`) or as a plain single process.
-Exit status: 0 done, 1 stopped by a non-finite loss, 2 bad configuration.
+Exit status: 0 done, 1 stopped by a non-finite loss, 2 bad configuration, 3 a checkpoint
+that could not be written (a full disk; the last good one is kept), 130 interrupted (Ctrl-C).
+Either of the last two resumes with the same command and ``--resume``.
 
 A run that seems stuck: ``kill -USR1 <pid>`` (a rank, or one of its loader workers) prints
 the stack of every thread of that process to its stderr and lets it go on.
@@ -30,6 +32,9 @@ from train.config import (
 )
 
 EXIT_NONFINITE = 1
+EXIT_CHECKPOINT = 3
+EXIT_INTERRUPTED = 130
+"""128 + SIGINT, as a shell reports a command ended by Ctrl-C."""
 
 # CLI flag -> (table, field) of the config; table None is the top level.
 FLAG_FIELDS: dict[str, tuple[str | None, str]] = {
@@ -136,6 +141,19 @@ def resolve_config(args: argparse.Namespace) -> TrainConfig:
     return cfg
 
 
+def interrupted(out: Path | None) -> str:
+    """The one line of a run stopped by Ctrl-C: where ``--resume`` takes it up."""
+    from train.checkpoint import latest_checkpoint
+
+    try:
+        latest = latest_checkpoint(out) if out is not None else None
+    except (OSError, ValueError):
+        latest = None
+    if latest is None:
+        return "interrupted before the first checkpoint; run the same command again to start over"
+    return f"interrupted; run the same command with --resume to continue from {latest.name}"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse, configure logging, build the run, train; always leave the process group."""
     args = build_parser().parse_args(argv)
@@ -151,6 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose, rank=rank, dask=False)  # rank 0 at INFO, the others WARNING
     log = logging.getLogger("train")
     from train.build import build_run
+    from train.checkpoint import CheckpointWriteError
     from train.loop import train
     from train.state import NonFiniteLossError
 
@@ -164,6 +183,14 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as exc:
         log.error("%s", exc)
         return EXIT_NONFINITE
+    except CheckpointWriteError as exc:  # every rank meets it; one line says it
+        if rank == 0:
+            log.error("%s", exc)
+        return EXIT_CHECKPOINT
+    except KeyboardInterrupt:
+        if rank == 0:
+            log.error("%s", interrupted(cfg.out))
+        return EXIT_INTERRUPTED
     finally:
         destroy()
     return 0

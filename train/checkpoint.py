@@ -11,7 +11,9 @@ A checkpoint holds the model and optimizer (through ``torch.distributed.checkpoi
 scheduler, the gradient scaler and the training position (step, epoch) from which the
 loader position follows. DCP re-shards on load, so a run saved on N ranks resumes on M.
 ``latest`` is replaced only after every rank finished writing, so a run killed while
-saving resumes from the previous checkpoint.
+saving resumes from the previous checkpoint. A save that fails (a full disk, a quota) removes
+what it wrote, leaves ``latest`` on the last good checkpoint and raises
+:class:`CheckpointWriteError`, whose one line says so.
 
 ``model.pt`` holds only tensors and plain Python values: ``torch.load(...,
 weights_only=True)`` reads it.
@@ -28,6 +30,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -38,10 +41,12 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from shards.atomic import atomic_write, atomic_write_text
+from shards.diskspace import free_bytes, human
 from train.distributed import barrier
 
 __all__ = [
     "CHECKPOINT_DIR",
+    "CheckpointWriteError",
     "EXPORT_FORMAT",
     "EXPORT_NAME",
     "export_model",
@@ -57,6 +62,30 @@ CHECKPOINT_DIR = "checkpoints"
 LATEST = "latest"
 EXPORT_NAME = "model.pt"
 EXPORT_FORMAT = "pneumo-hpc-model/1"
+
+
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint or ``model.pt`` could not be written; the last good checkpoint is kept."""
+
+
+def _failure(exc: BaseException) -> str:
+    """The first rank's error of a failed DCP save (``CheckpointException``), or ``exc``, in one line."""
+    failures = getattr(exc, "failures", None)
+    rank = ""
+    if isinstance(failures, dict) and failures:
+        r, got = next(iter(sorted(failures.items())))
+        rank, exc = f"rank {r}: ", got[0] if isinstance(got, tuple) else got
+    text = str(exc).strip().splitlines()
+    return f"{rank}{type(exc).__name__}: {text[0] if text else ''}".rstrip(": ")
+
+
+def _write_failed(what: Path, exc: BaseException, kept: Path | None) -> CheckpointWriteError:
+    room = f"{human(free_bytes(what))} free on its filesystem"
+    if kept is not None:
+        room += f", the last one took {human(sum(p.stat().st_size for p in kept.rglob('*') if p.is_file()))}"
+    keep = f"the last good checkpoint {kept.name} is kept" if kept else "there is no earlier checkpoint"
+    return CheckpointWriteError(f"{what.name} could not be written ({_failure(exc)}; {room}); {keep}: "
+                                "free space, then run the same command with --resume")
 
 
 def _distributed() -> bool:
@@ -76,6 +105,13 @@ def latest_checkpoint(run_dir: Path | str) -> Path | None:
     if not (path / ".metadata").is_file():
         raise FileNotFoundError(f"{pointer} names {path.name}, which has no DCP .metadata")
     return path
+
+
+def _latest_or_none(run_dir: Path | str) -> Path | None:
+    try:
+        return latest_checkpoint(run_dir)
+    except (OSError, ValueError):
+        return None
 
 
 def _state(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
@@ -111,12 +147,22 @@ def save_checkpoint(run_dir: Path | str, *, step: int, model: nn.Module,
         shutil.rmtree(path, ignore_errors=True)  # a partial save of an earlier attempt
     barrier()
     state = _state(model, optimizer, scheduler, scaler, train_state)
-    with warnings.catch_warnings():  # "assuming the intent is to save in a single process"
-        warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
-        dcp.save(state, checkpoint_id=path, no_dist=not _distributed())
+    try:
+        with warnings.catch_warnings():  # "assuming the intent is to save in a single process"
+            warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+            dcp.save(state, checkpoint_id=path, no_dist=not _distributed())
+    except (CheckpointException, Exception) as exc:  # CheckpointException is a BaseException
+        # Every rank hears of a failed save (DCP gathers the ranks' results): none waits at a barrier.
+        if _is_main():
+            shutil.rmtree(path, ignore_errors=True)
+        raise _write_failed(path, exc, _latest_or_none(run_dir)) from exc
     barrier()
     if _is_main():
-        atomic_write_text(root / LATEST, path.name + "\n")
+        try:
+            atomic_write_text(root / LATEST, path.name + "\n")
+        except OSError as exc:
+            shutil.rmtree(path, ignore_errors=True)
+            raise _write_failed(path, exc, _latest_or_none(run_dir)) from exc
         old = sorted(p for p in root.glob("step-*") if p.is_dir() and p != path)
         for stale in old[: max(0, len(old) - (keep - 1))]:
             shutil.rmtree(stale, ignore_errors=True)
@@ -161,8 +207,11 @@ def export_model(path: Path | str, model: nn.Module, info: dict[str, Any]) -> Pa
     if not _is_main():
         return None
     path = Path(path)
-    with atomic_write(path, "wb") as f:
-        torch.save({"format": EXPORT_FORMAT, **info, "state_dict": state}, f)
+    try:
+        with atomic_write(path) as f:
+            torch.save({"format": EXPORT_FORMAT, **info, "state_dict": state}, f)
+    except (OSError, RuntimeError) as exc:  # torch.save reports a short write as a RuntimeError
+        raise _write_failed(path, exc, _latest_or_none(path.parent)) from exc
     log.info("exported %s", path)
     return path
 

@@ -90,21 +90,21 @@ def train_epoch(run: Run, meter: Meter, epoch: int, first: int) -> int:
     bar = tqdm(total=steps, initial=first, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                disable=not run.env.is_main, dynamic_ncols=True, leave=False)
     seen, tick = 0, time.perf_counter()
-    for batch in run.train_loader.epoch(epoch, first):
-        wait = time.perf_counter() - tick
-        terms = train_step(run, batch, epoch)
-        meter.add(terms, len(batch) * run.env.world_size, wait)
-        seen += 1
-        bar.update()
-        if run.step % cfg.log_every == 0 or run.step == run.last_step:
-            log_train(run, meter, epoch, bar)
-        if run.step == run.last_step:
-            break
-        if run.step % cfg.ckpt_every == 0 and run.step % steps:
-            with meter.paused():
-                checkpoint(run)
-        tick = time.perf_counter()
-    bar.close()
+    with bar:  # closed (and cleared) on a stop too, so that the stop's one line stands alone
+        for batch in run.train_loader.epoch(epoch, first):
+            wait = time.perf_counter() - tick
+            terms = train_step(run, batch, epoch)
+            meter.add(terms, len(batch) * run.env.world_size, wait)
+            seen += 1
+            bar.update()
+            if run.step % cfg.log_every == 0 or run.step == run.last_step:
+                log_train(run, meter, epoch, bar)
+            if run.step == run.last_step:
+                break
+            if run.step % cfg.ckpt_every == 0 and run.step % steps:
+                with meter.paused():
+                    checkpoint(run)
+            tick = time.perf_counter()
     return seen
 
 
