@@ -3,7 +3,8 @@
 Launch with ``torchrun --nproc_per_node G -m train ...``, with ``srun`` (one task per GPU;
 the SLURM_* variables are mapped by :mod:`train.distributed`) or as a plain single process.
 Exit status: 0 done, 1 stopped by a non-finite loss, 2 bad configuration, 3 a checkpoint
-that could not be written (a full disk; the last good one is kept), 130 interrupted (Ctrl-C).
+that could not be written or a full disk (the last good checkpoint is kept), 130 interrupted
+(Ctrl-C).
 Either of the last two resumes with the same command and ``--resume``.
 
 A run that seems stuck: ``kill -USR1 <pid>`` (a rank, or one of its loader workers) prints
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from shards.cli import EXIT_USAGE, configure_logging
+from shards.diskspace import is_out_of_space
 from train.config import (
     AMP_CHOICES,
     DETECTORS,
@@ -191,6 +193,11 @@ def main(argv: list[str] | None = None) -> int:
         if rank == 0:
             log.error("%s", interrupted(cfg.out))
         return EXIT_INTERRUPTED
+    except OSError as exc:  # metrics or eval.json on a full disk: the checkpoints are as safe
+        if not is_out_of_space(exc):
+            raise
+        log.error("%s (%s); free space, then run the same command with --resume", exc.strerror, exc.filename)
+        return EXIT_CHECKPOINT
     finally:
         destroy()
     return 0

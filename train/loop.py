@@ -26,6 +26,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from shards.atomic import atomic_write_text
 from train.augment import augment, step_params
 from train.checkpoint import EXPORT_NAME, export_model, save_checkpoint
 from train.data import HostBatch, to_device
@@ -280,7 +281,7 @@ def write_eval(run: Run, epoch: int, *, partial: bool, batches: int) -> None:
     run.writer.write(record)
     if run.env.is_main:
         text = json.dumps(jsonable(record), indent=2, allow_nan=False) + "\n"
-        (run.out / EVAL_NAME).write_text(text)
+        atomic_write_text(run.out / EVAL_NAME, text, durable=False)  # whole, or the last one kept
         keys = ("accuracy", "roc_auc", "sensitivity", "specificity", "f1", "baseline_accuracy") \
             if run.task.name == "classify" else ("map50", "rsna", "rsna_best", "rsna_best_conf", "image_auc")
         shown = " ".join(f"{k}={run.last_eval.get(k, float('nan')):.4f}" for k in keys)
