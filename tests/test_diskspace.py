@@ -20,6 +20,7 @@ from shards.format import encode_image
 from shards.labels import read_labels
 from shards.manifest import read_manifest, sha256_file
 from shards.writer import ShardWriter, wait_flushed
+from tests.fault_injection import fault_env
 from tests.smallfs import resize, tmpfs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,11 +35,11 @@ def export(tmp_path_factory: pytest.TempPathFactory):
     return make_dataset(tmp_path_factory.mktemp("synth") / "rsna", 48, seed=1, size=64, progress=False)
 
 
-def _ingest(export, out: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+def _ingest(export, out: Path, timeout: float = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "ingest", "--dicom-dir", str(export.images_dir), "--out", str(out),
            "--labels", str(export.labels_csv), "--size", str(SIZE), "--shard-size", str(SHARD),
            "--workers", "1", "--no-progress"]
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env)
 
 
 def _error_line(res: subprocess.CompletedProcess) -> str:
@@ -214,3 +215,20 @@ def test_a_checkpoint_that_fails_to_write_keeps_the_last_good_one(ingested_small
         assert res.returncode == 0, res.stderr[-3000:]
         assert "resumed from " + str(run / "checkpoints" / "step-00000002") in res.stderr
         assert (run / "checkpoints" / "latest").read_text() == "step-00000005\n" and (run / "model.pt").is_file()
+
+
+def test_a_quota_met_at_write_back_stops_the_ingest_and_resumes_byte_identical(export, tmp_path: Path) -> None:
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    assert _ingest(export, reference).returncode == 0
+    # Every worker's write-back fails (as NFS reports EDQUOT at fsync or close), not its writes.
+    res = _ingest(export, out, env={**fault_env(""), "PNEUMO_WRITEBACK": "EDQUOT"})
+    line = _error_line(res)
+    assert res.returncode == 3, res.stderr
+    assert line.startswith("error: the disk quota on ") and "shards still to write need about" in line
+    for path in (out / ".ingest" / "done").glob("*.json"):  # a shard not written back is not kept
+        assert not (out / "shards" / json.loads(path.read_text())["name"]).exists()
+    res = _ingest(export, out)
+    assert res.returncode == 0, res.stderr
+    assert {p.name: p.read_bytes() for p in (out / "shards").iterdir()} == {
+        p.name: p.read_bytes() for p in (reference / "shards").iterdir()
+    }

@@ -13,6 +13,7 @@ Each rule is ``GLOB=ACTION`` matched against the file's name (first match wins);
 module does nothing.
 
 ``PNEUMO_KILL`` SIGKILLs a torchrun rank at a named function instead: see :mod:`rank_killer`.
+``PNEUMO_WRITEBACK=EDQUOT`` fails every ``os.fdatasync`` with that errno: see :mod:`writeback`.
 ``PNEUMO_FORK_LOG`` records the threads alive at each fork, ``PNEUMO_THREAD`` starts an extra
 thread in each rank: see :mod:`fork_watch`.
 """
@@ -74,3 +75,8 @@ if os.environ.get("PNEUMO_FORK_LOG") or os.environ.get("PNEUMO_THREAD"):
     import fork_watch
 
     fork_watch.arm()
+
+if os.environ.get("PNEUMO_WRITEBACK"):
+    import writeback
+
+    writeback.arm(os.environ["PNEUMO_WRITEBACK"])
