@@ -232,3 +232,35 @@ def test_a_quota_met_at_write_back_stops_the_ingest_and_resumes_byte_identical(e
     assert {p.name: p.read_bytes() for p in (out / "shards").iterdir()} == {
         p.name: p.read_bytes() for p in (reference / "shards").iterdir()
     }
+
+
+@pytest.mark.parametrize(
+    ("code", "returned"),
+    [(errno.ENOSPC, True), (errno.EDQUOT, True), (errno.EIO, False)],
+    ids=["ENOSPC", "EDQUOT", "EIO"],
+)
+def test_a_shard_task_returns_no_space_instead_of_raising(tmp_path: Path, monkeypatch, code: int,
+                                                          returned: bool) -> None:
+    """A task that raised would be retried by Dask (``retries=3``); a full disk is not transient."""
+    import ingest.worker
+    from ingest.plan import ShardTask
+
+    class FullWriter:
+        def __init__(self, path: Path, **_kwargs: object) -> None:
+            self.path = path
+
+        def __enter__(self) -> FullWriter:
+            raise OSError(code, os.strerror(code), str(self.path))
+
+        def __exit__(self, *_exc: object) -> None:
+            return None
+
+    monkeypatch.setattr(ingest.worker, "ShardWriter", FullWriter)
+    task = ShardTask(name="train-000000.tar", split="train", index=0, samples=(), dicom_dir=str(tmp_path),
+                     out=str(tmp_path), processing={})
+    if returned:
+        got = ingest.worker.abandon_shard(task, "d")
+        assert isinstance(got, NoSpace) and got.errno == code and got.filename.endswith("train-000000.tar")
+    else:
+        with pytest.raises(OSError):
+            ingest.worker.abandon_shard(task, "d")
