@@ -15,6 +15,7 @@ from pathlib import Path
 from shards.format import SPLITS, key_for, shard_name
 from shards.label_csv import LabelProblem, PatientLabel
 from shards.pseudonym import Pseudonymizer
+from shards.seeds import shard_order_hash
 from shards.source import patient_id_of, source_fingerprint
 
 
@@ -158,7 +159,7 @@ def make_plan(
     tasks: list[ShardTask] = []
     for split in SPLITS:
         pids = sorted((p for p in chosen if split_of[shown[p]] == split),
-                      key=lambda p: (unit_hash(seed + 1, shown[p]), shown[p]))
+                      key=lambda p: (shard_order_hash(seed, shown[p]), shown[p]))
         for index, start in enumerate(range(0, len(pids), shard_size)):
             samples = []
             for pid in pids[start : start + shard_size]:

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
+from shards.seeds import augment_seed
 from train.config import AugmentConfig
 
 __all__ = [
@@ -90,8 +90,7 @@ def step_params(config: AugmentConfig, *, seed: int, epoch: int, step: int, glob
         global_batch: Samples of the step over all ranks.
         rank, world: Rank ``r`` gets slots ``[r B/W, (r+1) B/W)`` (as the loader does).
     """
-    state = np.random.SeedSequence([seed, epoch, step, 0xA06]).generate_state(2, np.uint64)
-    generator = torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+    generator = torch.Generator().manual_seed(augment_seed(seed, epoch, step))
     params = draw_params(config, global_batch, generator)
     per = global_batch // world
     return params.slice(rank * per, (rank + 1) * per)

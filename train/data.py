@@ -63,6 +63,7 @@ from shards.format import FormatError
 from shards.labels import LabelTable
 from shards.manifest import Manifest, ShardInfo
 from shards.reader import Sample, ShardChecksumError, VerifiedShard, iter_samples
+from shards.seeds import Salt
 from shards.store import read_labels_from, read_manifest_from
 from train.forking import exit_with_rank, worker_context
 
@@ -80,9 +81,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-# Purposes mixed into the seeds, so the shard permutation and the window permutations
-# never share a random stream.
-_SHARD_ORDER, _WINDOW_ORDER = 0, 1
+_SHARD_ORDER, _WINDOW_ORDER = Salt.LOADER_SHARDS, Salt.LOADER_WINDOW  # see shards.seeds
 _EMPTY = np.empty((0, 0), np.uint8)
 
 

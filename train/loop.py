@@ -21,12 +21,12 @@ import resource
 import time
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
 
 from shards.atomic import atomic_write_text
+from shards.seeds import step_seed
 from train.augment import augment, step_params
 from train.checkpoint import EXPORT_NAME, export_model, save_checkpoint
 from train.data import HostBatch, to_device
@@ -123,10 +123,6 @@ def _since(t: float) -> float:
     return time.perf_counter() - t
 
 
-def _step_seed(seed: int, step: int, rank: int) -> int:
-    return int(np.random.SeedSequence([seed, step, rank, 0xD20]).generate_state(1, np.uint64)[0] >> np.uint64(1))
-
-
 def train_step(run: Run, batch: HostBatch, epoch: int) -> torch.Tensor:
     """One optimizer step on this rank's batch.
 
@@ -137,7 +133,7 @@ def train_step(run: Run, batch: HostBatch, epoch: int) -> torch.Tensor:
         The loss terms averaged over ranks, ``[total, *terms]`` (on the device, no sync).
     """
     cfg, env = run.cfg, run.env
-    torch.manual_seed(_step_seed(cfg.seed, run.step, env.rank))
+    torch.manual_seed(step_seed(cfg.seed, run.step, env.rank))
     dev = to_device(batch, env.device, run.image_size)
     if cfg.augment.enabled:
         params = step_params(cfg.augment, seed=cfg.seed, epoch=epoch, step=batch.step,
