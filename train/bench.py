@@ -60,7 +60,7 @@ def _bench_worker(rank: int, world: int, port: int, spec: dict[str, Any], out: s
     # The detector's outputs are views; nothing here modifies them in place.
     warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
-    from train.config import TrainConfig
+    from train.config import EvalConfig, TrainConfig
     from train.data import DeviceBatch
     from train.distributed import (
         autocast_context,
@@ -70,15 +70,14 @@ def _bench_worker(rank: int, world: int, port: int, spec: dict[str, Any], out: s
         parallelize,
     )
     from train.build import build_model, build_optimizer
-    from train.tasks import ClassifyTask, DetectTask
+    from train.tasks import task_type
 
     env = init_distributed(timeout_s=600)
     try:
         torch.manual_seed(0)
         task_name, arch, size = spec["task"], spec["arch"], spec["size"]
         model, blocks = build_model(task_name, arch)
-        task = ClassifyTask(0.5) if task_name == "classify" else DetectTask(
-            model, stored_size=size, conf=0.3, iou=0.5, max_det=10)
+        task = task_type(task_name).create(model, EvalConfig(), stored_size=size)
         model = parallelize(model, env, strategy=spec["strategy"], blocks=blocks, amp=spec["amp"])
         optimizer = build_optimizer(model, TrainConfig())
         scaler = make_grad_scaler(spec["amp"], env.device, sharded=spec["strategy"] == "fsdp")

@@ -16,18 +16,11 @@ from torch import nn
 from shards.cache import open_source
 from shards.store import DatasetNotFoundError, RemoteReadError, read_labels_from, read_manifest_from
 from train.checkpoint import latest_checkpoint, load_checkpoint
-from train.config import TrainConfig, dump_toml
+from train.config import ModelConfig, TrainConfig, dump_toml
 from train.data import ShardLoader, read_split
 from train.distributed import DistEnv, make_grad_scaler, parallelize
-from train.models import (
-    ClassifierConfig,
-    PneumoniaCNN,
-    build_detector,
-    detector_blocks,
-    read_weights,
-)
 from train.state import CONFIG_NAME, METRICS_NAME, LossGuard, MetricsWriter, Run
-from train.tasks import ClassifyTask, DetectTask, Task
+from train.tasks import task_type
 
 __all__ = ["build_model", "build_optimizer", "build_run", "eval_loader", "lr_factor", "resume"]
 
@@ -37,7 +30,7 @@ log = logging.getLogger(__name__)
 def build_model(task: str, arch: str, *, width: int = 32, depth: int = 4, dropout: float = 0.2,
                 prior: float | None = None, weights: Path | None = None,
                 trust_weights: bool = False) -> tuple[nn.Module, list[nn.Module]]:
-    """The unwrapped network and its main blocks (the FSDP2 units).
+    """The unwrapped network and its main blocks (the FSDP2 units), built by its task.
 
     Args:
         task: ``classify`` or ``detect``.
@@ -51,25 +44,13 @@ def build_model(task: str, arch: str, *, width: int = 32, depth: int = 4, dropou
             :func:`train.models.read_weights`); an ultralytics ``.pt`` needs it.
 
     Raises:
-        ValueError: ``weights`` pickles objects and ``trust_weights`` is False, or does
-            not fit the model.
+        ValueError: Unknown task or architecture; ``weights`` pickles objects and
+            ``trust_weights`` is False, or does not fit the model.
         FileNotFoundError: ``weights`` does not exist.
     """
-    if task == "classify":
-        model = PneumoniaCNN(ClassifierConfig(width=width, depth=depth, dropout=dropout, prior=prior))
-        if weights is not None:
-            state = read_weights(weights, trust_pickle=trust_weights)
-            state = state.get("state_dict", state) if isinstance(state, dict) else state
-            state = {k.removeprefix("module."): v for k, v in state.items()}
-            try:
-                model.load_state_dict(state)
-            except RuntimeError as err:  # key or shape mismatch: a usage error, not a crash
-                raise ValueError(f"{weights} does not fit the classifier ({width=}, {depth=}): "
-                                 f"{str(err).splitlines()[0]}") from err
-            log.info("loaded classifier weights from %s", weights)
-        return model, list(model.blocks)
-    model = build_detector(arch, weights=weights, trust_pickle=trust_weights)
-    return model, detector_blocks(model)
+    cfg = ModelConfig(task=task, name=arch, width=width, depth=depth, dropout=dropout,
+                      weights=weights, trust_weights=trust_weights)
+    return task_type(task).build_model(cfg, prior=prior)
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -112,9 +93,10 @@ def build_run(cfg: TrainConfig, env: DistEnv) -> Run:
                          f"{cfg.data.batch_size} and the {cfg.data.num_lanes} lanes")
     train_info = read_split(source, "train", manifest=manifest, labels=labels)
     targets = train_info.split_targets()
-    if cfg.model.task == "detect" and (targets < 0).any():
+    kind = task_type(cfg.model.task)
+    if kind.needs_labels and (targets < 0).any():
         raise ValueError(f"the train split has {(targets < 0).sum()} unlabelled samples; "
-                         "detection training needs labels")
+                         f"{kind.name} training needs labels")
     if not (targets >= 0).any():
         raise ValueError("the train split has no labelled samples")
     pin = env.device.type == "cuda"
@@ -135,17 +117,8 @@ def build_run(cfg: TrainConfig, env: DistEnv) -> Run:
     image_size = cfg.data.image_size or stored
     positive = float((targets == 1).sum() / max(1, (targets >= 0).sum()))
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank (FSDP2 needs it)
-    model, blocks = build_model(
-        cfg.model.task, cfg.model.name or "", width=cfg.model.width, depth=cfg.model.depth,
-        dropout=cfg.model.dropout, prior=min(max(positive, 0.01), 0.99), weights=cfg.model.weights,
-        trust_weights=cfg.model.trust_weights,
-    )
-    task: Task
-    if cfg.model.task == "classify":
-        task = ClassifyTask(cfg.eval.threshold)
-    else:
-        task = DetectTask(model, stored_size=stored, conf=cfg.eval.conf, iou=cfg.eval.iou,
-                          max_det=cfg.eval.max_det)
+    model, blocks = kind.build_model(cfg.model, prior=min(max(positive, 0.01), 0.99))
+    task = kind.create(model, cfg.eval, stored_size=stored)
     model = parallelize(model, env, strategy=cfg.parallel.strategy, blocks=blocks, amp=cfg.parallel.amp)
     optimizer = build_optimizer(model, cfg)
     total = cfg.epochs * train_loader.steps

@@ -38,6 +38,7 @@ from train.distributed import (
     slow_amp_warning,
 )
 from train.state import EVAL_NAME, Meter, Run, jsonable
+from train.tasks import EvalRecord
 
 __all__ = [
     "checkpoint",
@@ -241,7 +242,7 @@ def evaluate(run: Run) -> dict[str, Any]:
     _sync_buffers(run)
     run.model.eval()
     t0 = time.perf_counter()
-    records: list[tuple] = []
+    records: list[EvalRecord] = []
     batches = 0
     for batch in run.val_loader.epoch(0):
         dev = to_device(batch, run.env.device, run.image_size)
@@ -252,7 +253,7 @@ def evaluate(run: Run) -> dict[str, Any]:
     run.model.train()
     gathered = all_gather_object((batches, records))
     merged = [r for _, part in gathered for r in part]
-    seen = [r[0] for r in merged]
+    seen = [r.index for r in merged]
     expected = run.val_loader.info.samples
     if len(seen) != expected or len(set(seen)) != expected:
         raise RuntimeError(f"evaluation saw {len(seen)} samples ({len(set(seen))} distinct), "
@@ -278,9 +279,7 @@ def write_eval(run: Run, epoch: int, *, partial: bool, batches: int) -> None:
     if run.env.is_main:
         text = json.dumps(jsonable(record), indent=2, allow_nan=False) + "\n"
         atomic_write_text(run.out / EVAL_NAME, text, durable=False)  # whole, or the last one kept
-        keys = ("accuracy", "roc_auc", "sensitivity", "specificity", "f1", "baseline_accuracy") \
-            if run.task.name == "classify" else ("map50", "rsna", "rsna_best", "rsna_best_conf", "image_auc")
-        shown = " ".join(f"{k}={run.last_eval.get(k, float('nan')):.4f}" for k in keys)
+        shown = " ".join(f"{k}={run.last_eval.get(k, float('nan')):.4f}" for k in run.task.summary)
         log.info("eval epoch %d step %d: %s (%d samples)", epoch + 1, run.step, shown,
                     run.last_eval["samples"])
 

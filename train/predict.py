@@ -27,11 +27,10 @@ import argparse
 import csv
 import logging
 import sys
-from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -39,13 +38,14 @@ from shards.atomic import atomic_write
 from shards.cache import ShardSource, open_source
 from shards.cli import EXIT_USAGE, configure_logging
 from shards.format import SPLITS
-from shards.geometry import boxes_from_letterbox
 from shards.store import DatasetNotFoundError, RemoteReadError, read_labels_from, read_manifest_from
 from train.checkpoint import load_export
+from train.config import EvalConfig, ModelConfig
 from train.data import read_split, to_device
 from train.distributed import DistEnv, autocast_context
+from train.tasks import Task, task_type
 
-__all__ = ["load_model", "main", "predict_rows", "write_csv"]
+__all__ = ["load_model", "load_task", "main", "predict_rows", "write_csv"]
 
 log = logging.getLogger(__name__)
 SPLIT_CHOICES = {**{s: (s,) for s in SPLITS}, "all": SPLITS}
@@ -54,50 +54,37 @@ SPLIT_CHOICES = {**{s: (s,) for s in SPLITS}, "all": SPLITS}
 
 def load_model(export: dict, device: torch.device) -> nn.Module:
     """Rebuild the network of an exported run and load its weights (eval mode)."""
-    from train.build import build_model
-
     c = export["classifier"]
-    model, _ = build_model(export["task"], export["arch"], width=c["width"], depth=c["depth"],
-                           dropout=c["dropout"])
+    cfg = ModelConfig(task=export["task"], name=export["arch"], width=c["width"], depth=c["depth"],
+                      dropout=c["dropout"])
+    model, _ = task_type(cfg.task).build_model(cfg)
     model.load_state_dict(export["state_dict"])
     return model.to(device).eval()
 
 
-def _source_boxes(dets: np.ndarray, transform: dict) -> list[tuple[float, float, float, float, float]]:
-    """(M, 5) stored-frame ``[x1, y1, x2, y2, conf]`` -> source-pixel (conf, x, y, w, h)."""
-    if len(dets) == 0:
-        return []
-    src = boxes_from_letterbox(dets[:, :4], transform)
-    cols, rows = float(transform["cols"]), float(transform["rows"])
-    src[:, [0, 2]] = src[:, [0, 2]].clip(0, cols)
-    src[:, [1, 3]] = src[:, [1, 3]].clip(0, rows)
-    out = []
-    for (x1, y1, x2, y2), conf in zip(src, dets[:, 4]):
-        if x2 > x1 and y2 > y1:
-            out.append((float(conf), float(x1), float(y1), float(x2 - x1), float(y2 - y1)))
-    return out
+def load_task(export: dict, model: nn.Module, *, conf: float | None = None) -> Task:
+    """The task of an exported run, with its evaluation thresholds (``conf`` overrides its
+    box confidence)."""
+    settings = EvalConfig(threshold=float(export["threshold"]),
+                          conf=float(export["conf"] if conf is None else conf),
+                          iou=float(export["iou"]), max_det=int(export["max_det"]))
+    return task_type(export["task"]).create(model, settings, stored_size=int(export["stored_size"]))
 
 
 @torch.no_grad()
 def predict_rows(data: Path | str | ShardSource, export: dict, *, split: str = "all", batch_size: int = 32,
                  workers: int = 2, conf: float | None = None, device: torch.device | None = None,
-                 amp: str = "none") -> Iterator[tuple[str, object]]:
+                 amp: str = "none") -> Iterator[tuple[str, Any]]:
     """Yield (patient id, prediction) per sample: a float probability (classify) or a list
-    of source-pixel ``(conf, x, y, w, h)`` boxes (detect). ``data``: a folder, a URL, or a
+    of source-pixel :class:`~train.tasks.SourceBox` (detect). ``data``: a folder, a URL, or a
     :func:`shards.cache.open_source` source (to read through a cache)."""
     from train.build import eval_loader
-    from train.tasks import DetectTask
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_model(export, device)
+    task = load_task(export, model, conf=conf)
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=device, backend=None)
     size = int(export["image_size"])
-    conf = float(export["conf"] if conf is None else conf)
-    detect = export["task"] == "detect"
-    task = None
-    if detect:
-        task = DetectTask(model, stored_size=int(export["stored_size"]), conf=conf,
-                          iou=float(export["iou"]), max_det=int(export["max_det"]))
     source = data if isinstance(data, ShardSource) else open_source(data)
     manifest, labels = read_manifest_from(source.store), read_labels_from(source.store)
     for name in SPLIT_CHOICES[split]:
@@ -109,41 +96,20 @@ def predict_rows(data: Path | str | ShardSource, export: dict, *, split: str = "
             dev = to_device(batch, device, size)
             with autocast_context(amp, device):
                 out = model(dev.images)
-            assert batch.meta is not None
-            if detect:
-                assert task is not None
-                dets = task.detections(out, size, conf=conf)
-                for i, meta in enumerate(batch.meta):
-                    if bool(batch.valid[i]):
-                        yield meta["patient_id"], _source_boxes(dets[i][: task.max_det], meta["transform"])
-            else:
-                probs = torch.sigmoid(out.float()).cpu().numpy()
-                for i, meta in enumerate(batch.meta):
-                    if bool(batch.valid[i]):
-                        yield meta["patient_id"], float(probs[i])
+            yield from task.submission(out, dev, batch)
 
 
-def write_csv(path: Path, rows: Iterator[tuple[str, object]], task: str) -> int:
-    """Merge per-patient and write the CSV (through a temporary name); return the rows."""
-    merged: dict[str, object] = {}
-    boxes: dict[str, list] = defaultdict(list)
+def write_csv(path: Path, rows: Iterable[tuple[str, Any]], task: Task | type[Task]) -> int:
+    """Merge the rows per patient and write the task's CSV, sorted by patient id (through a
+    temporary name); return the number of patients."""
+    merged: dict[str, Any] = {}
     for pid, pred in rows:
-        if task == "detect":
-            boxes[pid].extend(pred)  # type: ignore[arg-type]
-            merged[pid] = None
-        else:
-            merged[pid] = max(float(pred), float(merged.get(pid, 0.0) or 0.0))  # type: ignore[arg-type]
+        merged[pid] = task.merge(merged[pid], pred) if pid in merged else pred
     with atomic_write(path, "w", newline="") as f:
         w = csv.writer(f)
-        if task == "detect":
-            w.writerow(["patientId", "PredictionString"])
-            for pid in sorted(merged):
-                ranked = sorted(boxes[pid], key=lambda b: -b[0])
-                w.writerow([pid, " ".join(f"{c:.4f} {x:.1f} {y:.1f} {bw:.1f} {bh:.1f}" for c, x, y, bw, bh in ranked)])
-        else:
-            w.writerow(["patientId", "probability"])
-            for pid in sorted(merged):
-                w.writerow([pid, f"{merged[pid]:.6f}"])
+        w.writerow(task.csv_header)
+        for pid in sorted(merged):
+            w.writerow([pid, task.csv_cell(merged[pid])])
     return len(merged)
 
 
@@ -182,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     rows = predict_rows(source, export, split=args.split, batch_size=args.batch_size,
                         workers=args.workers, conf=args.conf, amp=args.amp)
-    n = write_csv(args.out, rows, export["task"])
+    n = write_csv(args.out, rows, task_type(export["task"]))
     log.info("wrote %d patients to %s (%s)", n, args.out, export["task"])
     return 0
 
