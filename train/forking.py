@@ -3,18 +3,18 @@
 ``fork`` copies only the calling thread, and the child CPython then deletes the thread states
 of every other thread of the parent. A rank has such threads that ``threading`` never lists:
 gloo's and NCCL's threads run Python callbacks of DDP and FSDP (each gets a thread state of its
-own), besides zarr's I/O loop, fsspec's, tqdm's monitor and the loader's queue feeders. When
-one of them was inside the interpreter at the fork, the child blocked for ever on a lock in
-``_PyThreadState_DeleteExcept`` (gdb, in CI: an eval worker of an FSDP run, its rank waiting for
-a batch that never came, the other rank waiting in an all-gather). No check in the rank can
-see every such thread, so no worker is forked from a rank: each rank starts one fork server
-(a single-threaded process, ``train.data`` imported once) the first time it needs workers, and
-the fork server forks each worker. Python 3.14 made the same choice its default on Linux.
+own), besides zarr's I/O loop, fsspec's, tqdm's monitor and the loader's queue feeders. A child
+forked while one of them is inside the interpreter blocks for ever on a lock in
+``_PyThreadState_DeleteExcept``: its rank waits for a batch that never comes, the other ranks
+in a collective. No check in the rank can see every such thread, so no worker is forked from a
+rank: each rank starts one fork server (a single-threaded process, ``train.data`` imported
+once) the first time it needs workers, and the fork server forks each worker. Python 3.14 makes
+the same choice its default on Linux.
 
 A fork server's worker needs one thing more: torch's own watchdog ends a worker when the
 worker's *parent* dies, which here is the fork server, and the fork server lives as long as any
-process it started. So the workers of a SIGKILLed rank (a lost rank that torchrun restarts)
-lived on, with their fork server, holding the job's output pipes. :func:`exit_with_rank` (each
+process it started. The workers of a SIGKILLed rank (a lost rank that torchrun restarts) would
+live on, with their fork server, holding the job's output pipes: :func:`exit_with_rank` (each
 worker's ``worker_init_fn``) ends a worker when the rank that started it ends.
 """
 
