@@ -28,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch import nn
@@ -42,7 +41,7 @@ from torch.distributed.checkpoint.state_dict import (
 
 from shards.atomic import atomic_write, atomic_write_text
 from shards.diskspace import free_bytes, human
-from train.distributed import barrier
+from train.distributed import barrier, is_distributed, is_main
 
 __all__ = [
     "CHECKPOINT_DIR",
@@ -86,14 +85,6 @@ def _write_failed(what: Path, exc: BaseException, kept: Path | None) -> Checkpoi
     keep = f"the last good checkpoint {kept.name} is kept" if kept else "there is no earlier checkpoint"
     return CheckpointWriteError(f"{what.name} could not be written ({_failure(exc)}; {room}); {keep}: "
                                 "free space, then run the same command with --resume")
-
-
-def _distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
-
-
-def _is_main() -> bool:
-    return not _distributed() or dist.get_rank() == 0
 
 
 def latest_checkpoint(run_dir: Path | str) -> Path | None:
@@ -142,7 +133,7 @@ def save_checkpoint(run_dir: Path | str, *, step: int, model: nn.Module,
     """
     root = Path(run_dir) / CHECKPOINT_DIR
     path = root / f"step-{step:08d}"
-    if _is_main():
+    if is_main():
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(path, ignore_errors=True)  # a partial save of an earlier attempt
     barrier()
@@ -150,14 +141,14 @@ def save_checkpoint(run_dir: Path | str, *, step: int, model: nn.Module,
     try:
         with warnings.catch_warnings():  # "assuming the intent is to save in a single process"
             warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
-            dcp.save(state, checkpoint_id=path, no_dist=not _distributed())
+            dcp.save(state, checkpoint_id=path, no_dist=not is_distributed())
     except (CheckpointException, Exception) as exc:  # CheckpointException is a BaseException
         # Every rank hears of a failed save (DCP gathers the ranks' results): none waits at a barrier.
-        if _is_main():
+        if is_main():
             shutil.rmtree(path, ignore_errors=True)
         raise _write_failed(path, exc, _latest_or_none(run_dir)) from exc
     barrier()
-    if _is_main():
+    if is_main():
         try:
             atomic_write_text(root / LATEST, path.name + "\n")
         except OSError as exc:
@@ -184,7 +175,7 @@ def load_checkpoint(path: Path | str, *, model: nn.Module, optimizer: torch.opti
     state["train"] = {k.split(".", 1)[1]: None for k in meta.state_dict_metadata if k.startswith("train.")}
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
-        dcp.load(state, checkpoint_id=path, no_dist=not _distributed())
+        dcp.load(state, checkpoint_id=path, no_dist=not is_distributed())
     set_model_state_dict(model, state["model"])
     set_optimizer_state_dict(model, optimizer, state["optim"])
     scheduler.load_state_dict(state["scheduler"])
@@ -204,7 +195,7 @@ def export_model(path: Path | str, model: nn.Module, info: dict[str, Any]) -> Pa
         ``path`` on rank 0, None elsewhere.
     """
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not _is_main():
+    if not is_main():
         return None
     path = Path(path)
     try:
