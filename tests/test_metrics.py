@@ -103,11 +103,26 @@ def test_rsna_score(preds: list[np.ndarray], truths: list[np.ndarray], expected:
     assert rsna_score(preds, truths) == pytest.approx(expected)
 
 
-def test_rsna_score_all_skipped_is_nan_and_thresholds() -> None:
+def test_rsna_score_all_skipped_is_nan() -> None:
     assert math.isnan(rsna_score([_p(), _p()], [_t(), _t()]))
     assert rsna_image_score(_p(), _t()) is None
-    assert RSNA_IOU_THRESHOLDS == pytest.approx(np.arange(0.40, 0.76, 0.05))
-    assert rsna_score([], []) != rsna_score([], [])  # nan
+    assert math.isnan(rsna_score([], []))
+
+
+# height of a prediction [0, 0, 10, h] on the truth BOX (IoU h / 10), the image's score: the
+# fraction of the thresholds 0.40, 0.45, ..., 0.75 that the IoU exceeds
+THRESHOLD_CASES = [
+    (3.9, 0 / 8),  # below 0.40: a miss at every threshold
+    (4.2, 1 / 8),  # only 0.40
+    (6.8, 6 / 8),  # 0.40 to 0.65
+    (7.6, 8 / 8),  # all of them
+]
+
+
+@pytest.mark.parametrize(("height", "expected"), THRESHOLD_CASES, ids=[f"iou{h / 10:.2f}" for h, _ in THRESHOLD_CASES])
+def test_rsna_image_score_counts_the_thresholds_the_iou_exceeds(height: float, expected: float) -> None:
+    assert len(RSNA_IOU_THRESHOLDS) == 8
+    assert rsna_image_score(_p([0.0, 0.0, 10.0, height, 0.9]), _t(BOX)) == pytest.approx(expected)
 
 
 def test_rsna_score_order_of_predictions_does_not_matter() -> None:

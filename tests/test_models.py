@@ -74,9 +74,27 @@ def test_classifier_config_validation(kwargs: dict, match: str) -> None:
         ClassifierConfig(**kwargs)
 
 
-def test_classifier_config_is_keyword_only() -> None:
-    with pytest.raises(TypeError):
-        ClassifierConfig(1, 32)  # type: ignore[misc]
+# width, max_width, depth, each stage's output channels
+STAGES = [
+    (8, 256, 3, [16, 32, 64]),
+    (32, 64, 4, [64, 64, 64, 64]),  # capped
+    (4, 256, 1, [8]),
+]
+
+
+@pytest.mark.parametrize(("width", "max_width", "depth", "channels"), STAGES)
+def test_classifier_stages_double_the_width_up_to_the_cap(width: int, max_width: int, depth: int,
+                                                          channels: list[int]) -> None:
+    config = ClassifierConfig(width=width, max_width=max_width, depth=depth)
+    assert config.stage_widths() == channels
+    model = PneumoniaCNN(config)
+    x = model.stem(torch.zeros(1, 1, 64, 64))
+    seen = []
+    for block in model.blocks:
+        x = block(x)
+        seen.append(x.shape[1])
+    assert seen == channels  # the stages build what the config says
+    assert x.shape[-1] == 64 // 2 ** (depth + 1)  # total stride 2 ** (depth + 1)
 
 
 # ---------------------------------------------------------------------------------------
@@ -95,11 +113,24 @@ def detector() -> torch.nn.Module:
     return build_detector("yolov8n")
 
 
-def test_detector_is_one_channel_one_class(detector: torch.nn.Module) -> None:
-    assert detector.model[0].conv.in_channels == 1
-    assert detector.model[-1].nc == 1
-    assert detector.args.box == 7.5 and detector.args.cls == 0.5 and detector.args.dfl == 1.5
-    assert detector_blocks(detector) == list(detector.model)
+def test_detector_takes_grey_images_and_scores_one_class(detector: torch.nn.Module) -> None:
+    detector.eval()
+    try:
+        with torch.no_grad():
+            decoded, _ = detector(torch.zeros(2, 1, 64, 64))
+    finally:
+        detector.train()
+    # per anchor at strides 8, 16 and 32: 4 box coordinates and 1 class score
+    assert decoded.shape == (2, 4 + 1, 8 * 8 + 4 * 4 + 2 * 2)
+    # the loss gains DetectionLoss documents (ultralytics' defaults)
+    assert (detector.args.box, detector.args.cls, detector.args.dfl) == (7.5, 0.5, 1.5)
+
+
+def test_detector_blocks_hold_every_parameter(detector: torch.nn.Module) -> None:
+    """FSDP2 shards the blocks one by one, then the root: no parameter may sit outside them."""
+    in_blocks = [id(p) for block in detector_blocks(detector) for p in block.parameters()]
+    assert len(in_blocks) == len(set(in_blocks))
+    assert set(in_blocks) == {id(p) for p in detector.parameters()}
 
 
 def test_detector_unknown_name() -> None:
