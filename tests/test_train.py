@@ -171,12 +171,35 @@ def test_predict_writes_rsna_submission_rows(ingested_small: Path, runs_dir: Pat
 
 
 def test_report_draws_the_curves(ingested_small: Path, runs_dir: Path, tmp_path: Path):
-    from train.report import main
+    from matplotlib.image import imread
+
+    from train.report import LOSS, LR, VALIDATION, load_metrics, main, panels
 
     run = two_rank_run(ingested_small, runs_dir, "classify", "ddp")
+    drawn = panels(*load_metrics(run))
+    assert list(drawn[LOSS]) == ["loss"] and drawn[LOSS]["loss"][0] == list(range(1, TRAIN_STEPS + 1))
+    assert drawn[LR]["lr"][1] == [r["lr"] for r in records(run, "train")]
+    assert {"accuracy", "roc_auc", "f1", "all-negative accuracy"} <= set(drawn[VALIDATION])
+    assert drawn[VALIDATION]["accuracy"][0] == [TRAIN_STEPS]
     png = tmp_path / "curves.png"
     assert main([str(run), "-o", str(png)]) == 0
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    assert imread(png).shape[:2] == (800, 1200)  # a readable PNG of the 12 x 8 in figure
+
+
+def test_report_keeps_a_resumed_runs_latest_records_and_picks_the_detector_metrics(tmp_path: Path):
+    from train.report import LOSS, VALIDATION, load_metrics, panels
+
+    lines = [
+        {"kind": "train", "step": 1, "loss": 3.0, "box": 1.0, "cls": 1.0, "dfl": 1.0},
+        {"kind": "train", "step": 2, "loss": 2.0, "box": 1.0, "cls": 0.5, "dfl": 0.5},
+        {"kind": "train", "step": 2, "loss": 1.5, "box": 0.5, "cls": 0.5, "dfl": 0.5},  # resumed
+        {"kind": "eval", "step": 2, "map50": 0.1, "rsna": None, "rsna_best": 0.2, "image_auc": 0.6},
+    ]
+    (tmp_path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    drawn = panels(*load_metrics(tmp_path))
+    assert drawn[LOSS]["loss"] == ([1, 2], [3.0, 1.5])
+    assert set(drawn[LOSS]) == {"loss", "box", "cls", "dfl"}
+    assert drawn[VALIDATION] == {"map50": ([2], [0.1]), "rsna_best": ([2], [0.2]), "image_auc": ([2], [0.6])}
 
 
 def test_non_finite_loss_names_the_step_and_terms():

@@ -17,7 +17,7 @@ from typing import Any
 
 from shards.cli import EXIT_USAGE
 
-__all__ = ["load_metrics", "main", "plot_run"]
+__all__ = ["load_metrics", "main", "panels", "plot_run"]
 
 CLASSIFY_KEYS = ("accuracy", "roc_auc", "f1", "sensitivity", "specificity")
 DETECT_KEYS = ("map50", "rsna", "rsna_best", "image_auc")
@@ -48,6 +48,34 @@ def _series(records: list[dict[str, Any]], key: str) -> tuple[list[int], list[fl
     return [p[0] for p in pts], [p[1] for p in pts]
 
 
+Series = dict[str, tuple[list[int], list[float]]]
+"""One panel's lines: label -> (steps, values); a label without points is left out."""
+
+LOSS, LR, THROUGHPUT, DATA_WAIT, VALIDATION = (
+    "training loss", "learning rate", "throughput", "data wait", "validation")
+"""The panels (``data wait`` shares the throughput panel, on its own axis)."""
+
+
+def panels(train: list[dict[str, Any]], evals: list[dict[str, Any]]) -> dict[str, Series]:
+    """What :func:`plot_run` draws: per panel, each line's points."""
+
+    def lines(records: list[dict[str, Any]], keys: tuple[str, ...], labels: tuple[str, ...] | None = None) -> Series:
+        drawn = {label: _series(records, key) for key, label in zip(keys, labels or keys)}
+        return {label: pts for label, pts in drawn.items() if pts[0]}
+
+    detector = any("map50" in r for r in evals)
+    validation = lines(evals, DETECT_KEYS if detector else CLASSIFY_KEYS)
+    if not detector:
+        validation.update(lines(evals, ("baseline_accuracy",), ("all-negative accuracy",)))
+    return {
+        LOSS: lines(train, ("loss", "box", "cls", "dfl")),
+        LR: lines(train, ("lr",)),
+        THROUGHPUT: lines(train, ("images_per_s",), ("images/s",)),
+        DATA_WAIT: lines(train, ("data_wait",)),
+        VALIDATION: validation,
+    }
+
+
 def plot_run(run: Path, out: Path) -> Path:
     """Draw the four panels of ``run`` into ``out`` (PNG, matplotlib's Agg backend)."""
     import matplotlib
@@ -55,36 +83,34 @@ def plot_run(run: Path, out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train, evals = load_metrics(run)
+    drawn = panels(*load_metrics(run))
     fig, axes = plt.subplots(2, 2, figsize=(12, 8), constrained_layout=True)
     ax = axes[0, 0]
-    for key in ("loss", "box", "cls", "dfl"):
-        xs, ys = _series(train, key)
-        if xs:
-            ax.plot(xs, ys, label=key, lw=2 if key == "loss" else 1)
+    for label, (xs, ys) in drawn[LOSS].items():
+        ax.plot(xs, ys, label=label, lw=2 if label == "loss" else 1)
     ax.set(title="training loss (mean over ranks and logging window)", xlabel="step")
     ax.legend()
     ax = axes[0, 1]
-    ax.plot(*_series(train, "lr"))
+    for xs, ys in drawn[LR].values():
+        ax.plot(xs, ys)
     ax.set(title="learning rate", xlabel="step")
     ax = axes[1, 0]
-    ax.plot(*_series(train, "images_per_s"), label="images/s", color="C0")
+    for label, (xs, ys) in drawn[THROUGHPUT].items():
+        ax.plot(xs, ys, label=label, color="C0")
     ax.set(title="throughput", xlabel="step", ylabel="images/s (all ranks)")
     twin = ax.twinx()
-    twin.plot(*_series(train, "data_wait"), color="C3", label="data wait")
+    for label, (xs, ys) in drawn[DATA_WAIT].items():
+        twin.plot(xs, ys, color="C3", label=label)
     twin.set_ylim(0, 1)
     twin.set_ylabel("fraction of step time waiting for data", color="C3")
     ax = axes[1, 1]
-    keys = DETECT_KEYS if any("map50" in r for r in evals) else CLASSIFY_KEYS
-    for key in keys:
-        xs, ys = _series(evals, key)
-        if xs:
-            ax.plot(xs, ys, marker="o", label=key)
-    xs, ys = _series(evals, "baseline_accuracy")
-    if xs and keys is CLASSIFY_KEYS:
-        ax.plot(xs, ys, ls="--", color="grey", label="all-negative accuracy")
+    for label, (xs, ys) in drawn[VALIDATION].items():
+        if label == "all-negative accuracy":
+            ax.plot(xs, ys, ls="--", color="grey", label=label)
+        else:
+            ax.plot(xs, ys, marker="o", label=label)
     ax.set(title="validation", xlabel="step", ylim=(0, 1.02))
-    if evals:
+    if drawn[VALIDATION]:
         ax.legend(fontsize=8)
     fig.suptitle(str(run))
     out.parent.mkdir(parents=True, exist_ok=True)
