@@ -60,9 +60,9 @@ def ultralytics_release(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     import torch
 
-    from train.models import _ultralytics
+    from train.models.yolo import load_ultralytics
 
-    _ultralytics()  # offline, writable settings folder: before ultralytics is imported
+    load_ultralytics()  # offline, writable settings folder: before ultralytics is imported
     from ultralytics.cfg import get_cfg
     from ultralytics.nn.tasks import DetectionModel
     from ultralytics.utils.torch_utils import strip_optimizer

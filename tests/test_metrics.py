@@ -292,9 +292,9 @@ def _ultralytics_ap50(preds: list[np.ndarray], truths: list[np.ndarray]) -> tupl
     import torch
     from types import SimpleNamespace
 
-    from train.models import _ultralytics
+    from train.models.yolo import load_ultralytics
 
-    _ultralytics()  # offline settings before the first ultralytics import
+    load_ultralytics()  # offline settings before the first ultralytics import
     from ultralytics.engine.validator import BaseValidator
     from ultralytics.utils.metrics import ap_per_class, box_iou as ul_box_iou, compute_ap
 

@@ -5,7 +5,7 @@ Modules, one per stage:
 * :mod:`train.config`: ``TrainConfig`` and its component configs, TOML in and out.
 * :mod:`train.data`: the streaming loader (sample order a pure function of seed, epoch, step).
 * :mod:`train.augment`: seeded augmentation of images and boxes, in torch ops on the device.
-* :mod:`train.models`: the CNN classifier and the YOLOv8 detector (no ``torch.distributed``).
+* :mod:`train.models`: the CNN classifier, the YOLOv8 detector and reading their weights (no ``torch.distributed``).
 * :mod:`train.distributed`: process groups, DDP / FSDP2, mixed precision.
 * :mod:`train.tasks`: what the classifier and the detector differ in (loss, predictions, metrics).
 * :mod:`train.state`: what a run holds (``Run``), the loss guard, the metrics writer.
