@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from tools.serve import free_port
-from train import distributed as D
+from train.distributed.launch import _parse_first_host
 from train.distributed import (
     DistEnv,
     all_gather_object,
@@ -82,7 +82,7 @@ def test_detect_launch(
      ("rack1-n[7,9]-ib", "rack1-n7-ib"), ("x[08-11]", "x08")],
 )
 def test_parse_first_host(nodelist: str, first: str) -> None:
-    assert D._parse_first_host(nodelist) == first
+    assert _parse_first_host(nodelist) == first
 
 
 @pytest.mark.parametrize(
