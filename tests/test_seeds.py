@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from ingest.plan import make_plan
+from ingest.plan import assign_splits, make_plan
 from shards import seeds
 from train.augment import draw_params, step_params
 from train.config import AugmentConfig
@@ -80,3 +80,10 @@ def test_ingest_fills_shards_in_shard_order_hash_order(tmp_path):
     planned = [s.patient_id for t in plan.tasks for s in t.samples]
     assert planned == sorted(pids, key=lambda p: seeds.shard_order_hash(5, p))
     assert seeds.shard_order_hash(5, "x") == seeds.split_hash(6, "x")
+
+
+def test_ingest_splits_by_the_split_hash():
+    patients = {f"p{i:02d}": 0 for i in range(20)}
+    split = assign_splits(patients, 0.25, seed=9)
+    lowest = sorted(patients, key=lambda p: seeds.split_hash(9, p))[:5]
+    assert sorted(p for p, s in split.items() if s == "val") == sorted(lowest)

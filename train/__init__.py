@@ -3,11 +3,13 @@
 Modules, one per stage:
 
 * :mod:`train.config`: ``TrainConfig`` and its component configs, TOML in and out.
-* :mod:`train.data`: the streaming loader (sample order a pure function of seed, epoch, step).
+* :mod:`train.data`: the streaming loader (sample order a pure function of seed, epoch, step;
+  every seed derived in :mod:`shards.seeds`).
 * :mod:`train.augment`: seeded augmentation of images and boxes, in torch ops on the device.
 * :mod:`train.models`: the CNN classifier, the YOLOv8 detector and reading their weights (no ``torch.distributed``).
-* :mod:`train.distributed`: process groups, DDP / FSDP2, mixed precision.
-* :mod:`train.tasks`: what the classifier and the detector differ in (loss, predictions, metrics).
+* :mod:`train.distributed`: rank environment, process groups, DDP / FSDP2, mixed precision.
+* :mod:`train.tasks`: the ``Task`` interface, everything the classifier and the detector differ
+  in (building the network, loss terms, eval records and metrics, prediction CSV rows).
 * :mod:`train.state`: what a run holds (``Run``), the loss guard, the metrics writer.
 * :mod:`train.build`: ``build_run`` (dataset, loaders, model, optimizer, resume), ``build_model``.
 * :mod:`train.loop`: ``train``, ``train_step``, ``evaluate``, checkpoint and export calls.
