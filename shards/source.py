@@ -9,6 +9,10 @@ suffix and never opened, and the sizes of all files plus the ``DICM`` preamble c
 files without that suffix (UID-named files) run on a thread pool, where the filesystem's
 latency overlaps instead of adding up. A ``*.dcm`` file without the preamble is still an
 input; the ingest's decoder rejects it as ``not_dicom``.
+
+A ``.zip`` or ``.tar`` in place of the folder is searched the same way, inside, from its
+member index (:mod:`shards.archive`): a member's path inside the archive is its input path,
+and ``members`` (a folder inside the archive) narrows the search to that folder.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import NamedTuple
+
+from shards.archive import ArchiveIndex, ArchiveReader, is_archive, read_index
 
 DICOM_SUFFIX = ".dcm"
 PREAMBLE_OFFSET = 128
@@ -35,6 +41,8 @@ class Discovered(NamedTuple):
     """Sorted ``(relative posix path, size)`` of every input file."""
     ignored: int
     """Files that are neither ``*.dcm`` nor carry the DICOM preamble."""
+    archive: ArchiveIndex | None = None
+    """The archive's index narrowed to the inputs, when the source is an archive."""
 
 
 def has_preamble(path: Path | str) -> bool:
@@ -84,14 +92,53 @@ def _check_chunk(root: Path, rels: list[str]) -> list[tuple[str, int] | None]:
     return out
 
 
-def discover(dicom_dir: Path) -> Discovered:
+def _is_hidden(rel: str) -> bool:
+    return any(part.startswith(".") for part in rel.split("/"))
+
+
+def members_prefix(members: str | None) -> str:
+    """``--members`` as a folder prefix inside an archive: ``a/b`` and ``a/b/`` give ``a/b/``;
+    None or empty selects the whole archive."""
+    folder = (members or "").strip("/")
+    return f"{folder}/" if folder else ""
+
+
+def discover_archive(archive: Path, members: str | None = None) -> Discovered:
+    """:func:`discover` inside a ``.zip`` or ``.tar``: the regular members under the folder
+    ``members`` (all when None), hidden ones skipped, ``*.dcm`` by name and others by the
+    preamble (read from the member, inflated in memory).
+
+    Raises:
+        shards.archive.ArchiveError: the archive cannot be read.
+    """
+    index = read_index(archive)
+    prefix = members_prefix(members)
+    candidates = [m for name, m in index.members.items() if name.startswith(prefix) and not _is_hidden(name)]
+    found: list[tuple[str, int]] = []
+    ignored = 0
+    with ArchiveReader(index) as reader:
+        for m in candidates:
+            if is_dicom_name(m.name) or reader.head(m, PREAMBLE_OFFSET + len(PREAMBLE))[PREAMBLE_OFFSET:] == PREAMBLE:
+                found.append((m.name, m.size))
+            else:
+                ignored += 1
+    found.sort()
+    return Discovered(found, ignored, index.subset([rel for rel, _ in found]))
+
+
+def discover(dicom_dir: Path, members: str | None = None) -> Discovered:
     """Find the input files under ``dicom_dir``: every ``*.dcm`` plus any other file that
     carries the DICOM preamble (UID-named files, files without a suffix).
+
+    ``dicom_dir`` may be a ``.zip`` or ``.tar`` archive (see :func:`discover_archive`);
+    ``members`` selects a folder inside it.
 
     Returns:
         :class:`Discovered`: the sorted ``(relative posix path, size)`` inputs and the number
         of other files ignored.
     """
+    if is_archive(dicom_dir):
+        return discover_archive(Path(dicom_dir), members)
     root = Path(dicom_dir)
     files = _walk(root)
     chunks = [files[i : i + STAT_CHUNK] for i in range(0, len(files), STAT_CHUNK)]
