@@ -9,6 +9,8 @@ Modules, one per stage:
 * :mod:`ingest.dicom`: strict decoding of one DICOM to uint8 pixels (or a reject reason), with
   :mod:`ingest.dicom_header` (the fast path's header read without pydicom) and
   :mod:`ingest.codestream` (JPEG SOF / JPEG 2000 SIZ geometry, strict libjpeg-turbo decoding).
+* :mod:`ingest.inputs`: where a worker gets an input's bytes: a file of the folder (with
+  :mod:`ingest.readahead`) or a member of a ``.zip``/``.tar`` read in place (:mod:`shards.archive`).
 * :mod:`ingest.render`: one file's bytes -> the training image under ``--resample dct|area``.
 * :mod:`ingest.transforms`: CLAHE and the letterbox resize (the geometry is
   :mod:`shards.geometry`).
@@ -20,9 +22,10 @@ Modules, one per stage:
 * :mod:`ingest.cluster`, :mod:`ingest.slurm`, :mod:`ingest.cluster_base`: the Dask cluster
   (a ``LocalCluster`` or Slurm worker jobs).
 * :mod:`ingest.synth`: RSNA-like synthetic DICOMs and label CSVs, for demos and tests, and
-  ``make_ingested``: such a set, ingested (the data of the benches and tests).
+  ``make_ingested``: such a set, ingested (the data of the benches and tests);
+  :mod:`ingest.synth_archive` packs such a set as the competition's zip.
 * entry points: ``python -m ingest``, ``ingest.synth``, ``ingest.bench``, ``ingest.compare``,
-  ``ingest.slurm_bench``.
+  ``ingest.slurm_bench``; :mod:`ingest.bench_archive` is ``ingest.bench --archive``.
 
 The dataset format itself (and the label CSV reader verify shares) is :mod:`shards`; ingest
 stands on it and never on :mod:`train`. The names below are imported lazily, so

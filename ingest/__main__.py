@@ -27,7 +27,10 @@ def build_parser() -> argparse.ArgumentParser:
         "command resumes an interrupted run.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--dicom-dir", type=Path, required=True, help="folder searched recursively for DICOMs")
+    p.add_argument("--dicom-dir", type=Path, required=True,
+                   help="folder searched recursively for DICOMs, or a .zip / uncompressed .tar read in place")
+    p.add_argument("--members", metavar="PREFIX",
+                   help="a folder inside the --dicom-dir archive to ingest, e.g. stage_2_train_images/ (default: all of it)")
     p.add_argument("--out", type=Path, required=True, help="output dataset folder")
     p.add_argument("--labels", type=Path, help="stage_2_train_labels.csv (omit for an inference set)")
     p.add_argument("--class-info", type=Path, help="stage_2_detailed_class_info.csv")

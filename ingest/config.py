@@ -21,7 +21,7 @@ class IngestConfig:
     """Everything an ingest run needs; CLI flags of ``python -m ingest`` map onto these fields."""
 
     dicom_dir: Path
-    """Folder searched recursively for DICOM files."""
+    """Folder searched recursively for DICOM files, or a ``.zip``/``.tar`` read in place."""
     out: Path
     """Output dataset folder (created; resumed if it holds an unfinished run)."""
     labels: Path | None = None
@@ -70,6 +70,8 @@ class IngestConfig:
     pseudonymize: Path | None = None
     """Key file (mode 600): patient ids, sample keys and paths leave the ingest as keyed hashes
     of themselves (:mod:`shards.pseudonym`); None records them as they are."""
+    members: str | None = None
+    """A folder inside the ``dicom_dir`` archive to ingest (``stage_2_train_images/``); None: all of it."""
 
     def __post_init__(self) -> None:
         self.dicom_dir, self.out = Path(self.dicom_dir), Path(self.out)

@@ -21,6 +21,7 @@ from ingest.config import IngestConfig
 from ingest.plan import Plan, ShardTask, make_plan
 from ingest.runner import build_shards, cluster, read_tags
 from ingest.worker import DONE_DIR, WORK_DIR, label_row, mismatch, reusable_record
+from shards.archive import ArchiveError, ArchiveIndex, is_archive
 from shards.diskspace import free_bytes, human, is_out_of_space, sample_bytes_at_least, what_filled
 from shards.format import FORMAT_VERSION, SPLITS
 from shards.label_csv import LabelFileError, LabelProblem, PatientLabel, read_label_csv
@@ -176,11 +177,12 @@ def _plan(
     labels: dict[str, PatientLabel] | None,
     problems: list[LabelProblem],
     pseudonyms: Pseudonymizer | None,
+    archive: ArchiveIndex | None = None,
 ) -> Plan:
     """The plan, by file names or (``--patient-id tag``) by PatientID tags, with the
     ``patient_id_mismatch`` lines that can be known before decoding."""
     by_tag = cfg.patient_id == "tag"
-    tags = read_tags(cfg, client, [rel for rel, _ in inputs]) if by_tag else {}
+    tags = read_tags(cfg, client, [rel for rel, _ in inputs], archive) if by_tag else {}
     plan = make_plan(
         inputs=inputs,
         ignored=ignored,
@@ -194,10 +196,11 @@ def _plan(
         seed=cfg.seed,
         processing=cfg.processing_params(),
         pseudonyms=pseudonyms,
+        archive=archive,
     )
     plan.rejects.extend(rej for _, rej in tags.values() if rej is not None)
     if not by_tag:  # a renamed file finds no label: show its tag (samples' tags the workers compare)
-        tags = read_tags(cfg, client, [r.path for r in plan.rejects if r.reason == "no_label"])
+        tags = read_tags(cfg, client, [r.path for r in plan.rejects if r.reason == "no_label"], archive)
     for rel, (tag, _) in sorted(tags.items()):
         name_id = patient_id_of(rel)
         if tag and tag != name_id:
@@ -216,8 +219,14 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
             stops at once; once space is freed the same call resumes.
     """
     t0 = time.perf_counter()
-    if not cfg.dicom_dir.is_dir():
-        raise IngestUsageError(f"--dicom-dir {cfg.dicom_dir} is not a folder")
+    archive = is_archive(cfg.dicom_dir)
+    if not cfg.dicom_dir.is_dir() and not archive:
+        raise IngestUsageError(f"--dicom-dir {cfg.dicom_dir} is neither a folder nor a .zip or .tar archive")
+    if cfg.members is not None and not archive:
+        raise IngestUsageError(
+            f"--members selects a folder inside a .zip or .tar --dicom-dir; {cfg.dicom_dir} is a folder "
+            "(name the subfolder as --dicom-dir)"
+        )
     pseudonyms = _pseudonymizer(cfg)
     labels, problems = None, []
     if cfg.labels is not None:
@@ -225,14 +234,18 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
             labels, problems = read_label_csv(cfg.labels, cfg.class_info)
         except LabelFileError as exc:
             raise IngestUsageError(str(exc)) from exc
-    found = discover(cfg.dicom_dir)
+    try:
+        found = discover(cfg.dicom_dir, cfg.members)
+    except ArchiveError as exc:
+        raise IngestUsageError(f"--dicom-dir {exc}") from exc
     labels_sha = sha256_file(cfg.labels) if cfg.labels else None
     identity = _identity(cfg, found.inputs, labels_sha, pseudonyms)
     if _check_out(cfg, identity):
         summary = _summary_from_manifest(cfg.out, t0)
         return summary
     if not found.inputs:
-        raise IngestUsageError(f"--dicom-dir {cfg.dicom_dir}: no DICOM files found (*.dcm or files with the DICOM preamble)")
+        where = f" under {cfg.members!r}" if cfg.members else ""
+        raise IngestUsageError(f"--dicom-dir {cfg.dicom_dir}: no DICOM files found{where} (*.dcm or files with the DICOM preamble)")
     _prepare_out(cfg, identity, len(found.inputs))
 
     plan: Plan | None = None
@@ -246,7 +259,7 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
                     opened.append(stack.enter_context(cluster(cfg)))
                 return opened[0]
 
-            plan = _plan(cfg, client, found.inputs, found.ignored, labels, problems, pseudonyms)
+            plan = _plan(cfg, client, found.inputs, found.ignored, labels, problems, pseudonyms, found.archive)
             log.info(
                 "plan: %d input files (%d other files ignored), %d early rejects, %d shards (shard size %d)",
                 len(plan.inputs), plan.ignored, len(plan.rejects), len(plan.tasks), cfg.shard_size,

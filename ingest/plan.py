@@ -12,6 +12,7 @@ import hashlib
 from collections import defaultdict
 from pathlib import Path
 
+from shards.archive import ArchiveIndex
 from shards.format import SPLITS, key_for, shard_name
 from shards.label_csv import LabelProblem, PatientLabel
 from shards.pseudonym import Pseudonymizer
@@ -62,6 +63,8 @@ class ShardTask:
     dicom_dir: str
     out: str
     processing: dict
+    archive: ArchiveIndex | None = None
+    """When ``dicom_dir`` is an archive: where this shard's samples lie in it."""
 
 
 @dataclasses.dataclass
@@ -117,6 +120,7 @@ def make_plan(
     ignored: int = 0,
     patient_ids: dict[str, str] | None = None,
     pseudonyms: Pseudonymizer | None = None,
+    archive: ArchiveIndex | None = None,
 ) -> Plan:
     """Turn the file list (from :func:`shards.source.discover`) and the labels into shard
     tasks, early rejects and label problems.
@@ -129,6 +133,7 @@ def make_plan(
             missing from it is left out (the caller rejects it). None: ids from file names.
         pseudonyms: ``--pseudonymize``: keys, the split, the shard order and duplicate keys
             go by each patient's pseudonym; labels are matched by the real id.
+        archive: The member index when ``dicom_dir`` is an archive (each task gets its part).
     """
     rejects: list[Reject] = []
     problems = list(label_problems)
@@ -186,6 +191,7 @@ def make_plan(
                     dicom_dir=str(dicom_dir),
                     out=str(out),
                     processing=dict(processing),
+                    archive=archive.subset([s.path for s in samples]) if archive is not None else None,
                 )
             )
     return Plan(tasks=tasks, rejects=rejects, problems=problems, inputs=inputs, ignored=ignored)

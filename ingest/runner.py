@@ -43,6 +43,7 @@ from ingest.worker import (
     read_suspects,
     reusable_record,
 )
+from shards.archive import ArchiveIndex
 from shards.diskspace import NoSpace
 from shards.writer import wait_flushed
 
@@ -254,11 +255,14 @@ class _TagJob:
     queued_deaths: int = 0
 
 
-def read_tags(cfg: IngestConfig, client: Callable[[], Client], rels: list[str]) -> dict[str, TagResult]:
+def read_tags(
+    cfg: IngestConfig, client: Callable[[], Client], rels: list[str], archive: ArchiveIndex | None = None
+) -> dict[str, TagResult]:
     """The PatientID of each of ``rels`` (or why there is none), read on the workers.
 
     Args:
         client: Called only when some tag is not cached from an interrupted run.
+        archive: The member index when ``--dicom-dir`` is an archive.
     """
     work = cfg.out / WORK_DIR
     tags = load_cached(work)
@@ -271,7 +275,8 @@ def read_tags(cfg: IngestConfig, client: Callable[[], Client], rels: list[str]) 
         c = client()
 
         def submit(job: _TagJob) -> Future:
-            return c.submit(read_patient_ids, dicom_dir, job.rels, out, cfg.sample_timeout, pure=False, retries=3)
+            part = archive.subset(job.rels) if archive is not None else None
+            return c.submit(read_patient_ids, dicom_dir, job.rels, out, cfg.sample_timeout, part, pure=False, retries=3)
 
         def finish(job: _TagJob, future: Future) -> list[_TagJob]:
             try:

@@ -12,6 +12,7 @@ noted by the worker's watchdog and given up (``sample_timeout``), as when buildi
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 from pathlib import Path
@@ -20,7 +21,9 @@ import pydicom
 
 from ingest.dicom import describe
 from ingest.plan import Reject
+from ingest.inputs import read_input
 from ingest.worker import WATCHDOG, announce_start
+from shards.archive import ArchiveIndex, MemberError
 from shards.manifest import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -36,7 +39,7 @@ TagResult = tuple[str | None, Reject | None]
 """``(PatientID, None)``, or ``(None, why it could not be read)``."""
 
 
-def read_patient_id(path: Path) -> str | None:
+def read_patient_id(path: Path | io.BytesIO) -> str | None:
     """The PatientID of one file (header only, stops before the pixel data); None if empty.
 
     Raises:
@@ -47,8 +50,11 @@ def read_patient_id(path: Path) -> str | None:
     return value or None
 
 
-def read_patient_ids(dicom_dir: str, rels: list[str], out: str, timeout_s: float) -> dict[str, TagResult]:
-    """:func:`read_patient_id` for ``rels`` (run as one Dask task)."""
+def read_patient_ids(
+    dicom_dir: str, rels: list[str], out: str, timeout_s: float, archive: ArchiveIndex | None = None
+) -> dict[str, TagResult]:
+    """:func:`read_patient_id` for ``rels`` (run as one Dask task), members of ``archive``
+    when given (each read whole and parsed in memory)."""
     announce_start()
     found: dict[str, TagResult] = {}
     detail = f"reading its header took more than {timeout_s:g} s (--sample-timeout); its worker was restarted"
@@ -56,7 +62,10 @@ def read_patient_ids(dicom_dir: str, rels: list[str], out: str, timeout_s: float
     for rel in rels:
         WATCHDOG.arm(timeout_s, note_dir, NOTE_SHARD, rel, detail)
         try:
-            tag = read_patient_id(Path(dicom_dir) / rel)
+            source = Path(dicom_dir) / rel if archive is None else io.BytesIO(read_input(dicom_dir, archive, rel))
+            tag = read_patient_id(source)
+        except MemberError as exc:  # the member's bytes are damaged: the same reject as when decoding
+            found[rel] = (None, Reject(rel, exc.reason, exc.detail))
         except Exception as exc:  # any unreadable header: the decoder will say more, if it gets the file
             found[rel] = (None, Reject(rel, "no_patient_id", f"header unreadable ({describe(exc)})"))
         else:

@@ -36,10 +36,11 @@ from distributed.utils import sync
 
 from ingest import transforms
 from ingest.dicom import DicomRejected, describe
+from ingest.inputs import open_inputs, read_input
 from ingest.isolate import ChildDied, ChildTimedOut, IsolatedProcess
 from ingest.plan import PlannedSample, Reject, ShardTask
-from ingest.readahead import ReadAhead
 from ingest.render import render
+from shards.archive import ArchiveIndex, MemberError
 from shards.diskspace import NoSpace, is_out_of_space
 from shards.format import CLASS_NAMES
 from shards.geometry import boxes_to_letterbox
@@ -158,19 +159,24 @@ def mismatch(path: str, tag: str, name_id: str, used: str) -> LabelProblem:
     )
 
 
-def sample_outcome(dicom_dir: str, sample: PlannedSample, processing: dict) -> ProcessedSample | Reject:
-    """Read and process one planned sample; every failure is a :class:`Reject`, never raised.
+def sample_outcome(
+    dicom_dir: str, sample: PlannedSample, processing: dict, archive: ArchiveIndex | None = None
+) -> ProcessedSample | Reject:
+    """Read and process one planned sample (a member of ``archive`` when given); every failure
+    is a :class:`Reject`, never raised.
 
     Only a process that dies or hangs escapes this: that is what the watchdog and
     :func:`build_shard_isolated` are for.
     """
-    return read_outcome(lambda: (Path(dicom_dir) / sample.path).read_bytes(), sample, processing)
+    return read_outcome(lambda: read_input(dicom_dir, archive, sample.path), sample, processing)
 
 
 def read_outcome(read: Callable[[], bytes], sample: PlannedSample, processing: dict) -> ProcessedSample | Reject:
     """:func:`sample_outcome`, the file's bytes coming from ``read`` (see :mod:`ingest.readahead`)."""
     try:
         data = read()
+    except MemberError as exc:
+        return Reject(sample.path, exc.reason, exc.detail)
     except OSError as exc:
         return Reject(sample.path, "unreadable", f"{type(exc).__name__}: {exc}")
     try:
@@ -296,7 +302,7 @@ def build_shard(task: ShardTask, timeout_s: float = 300.0, known: dict[str, Reje
     # The watchdog is armed while the decoder waits for a file's bytes too: a read that hangs
     # is a poison file like a decode that hangs.
     detail = f"still busy after {timeout_s:g} s (--sample-timeout); its worker was restarted"
-    with ReadAhead(task.dicom_dir, [s.path for s in task.samples if s.path not in known]) as files:
+    with open_inputs(task.dicom_dir, task.archive, [s.path for s in task.samples if s.path not in known]) as files:
 
         def outcome(sample: PlannedSample) -> ProcessedSample | Reject:
             WATCHDOG.arm(timeout_s, out, task.name, sample.path, detail)
@@ -308,9 +314,11 @@ def build_shard(task: ShardTask, timeout_s: float = 300.0, known: dict[str, Reje
         return _write_shard(task, outcome, known, isolated=False)
 
 
-def _isolated_outcome(dicom_dir: str, sample: PlannedSample, processing: dict) -> tuple[Any, ...]:
+def _isolated_outcome(
+    dicom_dir: str, sample: PlannedSample, processing: dict, archive: ArchiveIndex | None = None
+) -> tuple[Any, ...]:
     """:func:`sample_outcome` as it travels back from the child: plain, picklable values."""
-    result = sample_outcome(dicom_dir, sample, processing)
+    result = sample_outcome(dicom_dir, sample, processing, archive)
     if isinstance(result, Reject):
         return ("reject", result)
     return ("sample", result.image, result.meta, result.problems, result.fast_path)
@@ -327,7 +335,8 @@ def build_shard_isolated(task: ShardTask, timeout_s: float = 300.0, known: dict[
 
         def outcome(sample: PlannedSample) -> ProcessedSample | Reject:
             try:
-                got = child.call(_isolated_outcome, task.dicom_dir, sample, task.processing, timeout_s=timeout_s)
+                member = task.archive.subset([sample.path]) if task.archive is not None else None
+                got = child.call(_isolated_outcome, task.dicom_dir, sample, task.processing, member, timeout_s=timeout_s)
             except ChildDied as exc:
                 return Reject(sample.path, "worker_crashed", f"the process decoding it {exc}")
             except ChildTimedOut:

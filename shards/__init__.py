@@ -9,7 +9,8 @@ stand on it and never on each other. Modules:
 * :mod:`shards.manifest`: ``manifest.json`` and its ``params_hash``; the dataset's file names.
 * :mod:`shards.atomic`: the one way every file and folder is written (temporary name, rename).
 * :mod:`shards.labels`: ``labels.zarr``; :mod:`shards.label_csv`: RSNA's label CSVs.
-* :mod:`shards.source`: the source folder: its inputs, fingerprint, patient ids by name.
+* :mod:`shards.source`: the source folder: its inputs, fingerprint, patient ids by name;
+  :mod:`shards.archive`: a source ``.zip``/``.tar`` read in place (member index, reads by offset).
 * :mod:`shards.writer`: the deterministic shard writer; :mod:`shards.tar`: the one tar parser;
   :mod:`shards.reader`: the streaming reader that checks each shard's sha256.
 * integrity checks: :mod:`shards.verify` (the driver), :mod:`shards.scan` (one shard in one
