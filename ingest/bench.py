@@ -32,6 +32,9 @@ all-cores run.
 The probe (one file's scaled decode + CLAHE, 200 times) is printed from before and after the
 rounds, so that a run's absolute rates can be set beside another's; ``--probe`` takes it alone,
 to bracket a timing of the full set.
+
+``--archive`` runs another section alone: a zip or tar read in place against the same files
+unpacked (:mod:`ingest.bench_archive`), by default on ``ARCHIVE_N`` files.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ import pydicom.encaps
 import simplejpeg
 
 from ingest import codestream, dicom_header, transforms
+from ingest.bench_archive import run_archive_bench
 from ingest.dicom import _fast_header
 from ingest.pipeline import run_ingest
 from ingest.readahead import read_file
@@ -110,6 +114,8 @@ def new_floor(files: list[Path], size: int) -> float:
 
 
 PROBE_TIMES = 200  # about 1 s of decoding: short enough to bracket a run, long enough for a stable median
+ARCHIVE_N = 256
+"""Files of the ``--archive`` section by default: 4 shards of 64 per source and round."""
 
 
 def probe(file: Path, size: int, times: int = PROBE_TIMES) -> float:
@@ -227,7 +233,7 @@ def ours(synth: SynthSummary, out: Path, workers: int, shard_size: int, resample
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m ingest.bench", description=__doc__.splitlines()[0])
-    p.add_argument("--n", type=int, default=1024, help="synthetic images (1024x1024)")
+    p.add_argument("--n", type=int, help=f"synthetic images (1024x1024; default 1024, {ARCHIVE_N} with --archive)")
     p.add_argument("--floor-n", type=int, default=256, help="images for (a), (b1), (d) and (e) (at most --n)")
     p.add_argument("--shard-size", type=int, default=64, help="samples per shard (tasks = n / shard size)")
     p.add_argument("--repeat", type=int, default=3, help="rounds (every contender once each); ratios are medians over them")
@@ -235,6 +241,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--probe", action="store_true",
                    help=f"only time the probe (one file's 5/8 decode + CLAHE, {PROBE_TIMES} times) and exit: "
                         "take it before and after a run whose absolute figures you keep")
+    p.add_argument("--archive", action="store_true",
+                   help="only compare ingesting a zip / tar in place with the unpacked folder, on all cores")
     return p
 
 
@@ -252,6 +260,13 @@ def main(argv: list[str] | None = None) -> int:
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
         return 0
+    if args.archive:
+        n = args.n or ARCHIVE_N
+        print("\n".join(run_archive_bench(work, n, args.shard_size, args.repeat, cores)))
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+        return 0
+    args.n = args.n or 1024
     synth = make_dataset(work / "synth", args.n, seed=0, size=1024, progress=False)
     files = sorted(synth.images_dir.glob("*.dcm"))
     for f in files:  # warm the page cache so every contender reads from memory

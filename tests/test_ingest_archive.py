@@ -241,3 +241,15 @@ def test_an_isolated_rebuild_from_an_archive_writes_the_same_bytes(synth_small, 
     again = build_shard_isolated(task)
     assert shard.read_bytes() == plain and again["sha256"] == first["sha256"] and first["samples"] == 3
 
+
+@pytest.mark.slow
+def test_ingest_bench_archive_section_prints_every_ratio(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """``python -m ingest.bench --archive`` at a toy size (a smoke test, not a timing)."""
+    from ingest.bench import main as bench_main
+
+    assert bench_main(["--archive", "--n", "8", "--shard-size", "4", "--repeat", "1", "--workdir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for line in ("| folder ", "| zip deflate ", "| tar ", "zip deflate / folder: images/s", "zip stored  / folder",
+                 "tar         / folder"):
+        assert line in out, line
+    assert "nan" not in out and "inf" not in out
