@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     v.add_argument("out", metavar="OUT", help="dataset folder or URL (s3://, http(s)://, file://)")
     v.add_argument("--deep", action="store_true", help="decode every sample; check JSON and labels.zarr row by row")
-    v.add_argument("--source", type=Path, metavar="DIR", help="the ingested DICOM folder: every file is one sample or one reject")
+    v.add_argument("--source", type=Path, metavar="DIR", help="the ingested DICOM folder (or .zip / .tar): every file is one sample or one reject")
+    v.add_argument("--members", metavar="PREFIX", help="the folder inside a .zip / .tar --source that was ingested")
     v.add_argument("--labels", type=Path, metavar="CSV", help="the ingested labels CSV: every labelled patient is accounted for")
     v.add_argument("--pseudonymize", type=Path, metavar="KEYFILE",
                    help="the key a pseudonymized dataset was made with: --source and --labels are reconciled "
@@ -74,7 +75,7 @@ def _verify(args: argparse.Namespace) -> int:
 
     try:
         with local_copy(args.out, progress=args.progress) as (out, display):
-            cfg = VerifyConfig(out=out, deep=args.deep, source=args.source, labels=args.labels,
+            cfg = VerifyConfig(out=out, deep=args.deep, source=args.source, members=args.members, labels=args.labels,
                                pseudonymize=args.pseudonymize, workers=args.workers, progress=args.progress)
             report = verify(cfg)
             report.out = display  # name the URL, not the temporary copy

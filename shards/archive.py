@@ -19,6 +19,7 @@ Two kinds of failure, two errors:
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import os
 import stat
 import tarfile
@@ -244,6 +245,25 @@ class ArchiveReader:
         name_len = int.from_bytes(head[26:28], "little")
         extra_len = int.from_bytes(head[28:30], "little")
         return member.offset + _LOCAL_HEADER + name_len + extra_len
+
+
+def hash_members(index: ArchiveIndex) -> dict[str, str]:
+    """sha256 of each member of ``index`` (as :func:`shards.scan.hash_files` does for files);
+    a member that cannot be read maps to ``"error: ..."``."""
+    out: dict[str, str] = {}
+    try:
+        reader = ArchiveReader(index)
+    except OSError as exc:
+        return {name: f"error: {exc.strerror or exc}" for name in index.members}
+    with reader:
+        for name, member in index.members.items():
+            try:
+                out[name] = hashlib.sha256(reader.read(member)).hexdigest()
+            except MemberError as exc:
+                out[name] = f"error: {exc.reason}: {exc.detail}"
+            except OSError as exc:
+                out[name] = f"error: {exc.strerror or exc}"
+    return out
 
 
 def _inflate(raw: bytes, member: Member) -> bytes:

@@ -17,6 +17,8 @@ Three depths, each including the one before:
   ``label_without_image`` problem. A pseudonymized dataset (``--pseudonymize``) holds only
   pseudonyms of paths and ids: these checks need its key (``pseudonymize=KEYFILE``) to map
   the source files and labelled patients onto them; without it they are left out, with a note.
+  DIR may be the ``.zip`` or ``.tar`` that was ingested in place (with ``members``, the
+  folder inside it).
 
 Each problem found is a :class:`~shards.report.Problem` (shard, key, what is wrong, what was
 expected; the checks are listed in :data:`~shards.report.CHECKS`); nothing is raised for
@@ -37,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from shards import crosschecks
+from shards.archive import ArchiveError, hash_members, is_archive
 from shards.format import FormatError
 from shards.label_csv import LabelFileError, PatientLabel, read_label_csv
 from shards.manifest import (
@@ -73,7 +76,9 @@ class VerifyConfig:
     deep: bool = False
     """Also decode every sample and check it against ``labels.zarr``."""
     source: Path | None = None
-    """The DICOM folder that was ingested: check every input file is accounted for."""
+    """The DICOM folder (or ``.zip``/``.tar``) that was ingested: check every input file is accounted for."""
+    members: str | None = None
+    """The folder inside a ``source`` archive that was ingested (``--members``)."""
     labels: Path | None = None
     """The labels CSV that was ingested: check every labelled patient is accounted for."""
     pseudonymize: Path | None = None
@@ -156,8 +161,10 @@ def verify(cfg: VerifyConfig) -> VerifyReport:
         raise VerifyUsageError(f"{out}: {'not a folder' if out.exists() else 'no such folder'}")
     if not any((out / n).exists() for n in (MANIFEST_NAME, SHARDS_DIR, LABELS_NAME, REJECTS_NAME)):
         raise VerifyUsageError(f"{out} holds no dataset (no {MANIFEST_NAME}, {SHARDS_DIR}/ or {LABELS_NAME})")
-    if cfg.source is not None and not cfg.source.is_dir():
-        raise VerifyUsageError(f"--source {cfg.source} is not a folder")
+    if cfg.source is not None and not cfg.source.is_dir() and not is_archive(cfg.source):
+        raise VerifyUsageError(f"--source {cfg.source} is neither a folder nor a .zip or .tar archive")
+    if cfg.members is not None and (cfg.source is None or not is_archive(cfg.source)):
+        raise VerifyUsageError("--members selects a folder inside a .zip or .tar --source")
     patient_labels = _load_label_csv(cfg.labels) if cfg.labels is not None else None
     try:
         pseudonyms = Pseudonymizer.from_file(cfg.pseudonymize) if cfg.pseudonymize is not None else None
@@ -188,11 +195,17 @@ def verify(cfg: VerifyConfig) -> VerifyReport:
     calls = _shard_calls(manifest, present, size, cfg, problems)
     inputs: list[tuple[str, int]] = []
     if cfg.source is not None and reconcile:
-        inputs = discover(cfg.source)[0]
+        try:
+            found = discover(cfg.source, cfg.members)
+        except ArchiveError as exc:
+            raise VerifyUsageError(f"--source {exc}") from exc
+        inputs = found.inputs
         for i in range(0, len(inputs), SOURCE_BATCH):
             batch = inputs[i : i + SOURCE_BATCH]
-            calls.append(_Call(hash_files, dict(root=str(cfg.source), rels=[r for r, _ in batch]),
-                               sum(s for _, s in batch), f"source-{i}"))
+            rels = [r for r, _ in batch]
+            fn, kwargs = (hash_files, dict(root=str(cfg.source), rels=rels)) if found.archive is None else (
+                hash_members, dict(index=found.archive.subset(rels)))
+            calls.append(_Call(fn, kwargs, sum(s for _, s in batch), f"source-{i}"))
 
     scans: dict[str, ShardScan] = {}
     source_sha: dict[str, str] = {}

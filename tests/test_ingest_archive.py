@@ -19,6 +19,7 @@ from ingest.__main__ import main as ingest_main
 from ingest.config import IngestConfig
 from ingest.pipeline import run_ingest
 from ingest.synth_archive import TRAIN_MEMBERS, pack_archive
+from shards.archive import read_index
 from shards.labels import read_labels
 from shards.manifest import read_manifest
 from shards.reader import iter_samples
@@ -253,3 +254,55 @@ def test_ingest_bench_archive_section_prints_every_ratio(tmp_path: Path, capsys:
                  "tar         / folder"):
         assert line in out, line
     assert "nan" not in out and "inf" not in out
+
+
+@pytest.mark.slow
+def test_verify_accounts_for_every_member_of_the_source_archive(
+    ingested_archive: Path, archive_of_synth: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from shards.__main__ import main as shards_main
+
+    argv = ["verify", str(ingested_archive), "--source", str(archive_of_synth), "--members", TRAIN_MEMBERS,
+            "--workers", "1", "--no-progress"]
+    assert shards_main(argv) == 0, capsys.readouterr().out
+    # Without --members the CSVs are no inputs, but nothing else is either: the same inputs.
+    assert shards_main(argv[:4] + argv[6:]) == 0
+    capsys.readouterr()
+
+    damaged = tmp_path / archive_of_synth.name
+    damaged.write_bytes(archive_of_synth.read_bytes())
+    index = read_index(damaged)
+    name = min(n for n in index.members if n.startswith(TRAIN_MEMBERS))
+    m = index.members[name]
+    raw = bytearray(damaged.read_bytes())
+    raw[m.offset + m.stored // 2 + (100 if index.kind == "zip" else 0)] ^= 0xFF  # a zip's data follows its local header
+    damaged.write_bytes(bytes(raw))
+    assert shards_main(["verify", str(ingested_archive), "--source", str(damaged), "--members", TRAIN_MEMBERS,
+                        "--workers", "1", "--no-progress"]) == 1
+    out = capsys.readouterr().out
+    assert name in out and ("source_unreadable" in out or "source_sha256" in out), out
+
+
+@pytest.mark.parametrize(
+    "source, members, expect",
+    [
+        ("labels.csv", None, "neither a folder nor a .zip or .tar archive"),
+        ("folder", TRAIN_MEMBERS, "--members selects a folder inside a .zip or .tar --source"),
+        ("bad.zip", None, "not a readable zip archive"),
+    ],
+    ids=["a-csv", "members-on-a-folder", "not-a-zip"],
+)
+def test_verify_with_an_unusable_source_archive_is_a_usage_error(
+    ingested_small: Path, tmp_path: Path, capsys: pytest.CaptureFixture, source: str, members: str | None, expect: str
+) -> None:
+    from shards.__main__ import main as shards_main
+
+    path = tmp_path / source
+    if source == "folder":
+        path.mkdir()
+    else:
+        path.write_bytes(b"a,b\n")
+    argv = ["verify", str(ingested_small), "--source", str(path), "--workers", "1", "--no-progress"]
+    assert shards_main(argv + (["--members", members] if members else [])) == 2
+    err = capsys.readouterr().err
+    assert expect in err and err.count("\n") == 1
