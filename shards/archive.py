@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 import os
 import stat
 import tarfile
@@ -28,6 +29,8 @@ import zlib
 from pathlib import Path
 from types import TracebackType
 from typing import Literal
+
+log = logging.getLogger(__name__)
 
 ARCHIVE_SUFFIXES = (".zip", ".tar")
 """Suffixes of the archives read in place (any case)."""
@@ -92,10 +95,14 @@ class ArchiveIndex:
     path: str
     kind: ArchiveKind
     members: dict[str, Member]
+    stamp: tuple[int, int] | None = None
+    """``(size, mtime_ns)`` of the archive when the index was read: a reader refuses an
+    archive that has changed since, whose offsets would point at other bytes (a tar keeps no
+    CRC that would catch it)."""
 
     def subset(self, names: list[str] | tuple[str, ...]) -> "ArchiveIndex":
         """The same archive with only ``names`` (what one task ships to its worker)."""
-        return ArchiveIndex(self.path, self.kind, {n: self.members[n] for n in names})
+        return ArchiveIndex(self.path, self.kind, {n: self.members[n] for n in names}, self.stamp)
 
 
 def is_archive(path: Path | str) -> bool:
@@ -123,7 +130,15 @@ def _tar_members(path: Path) -> list[Member]:
             raise ArchiveError(f"{path}: a compressed tar cannot be read in place; use an uncompressed .tar or a .zip")
     try:
         with tarfile.open(path, mode="r:") as tf:
-            infos = tf.getmembers()
+            try:
+                tf.getmembers()
+            except tarfile.ReadError as exc:
+                # Cut short inside a member's data: the members before it are whole, and that
+                # member's read meets the end (a ``truncated`` reject), as a cut file does.
+                if "unexpected end of data" not in str(exc) or not tf.members:
+                    raise
+                log.warning("%s ends inside the data of %s; reading the members before it", path, tf.members[-1].name)
+            infos = tf.members
     except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
         raise ArchiveError(f"{path}: not a readable tar archive ({exc})") from exc
     return [
@@ -143,6 +158,7 @@ def read_index(path: Path | str) -> ArchiveIndex:
     p = Path(path)
     kind: ArchiveKind = "zip" if p.suffix.lower() == ".zip" else "tar"
     try:
+        before = p.stat()
         members = _zip_members(p) if kind == "zip" else _tar_members(p)
     except OSError as exc:
         raise ArchiveError(f"{p}: cannot read the archive ({exc})") from exc
@@ -151,19 +167,24 @@ def read_index(path: Path | str) -> ArchiveIndex:
         if m.name in by_name:
             raise ArchiveError(f"{p}: holds two members named {m.name!r}; a member's name must identify it")
         by_name[m.name] = m
-    return ArchiveIndex(str(p), kind, by_name)
+    return ArchiveIndex(str(p), kind, by_name, (before.st_size, before.st_mtime_ns))
 
 
 class ArchiveReader:
     """One open archive; :meth:`read` returns a member's bytes, read at its offset.
 
-    Use as a context manager. Opening raises ``OSError`` when the archive cannot be opened.
+    Use as a context manager. Opening raises ``OSError`` when the archive cannot be opened or
+    has changed since its index was read.
     """
 
     def __init__(self, index: ArchiveIndex) -> None:
         self._index = index
         self._fd = os.open(index.path, os.O_RDONLY | os.O_CLOEXEC)
-        self._end = os.fstat(self._fd).st_size
+        st = os.fstat(self._fd)
+        self._end = st.st_size
+        if index.stamp is not None and (st.st_size, st.st_mtime_ns) != index.stamp:
+            os.close(self._fd)
+            raise OSError(f"{index.path} has changed since its member index was read (size or modification time)")
 
     def __enter__(self) -> "ArchiveReader":
         return self

@@ -306,3 +306,20 @@ def test_verify_with_an_unusable_source_archive_is_a_usage_error(
     assert shards_main(argv + (["--members", members] if members else [])) == 2
     err = capsys.readouterr().err
     assert expect in err and err.count("\n") == 1
+
+
+@pytest.mark.slow
+def test_a_tar_cut_inside_its_last_member_rejects_that_member_only(tmp_path: Path) -> None:
+    src = tmp_path / "src" / "images"
+    for i in range(3):
+        df.make_rsna_like(src / f"p{i}.dcm", f"p{i}", rows=48, cols=64, seed=i)
+    archive = pack_archive(tmp_path / "src", tmp_path / "data.tar")
+    last = read_index(archive).members[f"{TRAIN_MEMBERS}p2.dcm"]
+    archive.write_bytes(archive.read_bytes()[: last.offset + last.size // 2])
+
+    out = tmp_path / "out"
+    run_ingest(IngestConfig(dicom_dir=archive, out=out, size=64, shard_size=2, workers=1, progress=False))
+    [reject] = [json.loads(x) for x in (out / "rejects.jsonl").read_text().splitlines()]
+    assert reject["path"] == f"{TRAIN_MEMBERS}p2.dcm" and reject["reason"] == "corrupt_member"
+    assert reject["detail"].startswith("truncated")
+    assert read_manifest(out).counts["samples"] == 2
