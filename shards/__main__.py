@@ -63,7 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     sh.add_argument("out", type=Path, metavar="OUT", help="dataset folder")
     sh.add_argument("keys", nargs="+", metavar="KEY", help="sample keys")
     sh.add_argument("-o", "--output", type=Path, required=True, metavar="FILE.png", help="PNG file to write")
-    sh.add_argument("--source", type=Path, metavar="DIR", help="the ingested DICOM folder: show the source image beside it")
+    sh.add_argument("--source", type=Path, metavar="DIR", help="the ingested DICOM folder (or .zip / .tar): show the source image beside it")
     return p
 
 

@@ -268,6 +268,20 @@ class ArchiveReader:
         return member.offset + _LOCAL_HEADER + name_len + extra_len
 
 
+def read_member(archive: Path | str, name: str) -> bytes:
+    """The bytes of the member ``name`` of ``archive``, its index read for this one read.
+
+    Raises:
+        ArchiveError: the archive cannot be read.
+        OSError: no such member, or it cannot be read (:class:`MemberError`).
+    """
+    index = read_index(archive)
+    if name not in index.members:
+        raise FileNotFoundError(f"{archive} holds no member {name!r}")
+    with ArchiveReader(index) as reader:
+        return reader.read(index.members[name])
+
+
 def hash_members(index: ArchiveIndex) -> dict[str, str]:
     """sha256 of each member of ``index`` (as :func:`shards.scan.hash_files` does for files);
     a member that cannot be read maps to ``"error: ..."``."""

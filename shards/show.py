@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from shards.archive import ArchiveError, is_archive, read_member
 from shards.format import FormatError
 from shards.geometry import boxes_from_letterbox
 from shards.labels import read_labels
@@ -109,7 +110,8 @@ def show(
         out: dataset folder.
         keys: sample keys, one row each.
         output: PNG file to write.
-        source: the ingested DICOM folder; adds the source image (boxes in source pixels).
+        source: the ingested DICOM folder (or ``.zip``/``.tar``); adds the source image (boxes
+            in source pixels).
 
     Returns:
         The path written.
@@ -172,9 +174,9 @@ def _draw_source(ax: Any, s: Sample, source: Path) -> None:
     ax.set_xticks([])
     ax.set_yticks([])
     try:
-        data = (source / rel).read_bytes()
+        data = read_member(source, rel) if is_archive(source) else (source / rel).read_bytes()
         pixels = decode_dicom(data).pixels
-    except (OSError, DicomRejected) as exc:
+    except (OSError, ArchiveError, DicomRejected) as exc:
         ax.set_title(f"source {rel}", fontsize=9)
         ax.text(0.5, 0.5, f"cannot show the source:\n{exc}", ha="center", va="center", transform=ax.transAxes,
                 fontsize=9, wrap=True)

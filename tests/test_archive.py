@@ -9,7 +9,16 @@ from pathlib import Path
 
 import pytest
 
-from shards.archive import CORRUPT, UNSUPPORTED, ArchiveError, ArchiveReader, MemberError, is_archive, read_index
+from shards.archive import (
+    CORRUPT,
+    UNSUPPORTED,
+    ArchiveError,
+    ArchiveReader,
+    MemberError,
+    is_archive,
+    read_index,
+    read_member,
+)
 from shards.source import discover, discover_archive, members_prefix
 
 PREAMBLE_FILE = b"\0" * 128 + b"DICM" + b"rest of a DICOM header" * 20
@@ -232,3 +241,11 @@ def test_an_archive_changed_since_its_index_was_read_is_refused(tmp_path: Path, 
     _archive(tmp_path, kind, {"0.dcm": b"shifts every offset", "a.dcm": PAYLOAD, "b.dcm": b"b"})
     with pytest.raises(OSError, match="has changed since its member index was read"):
         ArchiveReader(index)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_read_member_by_name(tmp_path: Path, kind: str) -> None:
+    path = _archive(tmp_path, kind, {"d/m.dcm": PAYLOAD})
+    assert read_member(path, "d/m.dcm") == PAYLOAD
+    with pytest.raises(FileNotFoundError, match="holds no member 'd/x.dcm'"):
+        read_member(path, "d/x.dcm")

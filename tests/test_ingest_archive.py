@@ -323,3 +323,23 @@ def test_a_tar_cut_inside_its_last_member_rejects_that_member_only(tmp_path: Pat
     assert reject["path"] == f"{TRAIN_MEMBERS}p2.dcm" and reject["reason"] == "corrupt_member"
     assert reject["detail"].startswith("truncated")
     assert read_manifest(out).counts["samples"] == 2
+
+
+@pytest.mark.slow
+def test_show_draws_the_source_member_beside_the_sample(
+    ingested_archive: Path, archive_of_synth: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hashlib
+
+    import shards.show
+    from shards.__main__ import main as shards_main
+
+    read: list[bytes] = []
+    real = shards.show.read_member
+    monkeypatch.setattr(shards.show, "read_member", lambda a, n: read.append(real(a, n)) or read[-1])
+    key = str(read_labels(ingested_archive / "labels.zarr").key[0])
+    argv = ["show", str(ingested_archive), key, "-o", str(tmp_path / "s.png"), "--source", str(archive_of_synth)]
+    assert shards_main(argv) == 0
+    [sample] = [s for info in read_manifest(ingested_archive).shards
+                for s in iter_samples(ingested_archive / "shards" / info.name) if s.key == key]
+    assert [hashlib.sha256(b).hexdigest() for b in read] == [sample.meta["source"]["sha256"]]
