@@ -20,8 +20,8 @@ from pathlib import Path
 import pydicom
 
 from ingest.dicom import describe
-from ingest.plan import Reject
 from ingest.inputs import read_input
+from ingest.plan import Reject
 from ingest.worker import WATCHDOG, announce_start
 from shards.archive import ArchiveIndex, MemberError
 from shards.manifest import atomic_write_text
