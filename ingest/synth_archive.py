@@ -76,14 +76,22 @@ def pack_archive(src: Path, dest: Path, *, members: str = TRAIN_MEMBERS, stored:
     return dest
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """Run the CLI; returns the process exit code."""
-    p = argparse.ArgumentParser(prog="python -m ingest.synth_archive", description=__doc__.splitlines()[0])
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m ingest.synth_archive",
+        description="Pack a synthetic data set (python -m ingest.synth) as the competition's archive: "
+        "the images under stage_2_train_images/, the label CSVs beside them.",
+    )
     p.add_argument("src", type=Path, help="a folder written by python -m ingest.synth")
     p.add_argument("dest", type=Path, help="the archive to write (.zip or .tar)")
     p.add_argument("--members", default=TRAIN_MEMBERS, help="folder of the images inside the archive")
     p.add_argument("--stored", action="store_true", help="zip members stored, not deflated")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the CLI; returns the process exit code."""
+    args = build_parser().parse_args(argv)
     configure_logging(level=logging.INFO, dask=False)
     try:
         pack_archive(args.src, args.dest, members=members_prefix(args.members), stored=args.stored)

@@ -30,6 +30,7 @@ REGENERATE = "python -m tools.gendocs"
 CLI_MODULES: tuple[tuple[str, str], ...] = (
     ("ingest", "Build a dataset"),
     ("ingest.synth", "Build a dataset"),
+    ("ingest.synth_archive", "Build a dataset"),
     ("shards", "Check a dataset"),
     ("train", "Train and predict"),
     ("train.predict", "Train and predict"),
