@@ -21,7 +21,7 @@ from ingest.config import IngestConfig
 from ingest.plan import Plan, ShardTask, make_plan
 from ingest.runner import build_shards, cluster, read_tags
 from ingest.worker import DONE_DIR, WORK_DIR, label_row, mismatch, reusable_record
-from shards.archive import ArchiveError, ArchiveIndex, is_archive
+from shards.archive import ArchiveError, ArchiveIndex, is_archive, read_index, top_folders
 from shards.diskspace import free_bytes, human, is_out_of_space, sample_bytes_at_least, what_filled
 from shards.format import FORMAT_VERSION, SPLITS
 from shards.label_csv import LabelFileError, LabelProblem, PatientLabel, read_label_csv
@@ -245,7 +245,11 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
         return summary
     if not found.inputs:
         where = f" under {cfg.members!r}" if cfg.members else ""
-        raise IngestUsageError(f"--dicom-dir {cfg.dicom_dir}: no DICOM files found{where} (*.dcm or files with the DICOM preamble)")
+        folders = top_folders(read_index(cfg.dicom_dir)) if archive else []
+        hint = f"; its top-level folders: {', '.join(folders)}" if folders else ""
+        raise IngestUsageError(
+            f"--dicom-dir {cfg.dicom_dir}: no DICOM files found{where} (*.dcm or files with the DICOM preamble){hint}"
+        )
     _prepare_out(cfg, identity, len(found.inputs))
 
     plan: Plan | None = None

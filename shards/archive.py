@@ -141,11 +141,16 @@ def _tar_members(path: Path) -> list[Member]:
             infos = tf.members
     except (tarfile.TarError, OSError, ValueError, EOFError) as exc:
         raise ArchiveError(f"{path}: not a readable tar archive ({exc})") from exc
-    return [
-        Member(i.name, i.size, i.offset_data, i.size, TAR_SPARSE if i.issparse() else ZIP_STORED)
-        for i in infos
-        if i.isreg()
-    ]
+    members: list[Member] = []
+    regular: dict[str, Member] = {}
+    for i in infos:
+        if i.isreg():
+            m = Member(i.name, i.size, i.offset_data, i.size, TAR_SPARSE if i.issparse() else ZIP_STORED)
+            regular[i.name] = m
+            members.append(m)
+        elif i.islnk() and i.linkname in regular:  # a hard link: a file of its own in a folder
+            members.append(dataclasses.replace(regular[i.linkname], name=i.name))
+    return members
 
 
 def read_index(path: Path | str) -> ArchiveIndex:
@@ -280,6 +285,11 @@ def read_member(archive: Path | str, name: str) -> bytes:
         raise FileNotFoundError(f"{archive} holds no member {name!r}")
     with ArchiveReader(index) as reader:
         return reader.read(index.members[name])
+
+
+def top_folders(index: ArchiveIndex) -> list[str]:
+    """The archive's top-level folders (``name/``), sorted: what ``--members`` can name."""
+    return sorted({name.split("/", 1)[0] + "/" for name in index.members if "/" in name})
 
 
 def hash_members(index: ArchiveIndex) -> dict[str, str]:

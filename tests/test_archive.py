@@ -18,6 +18,7 @@ from shards.archive import (
     is_archive,
     read_index,
     read_member,
+    top_folders,
 )
 from shards.source import discover, discover_archive, members_prefix
 
@@ -249,3 +250,27 @@ def test_read_member_by_name(tmp_path: Path, kind: str) -> None:
     assert read_member(path, "d/m.dcm") == PAYLOAD
     with pytest.raises(FileNotFoundError, match="holds no member 'd/x.dcm'"):
         read_member(path, "d/x.dcm")
+
+
+def test_a_hard_link_in_a_tar_is_a_member_of_its_own(tmp_path: Path) -> None:
+    path = tmp_path / "a.tar"
+    with tarfile.open(path, "w") as tf:
+        info = tarfile.TarInfo("d/p1.dcm")
+        info.size = len(PAYLOAD)
+        tf.addfile(info, io.BytesIO(PAYLOAD))
+        link = tarfile.TarInfo("d/p2.dcm")
+        link.type, link.linkname = tarfile.LNKTYPE, "d/p1.dcm"
+        tf.addfile(link)
+    found = discover_archive(path, "d")
+    assert found.inputs == [("d/p1.dcm", len(PAYLOAD)), ("d/p2.dcm", len(PAYLOAD))]
+    with ArchiveReader(found.archive) as reader:
+        assert reader.read(found.archive.members["d/p2.dcm"]) == PAYLOAD
+
+
+@pytest.mark.parametrize(
+    "names, expect",
+    [(["a/x.dcm", "a/b/y.dcm", "c/z", "top.csv"], ["a/", "c/"]), (["top.csv"], [])],
+    ids=["folders", "none"],
+)
+def test_top_folders_are_what_members_can_name(tmp_path: Path, names: list[str], expect: list[str]) -> None:
+    assert top_folders(read_index(_zip(tmp_path / "a.zip", {n: b"x" for n in names}))) == expect

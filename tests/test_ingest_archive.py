@@ -176,7 +176,9 @@ def test_every_member_is_one_sample_or_one_reject(tmp_path: Path, patient_id: st
     [
         ("rsna.zip", b"not a zip", None, "not a readable zip archive"),
         ("rsna.tar", b"\x1f\x8b\x08" + bytes(600), None, "a compressed tar cannot be read in place"),
-        ("rsna.zip", None, "stage_2_test_images/", "no DICOM files found under 'stage_2_test_images/'"),
+        ("rsna.zip", None, "stage_2_test_images/",
+         "no DICOM files found under 'stage_2_test_images/' (*.dcm or files with the DICOM preamble); "
+         "its top-level folders: stage_2_train_images/"),
         ("images", None, TRAIN_MEMBERS, "--members selects a folder inside a .zip or .tar"),
         ("labels.csv", b"a,b\n", None, "neither a folder nor a .zip or .tar archive"),
     ],
