@@ -345,3 +345,25 @@ def test_show_draws_the_source_member_beside_the_sample(
     [sample] = [s for info in read_manifest(ingested_archive).shards
                 for s in iter_samples(ingested_archive / "shards" / info.name) if s.key == key]
     assert [hashlib.sha256(b).hexdigest() for b in read] == [sample.meta["source"]["sha256"]]
+
+
+def test_archive_feed_hands_members_over_in_plan_order(tmp_path: Path) -> None:
+    from ingest.inputs import ArchiveFeed
+    from shards.source import discover
+
+    src = tmp_path / "src" / "images"
+    src.mkdir(parents=True)
+    for i in range(5):
+        (src / f"p{i}.dcm").write_bytes(f"member {i}".encode() * 50)
+    found = discover(pack_archive(tmp_path / "src", tmp_path / "a.zip"), TRAIN_MEMBERS)
+    names = [rel for rel, _ in found.inputs][::-1]  # plan order is not name order
+    with ArchiveFeed(found.archive, names, depth=2) as feed:
+        assert [feed.next(n) for n in names[:2]] == [(src / Path(n).name).read_bytes() for n in names[:2]]
+        with pytest.raises(LookupError, match="asked out of order"):
+            feed.next(names[3])
+    gone = tmp_path / "gone.zip"
+    (tmp_path / "a.zip").rename(gone)
+    with ArchiveFeed(found.archive, names) as feed:  # every member meets the open's error at its turn
+        for n in names:
+            with pytest.raises(FileNotFoundError):
+                feed.next(n)
