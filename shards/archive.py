@@ -46,7 +46,8 @@ _ENCRYPTED = 0x1
 _HINT_SLACK = 1024
 """Bytes past a zip member's stored data that a read-ahead hint also covers: its local
 header's name and extra field, whose lengths only the local header gives."""
-_GZIP_MAGIC = b"\x1f\x8b"
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")
+"""How a gzip, bzip2, xz or zstd stream starts: a compressed tar has no offsets to read at."""
 
 ArchiveKind = Literal["zip", "tar"]
 CORRUPT = "corrupt_member"
@@ -126,7 +127,7 @@ def _zip_members(path: Path) -> list[Member]:
 
 def _tar_members(path: Path) -> list[Member]:
     with open(path, "rb") as f:
-        if f.read(2) == _GZIP_MAGIC:
+        if f.read(6).startswith(_COMPRESSED_MAGIC):
             raise ArchiveError(f"{path}: a compressed tar cannot be read in place; use an uncompressed .tar or a .zip")
     try:
         with tarfile.open(path, mode="r:") as tf:
@@ -154,7 +155,8 @@ def _tar_members(path: Path) -> list[Member]:
 
 
 def read_index(path: Path | str) -> ArchiveIndex:
-    """Read the archive's member index once: regular members only (no folders, links).
+    """Read the archive's member index once: regular members only (no folders or symbolic
+    links; a tar's hard link is a member of its own, as the file is once unpacked).
 
     Raises:
         ArchiveError: the archive cannot be read, or holds two members of the same name

@@ -145,9 +145,10 @@ def test_unsupported_member_is_a_member_error(tmp_path: Path, flags: int, method
         ("a.zip", b"this is not a zip", "not a readable zip archive"),
         ("a.tar", b"this is not a tar" * 40, "not a readable tar archive"),
         ("a.tar", b"\x1f\x8b\x08" + b"\0" * 100, "a compressed tar cannot be read in place"),
+        ("a.tar", b"\xfd7zXZ\x00" + b"\0" * 100, "a compressed tar cannot be read in place"),
         ("a.zip", b"", "not a readable zip archive"),
     ],
-    ids=["zip-garbage", "tar-garbage", "tar-gz", "empty-file"],
+    ids=["zip-garbage", "tar-garbage", "tar-gz", "tar-xz", "empty-file"],
 )
 def test_unreadable_archive_is_an_archive_error(tmp_path: Path, name: str, content: bytes, expect: str) -> None:
     path = tmp_path / name
