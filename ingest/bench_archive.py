@@ -23,9 +23,8 @@ import statistics
 import time
 from pathlib import Path
 
-from ingest.config import IngestConfig
 from ingest.pipeline import run_ingest
-from ingest.synth import make_dataset
+from ingest.synth import SynthSummary, make_dataset
 from ingest.synth_archive import TRAIN_MEMBERS, pack_archive
 from shards.source import discover
 
@@ -54,14 +53,13 @@ class Run:
         return self.cpu_s / self.samples * 1e3
 
 
-def _ingest(source: Path, members: str | None, labels: Path, out: Path, workers: int, shard_size: int) -> Run:
+def _ingest(synth: SynthSummary, source: Path, members: str | None, out: Path, workers: int, shard_size: int) -> Run:
     shutil.rmtree(out, ignore_errors=True)
     t = time.perf_counter()
     discover(source, members)
     listing = time.perf_counter() - t
     summary = run_ingest(
-        IngestConfig(dicom_dir=source, members=members, out=out, labels=labels, workers=workers,
-                     shard_size=shard_size, progress=False)
+        synth.ingest_config(out, dicom_dir=source, members=members, workers=workers, shard_size=shard_size)
     )
     recs = summary.records
     span = max(r["finished"] for r in recs) - min(r["started"] for r in recs)
@@ -83,7 +81,7 @@ def run_archive_bench(work: Path, n: int, shard_size: int, repeat: int, workers:
     rounds: list[dict[str, Run]] = []
     for _ in range(repeat):
         rounds.append({
-            name: _ingest(sources[name][0], sources[name][1], synth.labels_csv, work / "out", workers, shard_size)
+            name: _ingest(synth, sources[name][0], sources[name][1], work / "out", workers, shard_size)
             for name in order
         })
     shutil.rmtree(work / "out", ignore_errors=True)

@@ -214,9 +214,8 @@ def test_the_driver_reads_the_index_once_and_each_task_carries_its_own_members(
     planned = []
     real_plan = pipeline._plan
     monkeypatch.setattr(pipeline, "_plan", lambda *a, **k: planned.append(real_plan(*a, **k)) or planned[-1])
-    cfg = IngestConfig(dicom_dir=archive, members=TRAIN_MEMBERS, out=tmp_path / "o", labels=synth_small.labels_csv,
-                       size=64, shard_size=4, workers=1, progress=False)
-    run_ingest(cfg)
+    run_ingest(synth_small.ingest_config(tmp_path / "o", dicom_dir=archive, members=TRAIN_MEMBERS, size=64,
+                                         shard_size=4, workers=1))
     assert reads == [str(archive)]
     for task in planned[0].tasks:
         assert task.archive is not None and task.archive.path == str(archive)
