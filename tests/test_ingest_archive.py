@@ -366,3 +366,23 @@ def test_archive_feed_hands_members_over_in_plan_order(tmp_path: Path) -> None:
         for n in names:
             with pytest.raises(FileNotFoundError):
                 feed.next(n)
+
+
+@pytest.mark.slow
+def test_a_pseudonymized_archive_ingest_leaves_no_member_name_or_id_behind(
+    archive_of_synth: Path, synth_small, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    from shards.__main__ import main as shards_main
+    from tests.test_privacy import _key
+
+    key = _key(tmp_path / "key")
+    out = tmp_path / "ds"
+    assert ingest_main(_args(synth_small, archive_of_synth, out, "--workers", "1", "--pseudonymize", str(key))) == 0
+    secrets = [archive_of_synth.name.encode(), TRAIN_MEMBERS.encode()]
+    secrets += [r.patient_id.encode() for r in synth_small.records]
+    for path in (p for p in out.rglob("*") if p.is_file() and p.name != "rejects.jsonl"):
+        data = path.read_bytes()
+        assert not [s for s in secrets if s in data], path
+    argv = ["verify", str(out), "--source", str(archive_of_synth), "--members", TRAIN_MEMBERS,
+            "--labels", str(synth_small.labels_csv), "--pseudonymize", str(key), "--workers", "1", "--no-progress"]
+    assert shards_main(argv) == 0, capsys.readouterr().out
