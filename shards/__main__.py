@@ -70,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _verify(args: argparse.Namespace) -> int:
     from shards.verify import VerifyConfig, VerifyUsageError, verify
 
-    from shards.cache import local_copy
+    from shards.local_copy import local_copy
     from shards.store import DatasetNotFoundError, RemoteReadError
 
     try:
@@ -93,7 +93,7 @@ def _stats(args: argparse.Namespace) -> int:
     from shards.format import FormatError
     from shards.stats import compute_stats, plot_stats
 
-    from shards.cache import local_copy
+    from shards.local_copy import local_copy
     from shards.store import RemoteReadError
 
     try:

@@ -1,4 +1,4 @@
-"""A node-local cache of fetched shards, shared by the ranks of a node, and a prefetcher.
+"""A node-local cache of fetched shards, shared by the ranks of a node.
 
 Layout of ``--cache-dir DIR``::
 
@@ -20,8 +20,8 @@ served a stale copy, and two URLs of the same dataset share the copies. The prom
   byte is hashed exactly once per read (as for a local dataset, whose reader hashes what it
   streams), the bytes parsed are the bytes hashed (no re-read of the file after the check),
   and nothing of a damaged copy is ever yielded. The price is memory: each shard being read
-  or fetched ahead is held whole (``(1 + PREFETCH_DEPTH) x`` shard bytes per lane, about
-  0.3 GB per lane with 256-sample shards).
+  or fetched ahead is held whole (``(1 + shards.prefetch.PREFETCH_DEPTH) x`` shard bytes
+  per lane, about 0.3 GB per lane with 256-sample shards).
 * **Shared by the ranks of a node.** A process fetches a shard holding an exclusive lock on
   its lock file; another process that needs it meanwhile waits on that lock and then finds
   it in place: each shard is fetched once per node. Readers hold a shared lock while they
@@ -38,18 +38,14 @@ a full disk raises :class:`CacheFullError` naming the cache folder.
 
 from __future__ import annotations
 
-import atexit
-import concurrent.futures
 import dataclasses
 import errno
 import fcntl
 import hashlib
 import logging
 import os
-import shutil
-import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -63,19 +59,12 @@ from shards.store import (
     DatasetNotFoundError,
     RemoteReadError,
     Store,
-    open_store,
     remote_error,
     retrying,
 )
 
 log = logging.getLogger(__name__)
 
-PREFETCH_DEPTH = 2
-"""Shards of a lane fetched ahead of the one being read."""
-FETCH_THREADS = 2
-"""Shards of a lane fetched at once. A lane's shuffle window spans several shards, all of which
-a cold epoch must fetch before its first batch; one fetch at a time per lane left a core idle
-for part of that wait (``python -m shards.bench --sections remote``)."""
 
 
 class CacheFullError(OSError):
@@ -119,7 +108,7 @@ class ShardCache:
             (self.root / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
             (self.root / "locks").mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise _cache_error(self.root, exc, "cannot create the cache folders") from exc
+            raise cache_error(self.root, exc, "cannot create the cache folders") from exc
 
     @contextmanager
     def hold(self, store: Store, shard: ShardInfo) -> Iterator[Path]:
@@ -195,7 +184,7 @@ class ShardCache:
             digest, buf, got = retrying(
                 url, lambda: self._download(store, shard, tmp),
                 not_retried=(DatasetNotFoundError, CacheFullError, PermissionError),
-                give_up=_tries_failed(url),
+                give_up=tries_failed(url),
             )
             verified = _verified(shard, buf, digest) if got == shard.bytes else None
             if verified is None:
@@ -296,211 +285,13 @@ def _verified(shard: ShardInfo, buf: memoryview, digest: str) -> VerifiedShard |
     return VerifiedShard(shard.name, digest, buf[: shard.bytes].toreadonly())
 
 
-def _tries_failed(url: str) -> Callable[[BaseException], ShardFetchError]:
+def tries_failed(url: str) -> Callable[[BaseException], ShardFetchError]:
     """The error of a download that failed every try, from its last fault."""
     return lambda last: ShardFetchError(
         f"{url}: {FETCH_ATTEMPTS} tries failed; the last: {str(remote_error(url, last)).split(': ', 1)[-1]}")
 
 
-def _cache_error(root: Path, exc: OSError, what: str) -> OSError:
+def cache_error(root: Path, exc: OSError, what: str) -> OSError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return CacheFullError(exc.errno, f"cache {root}: no space left on the device ({what})")
     return OSError(exc.errno, f"cache {root}: {what}: {exc.strerror}")
-
-
-# --------------------------------------------------------------------------- sources
-
-
-@dataclasses.dataclass(frozen=True)
-class ShardSource:
-    """Where a loader gets each shard file: the dataset folder itself, or the cache.
-
-    Picklable: DataLoader workers receive a copy and fetch through the same cache folder.
-    """
-
-    store: Store
-    cache: ShardCache | None = None
-    """None: read shards in place (local datasets without ``--cache-dir``)."""
-
-    @property
-    def display(self) -> str:
-        return self.store.display
-
-    def prefetcher(self, shards: Sequence[ShardInfo], depth: int = PREFETCH_DEPTH) -> "Prefetcher":
-        """``shards`` in order, fetched and checked ``depth`` ahead in the background."""
-        return Prefetcher(self, list(shards), depth)
-
-    def discard(self, shard: ShardInfo) -> None:
-        """Forget a cached copy that failed its check while it was read."""
-        if self.cache is not None:
-            self.cache.discard(shard)
-
-
-def open_source(location: str | Path, *, cache_dir: Path | str | None = None,
-                cache_limit_gb: float | None = None) -> ShardSource:
-    """The :class:`ShardSource` for ``--data location`` with the cache options.
-
-    A remote dataset without ``cache_dir`` gets a private temporary cache that keeps only
-    the shards in use and is removed when this process exits.
-
-    Raises:
-        ValueError: An unsupported URL scheme, a negative limit.
-    """
-    store = open_store(location)
-    if cache_limit_gb is not None and cache_limit_gb < 0:
-        raise ValueError(f"--cache-limit {cache_limit_gb}: must be >= 0 GB")
-    limit = None if cache_limit_gb is None else int(cache_limit_gb * 1e9)
-    if cache_dir is not None:
-        return ShardSource(store, ShardCache(Path(cache_dir), limit))
-    if store.local is not None:
-        return ShardSource(store, None)
-    tmp = Path(tempfile.mkdtemp(prefix="pneumo-shards-"))
-    atexit.register(shutil.rmtree, tmp, True)
-    log.info("no --cache-dir: shards of %s pass through %s (removed at exit)", store.display, tmp)
-    return ShardSource(store, ShardCache(tmp, 0))
-
-
-class Prefetcher:
-    """Hands out a lane's shards in order, fetching (and checking) ahead on
-    :data:`FETCH_THREADS` threads.
-
-    Use :meth:`get` for each shard in turn (a context manager holding the copy), and
-    :meth:`close` at the end (also releases what was fetched but never read).
-    """
-
-    def __init__(self, source: ShardSource, shards: list[ShardInfo], depth: int) -> None:
-        self.source, self.shards, self.depth = source, shards, max(0, depth)
-        self._futures: dict[int, concurrent.futures.Future[tuple[int, VerifiedShard]]] = {}
-        self._pool = (concurrent.futures.ThreadPoolExecutor(FETCH_THREADS, thread_name_prefix="shard-prefetch")
-                      if source.cache is not None else None)
-        self._submitted = 0
-
-    def _submit(self, upto: int) -> None:
-        assert self._pool is not None and self.source.cache is not None
-        for i in range(self._submitted, min(upto, len(self.shards))):
-            self._futures[i] = self._pool.submit(self.source.cache.acquire, self.source.store, self.shards[i])
-        self._submitted = max(self._submitted, min(upto, len(self.shards)))
-
-    def start(self) -> None:
-        """Begin fetching the first shards now (before the first :meth:`get`)."""
-        if self._pool is not None:
-            self._submit(1 + self.depth)
-
-    @contextmanager
-    def get(self, i: int) -> Iterator[Path | VerifiedShard]:
-        """Shard ``i`` (in the order given) for :func:`shards.reader.iter_samples`: its path in
-        the dataset folder (the reader hashes it), or its cached copy's bytes, already checked
-        (held in the cache while inside)."""
-        shard = self.shards[i]
-        if self.source.cache is None:
-            local = self.source.store.local
-            assert local is not None
-            yield local / SHARDS_DIR / shard.name
-            return
-        self._submit(i + 1 + self.depth)
-        fd, verified = self._futures.pop(i).result()
-        try:
-            yield verified
-        finally:
-            os.close(fd)
-
-    def close(self) -> None:
-        if self._pool is None:
-            return
-        for f in self._futures.values():
-            f.cancel()
-        self._pool.shutdown(wait=True)
-        for f in self._futures.values():
-            if not f.cancelled() and f.exception() is None:
-                os.close(f.result()[0])
-        self._futures.clear()
-
-
-# --------------------------------------------------------------------------- whole datasets
-
-
-def copy_dataset(store: Store, dest: Path, *, shards: bool = True, progress: bool = False) -> list[str]:
-    """Copy a remote dataset's files into ``dest`` as they are (nothing is checked here: the
-    copy is for ``python -m shards verify|stats``, which check it); return what was missing.
-
-    Copies ``manifest.json``, ``rejects.jsonl``, ``labels.zarr/`` and, with ``shards``, every
-    file the server lists under ``shards/`` (or, when it cannot list, the manifest's shards).
-    Each file is retried like a shard fetch.
-
-    Raises:
-        DatasetNotFoundError: No ``manifest.json`` at the URL.
-        ShardFetchError, CacheFullError: As for a shard fetch.
-    """
-    from shards.manifest import LABELS_NAME, MANIFEST_NAME, REJECTS_NAME
-    from shards.store import read_manifest_from
-
-    manifest = read_manifest_from(store)  # a wrong URL fails here, with its one-line reason
-    dest.mkdir(parents=True, exist_ok=True)
-    rels = [MANIFEST_NAME, REJECTS_NAME]
-    try:
-        rels += [f"{LABELS_NAME}/{p}" for p in _walk(store, LABELS_NAME)]
-    except (FileNotFoundError, NotImplementedError, ValueError):
-        rels += [f"{LABELS_NAME}/zarr.json"]  # verify then names what is missing
-    if shards:
-        names = store.list_shards()
-        rels += [f"{SHARDS_DIR}/{n}" for n in (names if names is not None else [s.name for s in manifest.shards])]
-    from tqdm import tqdm
-
-    missing = []
-    for rel in tqdm(rels, desc=f"copy {store.display}", unit="file", disable=not progress):
-        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            _copy_file(store, rel, dest / rel)
-        except DatasetNotFoundError:
-            missing.append(rel)
-    return missing
-
-
-def _walk(store: Store, rel: str) -> list[str]:
-    """Paths of the files under ``rel``, relative to it."""
-    base = store.path(rel).rstrip("/")
-    out = []
-    for p in store.fs.find(base):
-        p = str(p)
-        if not p.startswith(base):  # http lists absolute URLs
-            p = base + "/" + p.split(f"/{rel}/", 1)[-1]
-        sub = p[len(base):].lstrip("/")
-        if sub:
-            out.append(sub)
-    return sorted(out)
-
-
-def _copy_file(store: Store, rel: str, dest: Path) -> None:
-    url = store.url(rel)
-
-    def attempt() -> None:
-        try:
-            with atomic_path(dest, durable=False) as tmp:
-                store.fs.get_file(store.path(rel), str(tmp))
-        except FileNotFoundError as exc:
-            raise DatasetNotFoundError(f"{url}: not found") from exc
-        except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise _cache_error(dest.parent, exc, f"writing {url}") from exc
-            raise
-
-    retrying(url, attempt, not_retried=(DatasetNotFoundError, CacheFullError),
-             give_up=_tries_failed(url))
-
-
-@contextmanager
-def local_copy(location: str | Path, *, shards: bool = True, work_dir: Path | None = None,
-               progress: bool = False) -> Iterator[tuple[Path, str]]:
-    """``(folder, display)``: the dataset itself when local, else a temporary copy of it
-    (removed on exit) and its redacted URL."""
-    store = open_store(location)
-    if store.local is not None:
-        yield store.local, store.display
-        return
-    tmp = Path(tempfile.mkdtemp(prefix="pneumo-copy-", dir=work_dir))
-    try:
-        log.info("copying %s to %s", store.display, tmp)
-        copy_dataset(store, tmp / "ds", shards=shards, progress=progress)
-        yield tmp / "ds", store.display
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)

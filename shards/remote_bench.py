@@ -37,10 +37,10 @@ from shards.manifest import SHARDS_DIR
 
 def _epoch_rate(location: Any, cache_dir: Path | None, batch: int, lanes: int) -> tuple[float, float]:
     """(samples/s over one epoch, seconds to its first batch)."""
-    from shards.cache import open_source
+    from shards.origin import open_origin
     from train.data import ShardLoader, read_split
 
-    info = read_split(open_source(location, cache_dir=cache_dir), "train")
+    info = read_split(open_origin(location, cache_dir=cache_dir), "train")
     loader = ShardLoader(info, rank=0, world=1, global_batch=batch, lanes=lanes, workers=0)
     t0 = time.perf_counter()
     first = None

@@ -24,7 +24,9 @@ import pytest
 
 import shards.cache
 import shards.store
-from shards.cache import CacheFullError, ShardCache, ShardFetchError, local_copy, open_source
+from shards.cache import CacheFullError, ShardCache, ShardFetchError
+from shards.local_copy import local_copy
+from shards.origin import open_origin
 from shards.manifest import SHARDS_DIR, read_manifest
 from shards.reader import ShardChecksumError
 from tools.serve import free_port
@@ -95,7 +97,7 @@ def _shard_gets(state: str) -> list[str]:
 def _epoch(location, cache_dir=None, workers=0):
     from train.data import ShardLoader, read_split
 
-    info = read_split(open_source(location, cache_dir=cache_dir), "train")
+    info = read_split(open_origin(location, cache_dir=cache_dir), "train")
     loader = ShardLoader(info, rank=0, world=1, global_batch=4, lanes=2, workers=workers)
     batches = list(loader.epoch(0))
     return [k for b in batches for k in b.keys], np.concatenate([b.images.numpy() for b in batches])
@@ -296,7 +298,7 @@ def test_every_lane_starts_fetching_before_the_first_batch(ingested_small, tmp_p
     they once did) never get past the first fetch."""
     from train.data import ShardLoader, read_split
 
-    info = read_split(open_source(ingested_small, cache_dir=tmp_path / "cache"), "train")
+    info = read_split(open_origin(ingested_small, cache_dir=tmp_path / "cache"), "train")
     loader = ShardLoader(info, rank=0, world=1, global_batch=4, lanes=4, workers=0)
     firsts = {info.shards[lane.spans[0].shard].name for lane in loader.plan(0).lanes}
     asked: set[str] = set()
@@ -447,7 +449,7 @@ def test_stats_and_local_copy_of_a_remote_dataset(nginx, capsys):
 
 
 def test_prefetcher_releases_what_was_never_read(nginx, ingested_small, tmp_path):
-    source = open_source(nginx["url"] + "bkt/ds", cache_dir=tmp_path / "cache", cache_limit_gb=0)
+    source = open_origin(nginx["url"] + "bkt/ds", cache_dir=tmp_path / "cache", cache_limit_gb=0)
     all_shards = read_manifest(ingested_small).shards
     pre = source.prefetcher(all_shards, depth=3)
     with pre.get(0) as got:

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from shards.cache import open_source
+from shards.origin import open_origin
 from shards.store import DatasetNotFoundError, RemoteReadError, read_labels_from, read_manifest_from
 from train.checkpoint import latest_checkpoint, load_checkpoint
 from train.config import ModelConfig, TrainConfig, dump_toml
@@ -82,7 +82,7 @@ def build_run(cfg: TrainConfig, env: DistEnv) -> Run:
     cfg.check_complete()
     assert cfg.data.path is not None and cfg.out is not None
     try:  # a wrong path or URL is a usage error (exit 2) with its one-line reason
-        source = open_source(cfg.data.path, cache_dir=cfg.data.cache_dir, cache_limit_gb=cfg.data.cache_limit)
+        source = open_origin(cfg.data.path, cache_dir=cfg.data.cache_dir, cache_limit_gb=cfg.data.cache_limit)
         manifest = read_manifest_from(source.store)
         labels = read_labels_from(source.store)
     except (DatasetNotFoundError, RemoteReadError) as exc:

@@ -58,7 +58,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from shards.cache import Prefetcher, ShardSource, open_source
+from shards.origin import ShardOrigin, open_origin
+from shards.prefetch import Prefetcher
 from shards.format import FormatError
 from shards.labels import LabelTable
 from shards.manifest import Manifest, ShardInfo
@@ -276,7 +277,7 @@ def _window_order(n: int, window: int, rng: np.random.Generator | None) -> np.nd
 class SplitInfo:
     """What the loader needs to know of one split of a dataset."""
 
-    source: ShardSource
+    origin: ShardOrigin
     """Where the shards are read from (the dataset folder, or a cache of a remote one)."""
     split: str
     shards: tuple[ShardInfo, ...]
@@ -292,7 +293,7 @@ class SplitInfo:
     @property
     def root(self) -> str:
         """The dataset's location, as it may be logged (credentials redacted)."""
-        return self.source.display
+        return self.origin.display
 
     @property
     def sizes(self) -> list[int]:
@@ -309,13 +310,13 @@ class SplitInfo:
         ) if self.shards else np.zeros(0, np.int8)
 
 
-def read_split(root: Path | str | ShardSource, split: str, *, manifest: Manifest | None = None,
+def read_split(root: Path | str | ShardOrigin, split: str, *, manifest: Manifest | None = None,
                labels: LabelTable | None = None) -> SplitInfo:
     """Read the manifest and labels.zarr of a dataset and describe one split.
 
     Args:
         root: Dataset folder or URL (``s3://``, ``http(s)://``, ``file://``), or a
-            :class:`shards.cache.ShardSource` made by :func:`shards.cache.open_source` (to
+            :class:`shards.origin.ShardOrigin` made by :func:`shards.origin.open_origin` (to
             read a remote dataset through a ``--cache-dir``).
         split: ``train`` or ``val``.
         manifest, labels: Already-read copies (read from ``root`` when None).
@@ -325,19 +326,19 @@ def read_split(root: Path | str | ShardSource, split: str, *, manifest: Manifest
         shards.store.RemoteReadError: The server could not be read.
         FormatError: labels.zarr does not have one row per manifest sample.
     """
-    source = root if isinstance(root, ShardSource) else open_source(root)
-    manifest = manifest or read_manifest_from(source.store)
-    labels = labels or read_labels_from(source.store)
+    origin = root if isinstance(root, ShardOrigin) else open_origin(root)
+    manifest = manifest or read_manifest_from(origin.store)
+    labels = labels or read_labels_from(origin.store)
     total = sum(s.samples for s in manifest.shards)
     if len(labels) != total:
-        raise FormatError(f"{source.display}: labels.zarr has {len(labels)} rows, the manifest {total} samples")
+        raise FormatError(f"{origin.display}: labels.zarr has {len(labels)} rows, the manifest {total} samples")
     base, bases = 0, {}
     for s in manifest.shards:
         bases[s.name] = base
         base += s.samples
     shards = tuple(manifest.shards_of(split))
     return SplitInfo(
-        source=source, split=split, shards=shards, shard_base=tuple(bases[s.name] for s in shards),
+        origin=origin, split=split, shards=shards, shard_base=tuple(bases[s.name] for s in shards),
         size=manifest.size, keys=np.asarray(labels.key), targets=np.asarray(labels.target),
     )
 
@@ -370,8 +371,8 @@ def _read_fetched(info: SplitInfo, todo: list[tuple[int, Span]], start: int,
                 try:
                     yield from _read_span(info, span, pos, start, where)
                 except ShardChecksumError as exc:
-                    info.source.discard(shard)
-                    raise ShardChecksumError(info.source.store.shard_url(shard.name), exc.expected,
+                    info.origin.discard(shard)
+                    raise ShardChecksumError(info.origin.store.shard_url(shard.name), exc.expected,
                                              exc.actual) from None
     finally:
         fetcher.close()
@@ -404,9 +405,8 @@ class _LaneStream:
 
     Its remote (or cached) shards start to be fetched, a few ahead of the reader, when it is
     made, not when it is first read: :class:`LaneDataset` makes all of its lanes before
-    reading any, so that the first shards of every lane, which the first batch needs,
-    arrive together. (Made lazily, lane ``k`` began fetching only once lane ``k - 1`` had
-    its first window: a cold epoch's first batch waited for the lanes one after another.)
+    reading any, so the first shards of every lane, which the first batch needs, are fetched
+    at the same time rather than one lane after another.
     :meth:`close` releases what was fetched, whether the lane was read or not.
     """
 
@@ -414,7 +414,7 @@ class _LaneStream:
         wanted = lane.order[first_slot:]
         start = int(wanted.min()) if len(wanted) else 0
         todo = _spans_from(lane.spans, start) if len(wanted) else []
-        self._fetcher = info.source.prefetcher([info.shards[span.shard] for _, span in todo])
+        self._fetcher = info.origin.prefetcher([info.shards[span.shard] for _, span in todo])
         self._fetcher.start()
         reader = _read_fetched(info, todo, start, self._fetcher)
         self._samples = _keep_window(reader, wanted, lane.valid[first_slot:])

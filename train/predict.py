@@ -35,7 +35,7 @@ import torch
 from torch import nn
 
 from shards.atomic import atomic_write
-from shards.cache import ShardSource, open_source
+from shards.origin import ShardOrigin, open_origin
 from shards.cli import EXIT_USAGE, configure_logging
 from shards.format import SPLITS
 from shards.store import DatasetNotFoundError, RemoteReadError, read_labels_from, read_manifest_from
@@ -72,12 +72,12 @@ def load_task(export: dict, model: nn.Module, *, conf: float | None = None) -> T
 
 
 @torch.no_grad()
-def predict_rows(data: Path | str | ShardSource, export: dict, *, split: str = "all", batch_size: int = 32,
+def predict_rows(data: Path | str | ShardOrigin, export: dict, *, split: str = "all", batch_size: int = 32,
                  workers: int = 2, conf: float | None = None, device: torch.device | None = None,
                  amp: str = "none") -> Iterator[tuple[str, Any]]:
     """Yield (patient id, prediction) per sample: a float probability (classify) or a list
     of source-pixel :class:`~train.tasks.SourceBox` (detect). ``data``: a folder, a URL, or a
-    :func:`shards.cache.open_source` source (to read through a cache)."""
+    :func:`shards.origin.open_origin` source (to read through a cache)."""
     from train.build import eval_loader
 
     device = device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -85,7 +85,7 @@ def predict_rows(data: Path | str | ShardSource, export: dict, *, split: str = "
     task = load_task(export, model, conf=conf)
     env = DistEnv(rank=0, world_size=1, local_rank=0, device=device, backend=None)
     size = int(export["image_size"])
-    source = data if isinstance(data, ShardSource) else open_source(data)
+    source = data if isinstance(data, ShardOrigin) else open_origin(data)
     manifest, labels = read_manifest_from(source.store), read_labels_from(source.store)
     for name in SPLIT_CHOICES[split]:
         info = read_split(source, name, manifest=manifest, labels=labels)
@@ -141,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     try:
-        source = open_source(args.data, cache_dir=args.cache_dir, cache_limit_gb=args.cache_limit)
+        source = open_origin(args.data, cache_dir=args.cache_dir, cache_limit_gb=args.cache_limit)
         read_manifest_from(source.store)  # a wrong path or URL: exit 2 before any work
     except (ValueError, DatasetNotFoundError, RemoteReadError) as exc:
         print(f"error: {exc}", file=sys.stderr)
