@@ -364,7 +364,8 @@ def _finish(
         rec = records[task.name]
         shards.append(
             ShardInfo(name=rec["name"], split=rec["split"], samples=rec["samples"], bytes=rec["bytes"],
-                      sha256=rec["sha256"], first_key=rec["first_key"], last_key=rec["last_key"])
+                      sha256=rec["sha256"], first_key=rec["first_key"], last_key=rec["last_key"],
+                      xxh3=tuple(tuple(pair) for pair in rec["xxh3"]))
         )
         for meta in rec["metas"]:
             rows.append(label_row(meta, index))

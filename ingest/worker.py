@@ -252,8 +252,8 @@ def reusable_record(out: Path, task: ShardTask) -> dict[str, Any] | None:
         record = json.loads(done.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    if not shard.is_file() or shard.stat().st_size != record.get("bytes"):
-        return None
+    if not shard.is_file() or shard.stat().st_size != record.get("bytes") or "xxh3" not in record:
+        return None  # missing, torn, or built before per-sample checksums (format 1)
     # Neither file was synced when it was written: after a crash the shard can have its size
     # and not its bytes.
     if sha256_file(shard) != record.get("sha256"):
@@ -405,6 +405,7 @@ def _write_one(
         "sha256": written.sha256,
         "first_key": written.first_key,
         "last_key": written.last_key,
+        "xxh3": written.xxh3,
         "metas": metas,
         "rejects": rejects,
         "problems": problems,

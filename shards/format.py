@@ -17,8 +17,14 @@ from typing import Any
 
 import numpy as np
 
-FORMAT_VERSION = 1
-"""Version of the dataset layout; bumped on any incompatible change."""
+FORMAT_VERSION = 2
+"""Version of the dataset layout that writers write; bumped on any change to the format.
+Readers accept this version and every earlier one (:data:`FORMAT_VERSIONS`)."""
+FORMAT_VERSIONS = {
+    1: "the layout, with a sha256 per shard",
+    2: "an xxh3-128 per sample member in the manifest (shards.checksum)",
+}
+"""What each version added; readers accept every version listed here."""
 
 IMAGE_EXT = "npy"
 META_EXT = "json"
@@ -36,7 +42,8 @@ TAR_MTIME = 0
 TAR_MODE = 0o644
 """Fixed tar header fields, so the same samples give byte-identical shards."""
 
-_NPY_HEADER_MAX = 4096
+NPY_HEADER_MAX = 4096
+"""Longest ``.npy`` header a reader accepts."""
 _KEY_OK = re.compile(r"^[A-Za-z0-9_-]{1,128}$")
 _KEY_BAD_CHARS = re.compile(r"[^A-Za-z0-9_-]")
 
@@ -111,7 +118,7 @@ def _npy_header_bytes(shape: tuple[int, ...]) -> bytes:
 
 
 @functools.lru_cache(maxsize=64)
-def _npy_header(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
+def npy_header(head: bytes) -> tuple[tuple[int, ...], bool, np.dtype, int]:
     """(shape, fortran order, dtype, data offset) of a ``.npy`` header; every image of a
     dataset has the same header, so parsing it once per distinct header is enough."""
     fmt = np.lib.format
@@ -141,8 +148,8 @@ def decode_image(data: bytes | bytearray | memoryview, size: int | None = None) 
     if len(head) == 10 and head[6:8] == b"\x01\x00":  # version 1.0: 2-byte header length
         head = bytes(view[: 10 + int.from_bytes(head[8:10], "little")])
     else:
-        head = bytes(view[:_NPY_HEADER_MAX])
-    shape, fortran, dtype, offset = _npy_header(head)
+        head = bytes(view[:NPY_HEADER_MAX])
+    shape, fortran, dtype, offset = npy_header(head)
     if dtype != np.uint8 or len(shape) != 2:
         raise FormatError(f"image is {dtype} {shape}, expected uint8 2-D")
     if size is not None and shape != (size, size):

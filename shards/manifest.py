@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from shards.atomic import atomic_write_text
-from shards.format import FORMAT_VERSION, FormatError
+from shards.checksum import check_digests
+from shards.format import FORMAT_VERSION, FORMAT_VERSIONS, FormatError
 
 MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
@@ -40,6 +41,10 @@ class ShardInfo:
     """Key of the first sample, or None for an empty shard."""
     last_key: str | None
     """Key of the last sample, or None for an empty shard."""
+    xxh3: tuple[tuple[str, str], ...] | None = None
+    """Per sample in file order, the hex xxh3-128 of its ``.npy`` and ``.json`` data
+    (:mod:`shards.checksum`; format 2 on). None for a shard of a format 1 dataset, which
+    readers check against :attr:`sha256` alone."""
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -71,11 +76,14 @@ class Manifest:
     def from_dict(cls, data: dict[str, Any]) -> "Manifest":
         """Build from parsed JSON, raising :class:`FormatError` on a malformed manifest."""
         try:
-            if data["format_version"] != FORMAT_VERSION:
+            version = data["format_version"]
+            if version not in FORMAT_VERSIONS:
                 raise FormatError(
-                    f"format_version {data['format_version']!r}, this reader knows {FORMAT_VERSION}"
+                    f"format_version {version!r}: this reader reads versions 1 to {FORMAT_VERSION}"
+                    + (" (the dataset was written by a newer pneumo-hpc: upgrade)"
+                       if isinstance(version, int) and version > FORMAT_VERSION else "")
                 )
-            shards = [ShardInfo(**s) for s in data["shards"]]
+            shards = [_shard_info(s) for s in data["shards"]]
             return cls(
                 format_version=data["format_version"],
                 params=dict(data["params"]),
@@ -87,6 +95,18 @@ class Manifest:
             )
         except (KeyError, TypeError) as exc:
             raise FormatError(f"malformed manifest: {exc!r}") from exc
+
+
+def _shard_info(record: dict[str, Any]) -> ShardInfo:
+    """A manifest's shard record as a :class:`ShardInfo` (lists made tuples, digests checked)."""
+    xxh3 = record.get("xxh3")
+    if xxh3 is not None:
+        try:
+            check_digests(record["name"], record["samples"], xxh3)
+        except ValueError as exc:
+            raise FormatError(f"malformed manifest: {exc}") from None
+        xxh3 = tuple(tuple(pair) for pair in xxh3)
+    return ShardInfo(**{**record, "xxh3": xxh3})
 
 
 def read_manifest(root: Path | str) -> Manifest:

@@ -20,6 +20,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from shards.checksum import digest_of
 from shards.format import (
     IMAGE_EXT,
     META_EXT,
@@ -337,6 +338,9 @@ class WrittenShard:
     sha256: str
     first_key: str | None
     last_key: str | None
+    xxh3: tuple[tuple[str, str], ...] = ()
+    """Per sample in write order, the xxh3-128 of its ``.npy`` and ``.json`` data
+    (:mod:`shards.checksum`), for the manifest."""
 
 
 class ShardWriter:
@@ -366,6 +370,7 @@ class ShardWriter:
         self._last: str | None = None
         self._file: BinaryIO | None = None
         self._hasher: _HashingFile | None = None
+        self._digests: list[tuple[str, str]] = []
         self.result: WrittenShard | None = None
 
     def __enter__(self) -> "ShardWriter":
@@ -393,6 +398,7 @@ class ShardWriter:
         self._hasher.write(member_header(f"{key}.{IMAGE_EXT}", npy_size) + npy_header)
         self._hasher.write(pixels)
         self._hasher.write(b"".join((_padding(npy_size), member_header(f"{key}.{META_EXT}", len(js)), js, _padding(len(js)))))
+        self._digests.append((digest_of(npy_header, pixels), digest_of(js)))
         self._first = self._first or key
         self._last = key
 
@@ -447,4 +453,5 @@ class ShardWriter:
             sha256=self._hasher.sha256.hexdigest(),
             first_key=self._first,
             last_key=self._last,
+            xxh3=tuple(self._digests),
         )
