@@ -10,19 +10,30 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import os
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 
-from shards.format import IMAGE_EXT, MEMBER_EXTS, META_EXT, FormatError, check_member_name, decode_image, decode_meta, split_member
-from shards.manifest import READ_CHUNK
-from shards.tar import ByteSource, TarParser
-
-
+from shards.checksum import digest_of
+from shards.format import (
+    IMAGE_EXT,
+    MEMBER_EXTS,
+    META_EXT,
+    NPY_HEADER_MAX,
+    FormatError,
+    check_member_name,
+    decode_image,
+    decode_meta,
+    npy_header,
+    split_member,
+)
+from shards.manifest import READ_CHUNK, ShardInfo
+from shards.tar import ByteSource, TarMember, TarParser
 
 class ShardChecksumError(RuntimeError):
     """A shard's bytes do not hash to the sha256 the manifest recorded."""
@@ -33,6 +44,20 @@ class ShardChecksumError(RuntimeError):
             " (the file is corrupt or was changed after the ingest; run `python -m shards verify`)"
         )
         self.shard, self.expected, self.actual = shard, expected, actual
+
+
+class SampleChecksumError(ShardChecksumError):
+    """One member of one sample does not hash to the xxh3-128 the manifest recorded for it."""
+
+    def __init__(self, shard: str, index: int, key: str, member: str, expected: str, actual: str) -> None:
+        RuntimeError.__init__(
+            self,
+            f"shard {shard}: sample {index} ({key}.{member}): xxh3 {actual[:16]}... does not match "
+            f"manifest {expected[:16]}... (the shard is corrupt or was changed after the ingest; "
+            "run `python -m shards verify --deep`)",
+        )
+        self.shard, self.expected, self.actual = shard, expected, actual
+        self.index, self.key, self.member = index, key, member
 
 
 @dataclasses.dataclass
@@ -219,3 +244,272 @@ def _sample_members(parser: TarParser, shard: str) -> Iterator[tuple[str, str, b
 
 def _missing(pending: dict[str, Any]) -> str:
     return " and ".join(f".{e}" for e in MEMBER_EXTS if e not in pending)
+
+
+# --------------------------------------------------------------------------- into buffers
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class SampleMeta:
+    """A sample read by :func:`read_into`: its pixels are in the buffer its slot gave."""
+
+    index: int
+    """Position of the sample in the shard (file order)."""
+    key: str
+    meta: dict[str, Any]
+
+
+Slot = Callable[[int], "np.ndarray | None"]
+"""Where :func:`read_into` puts the pixels of the sample at a file position: a writable
+C-contiguous uint8 (size, size) array, or None for a sample in range the caller does not keep."""
+
+
+def read_into(
+    where: Path | str | VerifiedShard,
+    shard: ShardInfo,
+    *,
+    size: int,
+    slot: Slot,
+    start: int = 0,
+    stop: int | None = None,
+    name: str | None = None,
+) -> Iterator[SampleMeta]:
+    """Read samples ``[start, stop)`` of one shard, each image straight into its buffer.
+
+    The ``.npy`` payload of each sample is read from the file into ``slot(index)`` with no
+    copy in between (one ``preadv`` per image). With per-sample checksums in the manifest
+    (format 2, ``shard.xxh3``) each member a sample is built from is hashed as soon as it is
+    read and a sample is yielded only once both match: nothing of a damaged sample reaches
+    the caller, and samples outside the range are passed over unread. A shard of a format 1
+    dataset is read whole and hashed (sha256) in file order, with the mismatch raised after
+    its last byte, as :func:`iter_samples` does. A :class:`VerifiedShard` was hashed whole
+    already; its per-sample checksums are checked all the same.
+
+    Args:
+        where: The shard file, or its content already verified.
+        shard: The manifest's record of it (size, sha256, per-sample checksums).
+        size: Side of the stored images.
+        slot: The buffer for each sample's pixels (see :data:`Slot`).
+        start, stop: File positions of the samples wanted (``stop`` None: to the end, with
+            the sample count checked against the manifest).
+        name: How errors name the shard (its URL); default ``shard.name``.
+
+    Raises:
+        SampleChecksumError: A member's bytes differ from the manifest's digest.
+        ShardChecksumError: A format 1 shard's sha256 differs (after its last sample).
+        FormatError: The file's size or samples differ from the manifest, or a member is
+            malformed (a damaged tar header is a :class:`shards.tar.TarHeaderError`).
+    """
+    name = name or shard.name
+    digests = shard.xxh3
+    stop = shard.samples if stop is None else min(stop, shard.samples)
+    to_end = stop == shard.samples or digests is None  # format 1: every byte hashed, every sample counted
+    f: BinaryIO | None = None
+    if isinstance(where, VerifiedShard):
+        if where.sha256 != shard.sha256:
+            raise ShardChecksumError(name, shard.sha256, where.sha256)
+        src: _SlotSource = _MemorySlots(where.data)
+    else:
+        f = open(where, "rb", buffering=0)
+        src = _FileSlots(f.fileno()) if digests is not None else _HashedFileSlots(f.fileno())
+    try:
+        if src.size != shard.bytes:
+            raise FormatError(f"{name}: {src.size} bytes, the manifest records {shard.bytes} "
+                              "(the shard is truncated or was replaced; run `python -m shards verify`)")
+        yield from _read_slots(TarParser(src, name), name, shard, size, slot, start, stop, to_end)
+        if isinstance(src, _HashedFileSlots):
+            src.drain()
+            actual = src.sha256.hexdigest()
+            if actual != shard.sha256:
+                raise ShardChecksumError(name, shard.sha256, actual)
+    finally:
+        if f is not None:
+            f.close()
+
+
+def _read_slots(parser: TarParser, name: str, shard: ShardInfo, size: int, slot: Slot,
+                start: int, stop: int, to_end: bool) -> Iterator[SampleMeta]:
+    """The samples of ``[start, stop)`` of the tar ``parser`` walks (see :func:`read_into`).
+
+    Data nobody keeps is left to the parser, which passes over it (a format 1 source still
+    reads and hashes it)."""
+    digests = shard.xxh3
+    pixels = size * size
+    index, key = 0, None
+    npy: bytes | None = None
+    js: bytes | None = None
+    dest: np.ndarray | None = None
+    members = parser.members()
+    try:
+        for member in members:
+            if not member.is_file:
+                raise FormatError(f"{name}: member {member.name!r} is not a regular file")
+            check_member_name(member.name)
+            mkey, ext = split_member(member.name)
+            if key is not None and mkey != key:
+                raise FormatError(f"{name}: sample {key!r} is missing {_missing_of(npy, js)}")
+            if ext not in MEMBER_EXTS:
+                raise FormatError(f"{name}: unexpected member {member.name}")
+            if (npy if ext == IMAGE_EXT else js) is not None:
+                raise FormatError(f"{name}: duplicate member {member.name}")
+            if index >= shard.samples:
+                raise FormatError(f"{name}: holds {index + 1}+ samples, the manifest says {shard.samples}")
+            if index >= stop and not to_end:
+                return
+            key, wanted = mkey, start <= index < stop
+            if ext == IMAGE_EXT:
+                dest = slot(index) if wanted else None
+                npy = b"" if dest is None else _read_npy(parser, member, dest, size, pixels, name)
+            else:
+                js = bytes(parser.read_data(member)) if wanted else b""
+            if npy is None or js is None:
+                continue
+            if wanted:
+                if digests is not None:
+                    _check(name, index, key, digests[index], npy, dest, js)
+                meta = decode_meta(js)
+                if meta.get("key") != key:
+                    raise FormatError(f"{name}: {key}.json names key {meta.get('key')!r}")
+                yield SampleMeta(index, key, meta)
+            index, key, npy, js, dest = index + 1, None, None, None, None
+        if key is not None:
+            raise FormatError(f"{name}: sample {key!r} is missing {_missing_of(npy, js)}")
+        if index < stop:
+            raise FormatError(f"{name}: holds {index} samples, the manifest says {shard.samples}")
+    finally:
+        members.close()
+
+
+def _missing_of(npy: bytes | None, js: bytes | None) -> str:
+    return f".{IMAGE_EXT}" if npy is None else f".{META_EXT}"
+
+
+def _read_npy(parser: TarParser, member: TarMember, dest: np.ndarray, size: int, pixels: int,
+              name: str) -> bytes:
+    """Read a ``.npy`` member's pixels into ``dest`` and return its header, checked."""
+    head_len = member.size - pixels
+    if not 0 < head_len <= NPY_HEADER_MAX:
+        raise FormatError(f"{name}: {member.name} holds {member.size} bytes, not a ({size}, {size}) uint8 .npy")
+    head = bytearray(head_len)
+    parser.read_data_into(member, [memoryview(head), memoryview(dest).cast("B")])
+    shape, fortran, dtype, offset = npy_header(bytes(head))
+    if dtype != np.uint8 or shape != (size, size) or offset != head_len:
+        raise FormatError(f"{name}: {member.name} is {dtype} {shape}, expected uint8 ({size}, {size})")
+    if fortran:  # column-major bytes: the image is their transpose
+        dest[...] = dest.T.copy()
+    return bytes(head)
+
+
+def _check(name: str, index: int, key: str, expected: tuple[str, str], head: bytes,
+           dest: np.ndarray | None, js: bytes) -> None:
+    """Raise :class:`SampleChecksumError` unless the sample's members hash to ``expected``."""
+    if dest is not None:
+        actual = digest_of(head, memoryview(dest).cast("B"))
+        if actual != expected[0]:
+            raise SampleChecksumError(name, index, key, IMAGE_EXT, expected[0], actual)
+    actual = digest_of(js)
+    if actual != expected[1]:
+        raise SampleChecksumError(name, index, key, META_EXT, expected[1], actual)
+
+
+class _FileSlots:
+    """A :class:`shards.tar.ByteSource` over a file descriptor with ``readinto``: positioned
+    reads (no seek), passing over data without reading it."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+        self.size = os.fstat(fd).st_size
+        self.offset = 0
+
+    def read(self, n: int) -> bytes:
+        out = os.pread(self._fd, n, self.offset)
+        self.offset += len(out)
+        return out
+
+    def readinto(self, views: list[memoryview]) -> int:
+        got, want = 0, sum(len(v) for v in views)
+        while got < want:
+            n = os.preadv(self._fd, views, self.offset)
+            if n == 0:
+                break
+            got += n
+            self.offset += n
+            views = _advance(views, n)
+        return got
+
+    def skip(self, n: int) -> int:
+        n = max(0, min(n, self.size - self.offset))
+        self.offset += n
+        return n
+
+
+class _HashedFileSlots(_FileSlots):
+    """:class:`_FileSlots` that reads and hashes every byte in file order (sha256, format 1)."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__(fd)
+        self.sha256 = hashlib.sha256()
+
+    def read(self, n: int) -> bytes:
+        out = super().read(n)
+        self.sha256.update(out)
+        return out
+
+    def readinto(self, views: list[memoryview]) -> int:
+        got = super().readinto(views)
+        left = got
+        for v in views:
+            self.sha256.update(v[:left])
+            left -= min(left, len(v))
+        return got
+
+    def skip(self, n: int) -> int:
+        done = 0
+        while done < n and (chunk := self.read(min(n - done, READ_CHUNK))):
+            done += len(chunk)
+        return done
+
+    def drain(self) -> None:
+        """Read (and hash) whatever follows the end-of-archive marker."""
+        while self.skip(READ_CHUNK):
+            pass
+
+
+class _MemorySlots:
+    """A :class:`shards.tar.ByteSource` with ``readinto`` over a :class:`VerifiedShard`."""
+
+    def __init__(self, data: memoryview) -> None:
+        self._data = data
+        self.size = len(data)
+        self.offset = 0
+
+    def read(self, n: int) -> memoryview:
+        out = self._data[self.offset:self.offset + n]
+        self.offset += len(out)
+        return out
+
+    def readinto(self, views: list[memoryview]) -> int:
+        got = 0
+        for v in views:
+            piece = self.read(len(v))
+            v[: len(piece)] = piece
+            got += len(piece)
+        return got
+
+    def skip(self, n: int) -> int:
+        return len(self.read(n))
+
+
+_SlotSource = _FileSlots | _MemorySlots
+
+
+def _advance(views: list[memoryview], n: int) -> list[memoryview]:
+    """``views`` without their first ``n`` bytes (after a short read)."""
+    out = []
+    for v in views:
+        if n >= len(v):
+            n -= len(v)
+            continue
+        out.append(v[n:])
+        n = 0
+    return out

@@ -180,6 +180,25 @@ class TarParser:
             raise self._truncated_in(member)
         return data if n == member.size else memoryview(data)[: member.size]
 
+    def read_data_into(self, member: TarMember, views: list[memoryview]) -> None:
+        """Read the data of ``member``, the one just yielded, into ``views`` one after another
+        (their lengths add up to ``member.size``), and pass over its padding: the bytes land
+        where the caller wants them, with no copy in between. The source must have a
+        ``readinto(views) -> int`` (:class:`shards.reader`'s sources have).
+
+        Raises:
+            TarTruncatedError: the file ends inside the member (data or padding).
+            ValueError: ``member`` is not the member just yielded, or the views do not fit it.
+        """
+        if member is not self._unread:
+            raise ValueError(f"{member.name}: not the member just yielded, or read already")
+        if sum(len(v) for v in views) != member.size:
+            raise ValueError(f"{member.name}: {member.size} bytes, views for {sum(len(v) for v in views)}")
+        self._unread = None
+        pad = padded(member.size) - member.size
+        if self._src.readinto(views) < member.size or self._src.skip(pad) < pad:  # type: ignore[attr-defined]
+            raise self._truncated_in(member)
+
     def _truncated_in(self, member: TarMember) -> TarTruncatedError:
         return TarTruncatedError(self._shard, f"file ends inside member {member.name}", member.offset, member.name)
 

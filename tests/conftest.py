@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -34,6 +35,17 @@ def ingested_small(synth_small, tmp_path_factory: pytest.TempPathFactory) -> Pat
 
     out = tmp_path_factory.mktemp("ingested") / "ds"
     run_ingest(synth_small.ingest_config(out, size=64, shard_size=4, workers=2, val_fraction=0.25))
+    return out
+
+
+@pytest.fixture(scope="session")
+def ingested_small_v1(ingested_small: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """``ingested_small`` as format 1 wrote it (no per-sample checksums in the manifest)."""
+    from tests.formats import as_format_1
+
+    out = tmp_path_factory.mktemp("ingested-v1") / "ds"
+    shutil.copytree(ingested_small, out)
+    as_format_1(out)
     return out
 
 

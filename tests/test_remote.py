@@ -247,20 +247,23 @@ def _digests_of_an_epoch(location, cache_dir, monkeypatch) -> Counter:
     return Counter(seen)
 
 
-def test_each_shard_is_hashed_once_per_read_wherever_it_comes_from(nginx, ingested_small, tmp_path, monkeypatch):
-    """A shard is hashed as often from an HTTP server, cold or warm cache, as from local disk,
-    where the reader hashes each read of it once (a shard split over two lanes is read twice)."""
+def test_each_shard_is_hashed_once_per_read_from_a_server_and_never_whole_locally(
+        nginx, ingested_small, ingested_small_v1, tmp_path, monkeypatch):
+    """From an HTTP server, cold or warm cache, each read of a shard is hashed whole once (the
+    download's or the cached copy's check), as a format 1 shard read locally is (a shard split
+    over two lanes is read twice). A format 2 shard read locally is never hashed whole: each
+    sample is checked against its own checksums instead."""
     url, cache = nginx["url"] + "bkt/ds", tmp_path / "cache"
     train = {s.sha256 for s in read_manifest(ingested_small).shards_of("train")}
 
     def counts(location, cache_dir) -> Counter:
         return Counter({d: n for d, n in _digests_of_an_epoch(location, cache_dir, monkeypatch).items() if d in train})
 
-    local = counts(ingested_small, None)
-    assert set(local) == train
-    assert counts(url, cache) == local  # cold: the download's hash is the check
-    assert counts(url, cache) == local  # warm: the cache's re-check is the only hash
-
+    local_v1 = counts(ingested_small_v1, None)
+    assert set(local_v1) == train
+    assert counts(url, cache) == local_v1  # cold: the download's hash is the check
+    assert counts(url, cache) == local_v1  # warm: the cache's re-check is the only hash
+    assert counts(ingested_small, None) == Counter()
 
 
 def test_lanes_fetching_one_shard_while_holding_it_never_wait_for_each_other(nginx, ingested_small, tmp_path):

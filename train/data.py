@@ -48,8 +48,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -59,11 +58,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards.origin import ShardOrigin, open_origin
-from shards.prefetch import Prefetcher
 from shards.format import FormatError
 from shards.labels import LabelTable
 from shards.manifest import Manifest, ShardInfo
-from shards.reader import Sample, ShardChecksumError, VerifiedShard, iter_samples
+from shards.reader import ShardChecksumError, read_into
 from shards.seeds import Salt
 from shards.store import read_labels_from, read_manifest_from
 from train.forking import exit_with_rank, worker_context
@@ -83,7 +81,6 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _SHARD_ORDER, _WINDOW_ORDER = Salt.LOADER_SHARDS, Salt.LOADER_WINDOW  # see shards.seeds
-_EMPTY = np.empty((0, 0), np.uint8)
 
 
 # --------------------------------------------------------------------------- the plan
@@ -356,138 +353,139 @@ def _spans_from(spans: Sequence[Span], start: int) -> list[tuple[int, Span]]:
     return todo
 
 
-def _read_fetched(info: SplitInfo, todo: list[tuple[int, Span]], start: int,
-                  fetcher: Prefetcher) -> Iterator[tuple[int, Sample]]:
-    """Yield (raw position, sample) of a lane's raw sequence from ``start`` on, the shards of
-    ``todo`` coming from ``fetcher`` (which this closes at the end).
+class _Batch:
+    """One step's item of one worker, filled lane by lane in place: the images are read
+    straight into :attr:`images` (see :class:`_LaneFill`)."""
 
-    Each shard touched is read to its end (its sha256 checked by ``iter_samples``) and its
-    sample count and keys are checked against the manifest and labels.zarr.
-    """
-    try:
-        for k, (pos, span) in enumerate(todo):
-            shard = info.shards[span.shard]
-            with fetcher.get(k) as where:  # a path, or a cached copy's bytes already checked
-                try:
-                    yield from _read_span(info, span, pos, start, where)
-                except ShardChecksumError as exc:
-                    info.origin.discard(shard)
-                    raise ShardChecksumError(info.origin.store.shard_url(shard.name), exc.expected,
-                                             exc.actual) from None
-    finally:
-        fetcher.close()
+    def __init__(self, rows: int, size: int, *, shared: bool, pin: bool) -> None:
+        if shared:  # the DataLoader then passes it to the main process without another copy
+            self.images = torch.empty((rows, size, size), dtype=torch.uint8).share_memory_()
+        else:
+            self.images = torch.empty((rows, size, size), dtype=torch.uint8, pin_memory=pin)
+        self.pixels = self.images.numpy()
+        self.keys: list[str] = [""] * rows
+        self.meta: list[dict[str, Any]] = [{}] * rows
 
 
-def _read_span(info: SplitInfo, span: Span, pos: int, start: int,
-               where: Path | VerifiedShard) -> Iterator[tuple[int, Sample]]:
-    """Yield (raw position, sample) of one span whose first sample is at raw ``pos``."""
-    shard = info.shards[span.shard]
-    base = info.shard_base[span.shard]
-    count = 0
-    for offset, sample in enumerate(iter_samples(where, expected_sha256=shard.sha256, size=info.size)):
-        count = offset + 1
-        if offset >= shard.samples:
-            break  # reported below; do not index past the label table
-        if info.keys[base + offset] != sample.key:
-            raise FormatError(
-                f"{shard.name}: sample {offset} is {sample.key!r} but labels.zarr row "
-                f"{base + offset} is {info.keys[base + offset]!r}"
-            )
-        raw = pos + offset - span.start
-        if span.start <= offset < span.stop and raw >= start:
-            yield raw, sample
-    if count != shard.samples:
-        raise FormatError(f"{shard.name}: holds {count}+ samples, the manifest says {shard.samples}")
+class _LaneFill:
+    """Reads one lane's samples from slot ``first_slot`` on into the rows its slots have in
+    the worker's batches.
 
-
-class _LaneStream:
-    """A lane's samples from slot ``first_slot`` on, with their validity (an iterator).
-
-    Its remote (or cached) shards start to be fetched, a few ahead of the reader, when it is
+    The lane's raw sequence is read once, in file order; each sample is read straight into
+    the batch row of the first slot that wants it (shuffling moves indices, never pixels) and
+    checked there before that batch can be handed out (:func:`shards.reader.read_into`). A
+    sample that several slots want (the padding that repeats a lane's last samples) is copied
+    into the others. Its shards start to be fetched, a few ahead of the reader, when it is
     made, not when it is first read: :class:`LaneDataset` makes all of its lanes before
     reading any, so the first shards of every lane, which the first batch needs, are fetched
     at the same time rather than one lane after another.
-    :meth:`close` releases what was fetched, whether the lane was read or not.
     """
 
-    def __init__(self, info: SplitInfo, lane: Lane, first_slot: int) -> None:
+    def __init__(self, info: SplitInfo, lane: Lane, first_slot: int, row0: int, chunk: int,
+                 first_step: int, batch: Callable[[int], _Batch]) -> None:
+        self.info, self.row0, self.chunk, self.first_step = info, row0, chunk, first_step
+        self._batch = batch
         wanted = lane.order[first_slot:]
+        self.slots: dict[int, list[int]] = {}
+        for k, raw in enumerate(wanted.tolist()):
+            self.slots.setdefault(raw, []).append(k)
+        # The raw position each step needs read before it is complete.
+        self.need = (wanted.reshape(-1, chunk).max(1) if len(wanted) else np.zeros(0, np.int64)).tolist()
         start = int(wanted.min()) if len(wanted) else 0
         todo = _spans_from(lane.spans, start) if len(wanted) else []
         self._fetcher = info.origin.prefetcher([info.shards[span.shard] for _, span in todo])
         self._fetcher.start()
-        reader = _read_fetched(info, todo, start, self._fetcher)
-        self._samples = _keep_window(reader, wanted, lane.valid[first_slot:])
+        self.done = start - 1
+        """The last raw position read (and checked)."""
+        self._reader = self._read(todo, start)
 
-    def __iter__(self) -> Iterator[tuple[Sample, bool]]:
-        return self
+    def _where(self, raw: int) -> tuple[np.ndarray, list[str], list[dict[str, Any]], int]:
+        k = self.slots[raw][0]
+        b = self._batch(self.first_step + k // self.chunk)
+        return b.pixels, b.keys, b.meta, self.row0 + k % self.chunk
 
-    def __next__(self) -> tuple[Sample, bool]:
-        return next(self._samples)
+    def _slot(self, raw: int) -> np.ndarray | None:
+        if raw not in self.slots:
+            return None
+        pixels, _, _, row = self._where(raw)
+        return pixels[row]
+
+    def fill(self, step: int) -> None:
+        """Read until every slot of ``step`` (counted from the epoch's first step) is filled."""
+        need = self.need[step - self.first_step]
+        while self.done < need:
+            next(self._reader)
+
+    def _read(self, todo: list[tuple[int, Span]], start: int) -> Iterator[None]:
+        """Read the raw sequence from ``start`` on, shard by shard, one sample per ``next``."""
+        info = self.info
+        try:
+            for k, (pos, span) in enumerate(todo):
+                shard = info.shards[span.shard]
+                base = info.shard_base[span.shard]
+                first = span.start + max(0, start - pos)
+                with self._fetcher.get(k) as where:  # a path, or a cached copy's bytes already checked
+                    name = info.origin.store.shard_url(shard.name)
+                    try:
+                        for s in read_into(where, shard, size=info.size, start=first, stop=span.stop,
+                                           slot=lambda i: self._slot(pos + i - span.start), name=name):
+                            if info.keys[base + s.index] != s.key:
+                                raise FormatError(
+                                    f"{name}: sample {s.index} is {s.key!r} but labels.zarr row "
+                                    f"{base + s.index} is {info.keys[base + s.index]!r}")
+                            raw = pos + s.index - span.start
+                            self._place(raw, s.key, s.meta)
+                            self.done = raw
+                            yield
+                    except ShardChecksumError:
+                        info.origin.discard(shard)
+                        raise
+                self.done = pos + span.stop - span.start - 1
+        finally:
+            self._fetcher.close()
+
+    def _place(self, raw: int, key: str, meta: dict[str, Any]) -> None:
+        """Record a sample just read (its pixels are in its first slot) in every slot of it."""
+        slots = self.slots.get(raw)
+        if not slots:
+            return
+        pixels, keys, metas, row = self._where(raw)
+        keys[row], metas[row] = key, meta
+        for k in slots[1:]:
+            b = self._batch(self.first_step + k // self.chunk)
+            r = self.row0 + k % self.chunk
+            b.pixels[r] = pixels[row]
+            b.keys[r], b.meta[r] = key, meta
+
+    def finish(self) -> None:
+        """Read the lane to its end: a format 1 shard's sha256 is checked after its last byte."""
+        for _ in self._reader:
+            pass
 
     def close(self) -> None:
-        self._samples.close()
+        self._reader.close()
         self._fetcher.close()
 
 
-def _keep_window(reader: Iterator[tuple[int, Sample]], wanted: np.ndarray,
-                 valid: np.ndarray) -> Iterator[tuple[Sample, bool]]:
-    """The samples at raw positions ``wanted``, in that order, from the lane's raw sequence.
-
-    Reads the raw sequence once, keeping only samples still to be yielded (at most one
-    window plus the padding repeats). A kept image is copied into a recycled buffer and the
-    bytes it was read into are freed at once: holding a window of freshly allocated
-    images makes the allocator hand out new pages all the time, and the page faults cost
-    more than the copy. A yielded image stays valid until the next ``next()`` call.
-    """
-    if len(wanted) == 0:
-        return
-    uses = Counter(wanted.tolist())
-    held: dict[int, Sample] = {}
-    pool: list[np.ndarray] = []
-    for pos, ok in zip(wanted.tolist(), valid.tolist()):
-        while pos not in held:
-            raw, sample = next(reader)
-            if not uses[raw]:
-                continue
-            if raw != pos:  # kept for later: move it into a recycled buffer
-                buf = pool.pop() if pool else np.empty_like(sample.image)
-                buf[...] = sample.image
-                sample = Sample(sample.key, buf, sample.meta)
-            held[raw] = sample
-        sample = held[pos]
-        uses[pos] -= 1
-        if not uses[pos]:
-            del held[pos]
-        yield sample, ok
-        if pos not in held and sample.image.flags.owndata:
-            pool.append(sample.image)  # the consumer has copied it by now
-    for _ in reader:  # finish the last shard, so that its checksum is verified
-        pass
-
-
-def _collate(samples: list[tuple[int, Sample, bool]], images: torch.Tensor,
-             with_meta: bool) -> dict[str, Any]:
-    """Gather (global index, sample, valid) triples and the already filled ``images``."""
-    boxes, box_index = [], []
-    for i, (_, s, _) in enumerate(samples):
-        b = s.meta.get("boxes") or []
+def _collate(batch: _Batch, index: np.ndarray, valid: np.ndarray, with_meta: bool) -> dict[str, Any]:
+    """One worker's item of one step from its filled batch and the plan's indices."""
+    boxes: list[Any] = []
+    box_index: list[int] = []
+    for i, meta in enumerate(batch.meta):
+        b = meta.get("boxes") or []
         boxes.extend(b)
         box_index.extend([i] * len(b))
     out: dict[str, Any] = {
-        "images": images,
-        "target": torch.tensor([int(s.meta.get("target", -1)) for _, s, _ in samples], dtype=torch.int64),
+        "images": batch.images,
+        "target": torch.tensor([int(m.get("target", -1)) for m in batch.meta], dtype=torch.int64),
         "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
         "box_index": torch.tensor(box_index, dtype=torch.int64),
-        "index": torch.tensor([g for g, _, _ in samples], dtype=torch.int64),
-        "valid": torch.tensor([v for _, _, v in samples], dtype=torch.bool),
-        "keys": [s.key for _, s, _ in samples],
+        "index": torch.from_numpy(index.astype(np.int64)),
+        "valid": torch.from_numpy(valid.astype(bool)),
+        "keys": list(batch.keys),
     }
     if with_meta:
-        out["meta"] = [
-            {"patient_id": s.meta.get("patient_id"), "transform": s.meta.get("transform")}
-            for _, s, _ in samples
-        ]
+        out["meta"] = [{"patient_id": m.get("patient_id"), "transform": m.get("transform")} for m in batch.meta]
     return out
 
 
@@ -500,10 +498,10 @@ class LaneDataset(IterableDataset):
     """
 
     def __init__(self, info: SplitInfo, plan: EpochPlan, lanes: range, first_step: int,
-                 with_meta: bool) -> None:
+                 with_meta: bool, pin_memory: bool = False) -> None:
         super().__init__()
         self.info, self.plan, self.lanes = info, plan, lanes
-        self.first_step, self.with_meta = first_step, with_meta
+        self.first_step, self.with_meta, self.pin_memory = first_step, with_meta, pin_memory
 
     def worker_lanes(self, worker: int, workers: int) -> range:
         """The block of this rank's lanes that DataLoader worker ``worker`` reads."""
@@ -516,41 +514,37 @@ class LaneDataset(IterableDataset):
         worker, workers = (0, 1) if winfo is None else (winfo.id, winfo.num_workers)
         lanes = self.worker_lanes(worker, workers)
         chunk, first = self.plan.chunk, self.first_step
-        ids = {i: self.plan.lane_ids(i) for i in lanes}
-        streams: dict[int, _LaneStream] = {}
-        try:
-            for i in lanes:  # every lane starts fetching now
-                streams[i] = _LaneStream(self.info, self.plan.lanes[i], first * chunk)
-            yield from self._steps(streams, ids, worker, in_worker=winfo is not None)
-        finally:
-            for stream in streams.values():
-                stream.close()
+        rows = len(lanes) * chunk
+        pending: dict[int, _Batch] = {}
 
-    def _steps(self, streams: dict[int, _LaneStream], ids: dict[int, np.ndarray], worker: int, *,
-               in_worker: bool) -> Iterator[dict[str, Any]]:
-        chunk, first = self.plan.chunk, self.first_step
-        size = self.info.size
-        n = len(streams) * chunk
-        for step in range(first, self.plan.steps):
-            # In a worker, allocate the batch in shared memory: the DataLoader then passes
-            # it to the main process without another copy.
-            if in_worker:
-                images = torch.empty((n, size, size), dtype=torch.uint8).share_memory_()
-            else:
-                images = torch.from_numpy(np.empty((n, size, size), np.uint8))
-            pixels = images.numpy()
-            samples = []
-            for i, stream in streams.items():
-                for k in range(chunk):
-                    sample, ok = next(stream)
-                    pixels[len(samples)] = sample.image  # copy now: the lane reuses buffers
-                    samples.append((int(ids[i][step * chunk + k]), Sample(sample.key, _EMPTY, sample.meta), ok))
-            item = _collate(samples, images, self.with_meta)
-            item["step"], item["worker"] = step, worker
-            yield item
-        for stream in streams.values():  # run each lane to its end: last checksums
-            for _ in stream:
-                pass
+        def batch(step: int) -> _Batch:
+            if step not in pending:
+                # Pinned where the batch is made in the main process: a CUDA copy from it
+                # is asynchronous, and the DataLoader's pinning then has nothing to copy.
+                pending[step] = _Batch(rows, self.info.size, shared=winfo is not None,
+                                       pin=self.pin_memory and winfo is None)
+            return pending[step]
+
+        fills: list[_LaneFill] = []
+        try:
+            for j, i in enumerate(lanes):  # every lane starts fetching now
+                fills.append(_LaneFill(self.info, self.plan.lanes[i], first * chunk, j * chunk, chunk,
+                                       first, batch))
+            ids = {i: self.plan.lane_ids(i).reshape(self.plan.steps, chunk) for i in lanes}
+            valid = {i: self.plan.lanes[i].valid.reshape(self.plan.steps, chunk) for i in lanes}
+            for step in range(first, self.plan.steps):
+                for fill in fills:
+                    fill.fill(step)
+                item = _collate(batch(step), np.concatenate([ids[i][step] for i in lanes]),
+                                np.concatenate([valid[i][step] for i in lanes]), self.with_meta)
+                del pending[step]
+                item["step"], item["worker"] = step, worker
+                yield item
+            for fill in fills:  # run each lane to its end: last checksums
+                fill.finish()
+        finally:
+            for fill in fills:
+                fill.close()
 
 
 # --------------------------------------------------------------------------- batches
@@ -676,7 +670,7 @@ class ShardLoader:
         if first_step == plan.steps:
             return
         dataset = LaneDataset(self.info, plan, plan.rank_lanes(self.rank, self.world),
-                              first_step, self.with_meta)
+                              first_step, self.with_meta, self.pin_memory)
         loader = DataLoader(
             dataset, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch if self.workers else None,
