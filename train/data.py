@@ -31,16 +31,19 @@ global batch of repeated samples; every other sample is seen exactly once. A lan
 most ``B / L`` slots, so as long as a lane holds at least ``B / L`` samples
 (``N >= B``) no sample is seen more than twice in an epoch.
 
-**Re-reads.** A shard cut by a lane boundary is read (and hashed) by both lanes: at most
-``L - 1`` extra partial shard reads per epoch. Lower ``lanes`` to read less.
+**Re-reads.** A shard cut by a lane boundary is opened by both lanes, each reading its own
+samples of it (a format 1 shard is read and hashed whole by both: at most ``L - 1`` extra
+partial shard reads per epoch; lower ``lanes`` to read less).
 
 Evaluation uses the same machinery without shuffling and with the padding slots marked
 invalid (``valid`` false), so over all ranks every validation sample is seen exactly once.
 
-Every shard is read with :func:`shards.reader.iter_samples` against the manifest's sha256
-(a partially used shard is read to its end so that its hash is checked), its sample count
-is checked against the manifest and every key against ``labels.zarr``. Images stay uint8
-until :func:`to_device` moves them to the device, where they become float.
+Every shard is read with :func:`shards.reader.read_into`: each image goes straight from the
+file into its row of the batch (one copy; the shuffle moves indices, never pixels), and each
+sample is checked against the manifest's per-sample xxh3 digests before its batch is handed
+out (a format 1 shard, which has none, is read to its end and checked against its sha256).
+Every key is checked against ``labels.zarr``. Images stay uint8 until :func:`to_device`
+moves them to the device, where they become float.
 """
 
 from __future__ import annotations
