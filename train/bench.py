@@ -170,7 +170,7 @@ def loader_bench(data: Path | str | None = None, *, n: int = 512, src_size: int 
     """Samples/s per process: the shard loader vs an on-the-fly DICOM dataset, same run.
 
     (a) shards: :class:`train.data.ShardLoader` in this process (``workers=0``) over the
-        ``train`` split: tar parse + sha256 of every byte + JSON + key check against
+        ``train`` split: tar parse + xxh3 of every sample + JSON + key check against
         labels.zarr + batch assembly, uint8 batches out (page cache warm).
     (b) DICOM: a map-style ``torch.utils.data.Dataset`` whose ``__getitem__`` reads one
         DICOM and runs ``ingest.worker.process_sample`` (decode + CLAHE + letterbox), batched
@@ -281,6 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loader-only", action="store_true", help="run loader_bench alone")
     p.add_argument("--loader-n", type=int, default=512, help="synthetic DICOMs the loader bench ingests")
     p.add_argument("--repeat", type=int, default=3, help="loader bench runs on the same data; the best is reported")
+    p.add_argument("--peer-n", type=int, default=2700,
+                   help="samples the loader bench reads with ours and the peers (webdataset, Streaming, LitData)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds of the peers comparison (medians printed)")
+    p.add_argument("--no-peers", action="store_true",
+                   help="leave out Streaming and LitData (their environment is made on first use)")
+    p.add_argument("--no-dicom", action="store_true", help="leave out the DICOM-dataset comparison")
+    p.add_argument("--workdir", type=Path, default=None,
+                   help="keep the peers comparison's data here and reuse it (default: a temporary folder)")
     return p
 
 
@@ -288,7 +296,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(level=logging.WARNING, dask=False)
     if args.loader_only:
-        print(_loader_table(args.loader_n, args.repeat))
+        print(_peers_table(args.peer_n, args.rounds, peers=not args.no_peers, workdir=args.workdir))
+        if not args.no_dicom:
+            print("\n" + _loader_table(args.loader_n, args.repeat))
         return 0
     amps = (args.amps or ("none,bf16,fp16" if torch.cuda.is_available() else "none,bf16")).split(",")
     cuda = torch.cuda.is_available()
@@ -317,6 +327,17 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def _peers_table(n: int, rounds: int, *, peers: bool, workdir: Path | None) -> str:
+    """:func:`train.peer_bench.peer_bench` in ``workdir`` (kept) or a temporary folder, as markdown."""
+    from train.peer_bench import peer_bench, table
+
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        return table(peer_bench(workdir, n=n, rounds=rounds, peers=peers))
+    with tempfile.TemporaryDirectory(prefix="peer-bench-") as tmp:
+        return table(peer_bench(Path(tmp), n=n, rounds=rounds, peers=peers))
+
+
 def _loader_table(n: int, repeat: int) -> str:
     """Run :func:`loader_bench` ``repeat`` times on one synthetic dataset; the best as markdown."""
     with tempfile.TemporaryDirectory(prefix="loader-bench-") as tmp:
@@ -328,7 +349,7 @@ def _loader_table(n: int, repeat: int) -> str:
         "",
         "| loader | samples/s per process | target |",
         "|---|---:|---:|",
-        f"| (a) shards: ShardLoader (tar parse + sha256 of every byte + JSON + batch) "
+        f"| (a) shards: ShardLoader (tar parse + xxh3 of every sample + JSON + batch) "
         f"| {r['shard_samples_per_s']:.0f} | >= 2000 |",
         f"| (b) DICOM Dataset: read + decode + CLAHE + letterbox per item | {r['dicom_samples_per_s']:.0f} | |",
         f"| (a) / (b) | {r['speedup']:.1f}x | >= 20x |",
