@@ -51,6 +51,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -356,15 +357,51 @@ def _spans_from(spans: Sequence[Span], start: int) -> list[tuple[int, Span]]:
     return todo
 
 
+class _BufferPool:
+    """Batch buffers of one shape, each reused once nothing outside the pool refers to it.
+
+    A batch's image tensor is made with :func:`torch.from_numpy` over a pooled array, so the
+    tensor, its views and any array made from them keep the array referenced; once the
+    consumer has dropped all of them the array's reference count is the pool's own, and the
+    next batch is read into it. A fresh buffer costs a page fault per 4 KiB on its first
+    write, which made the read into it (the one copy of each image) about three times
+    slower than into memory already mapped.
+    """
+
+    KEEP = 64
+    """Buffers tracked at most (one epoch's pending batches and those the consumer holds)."""
+
+    def __init__(self) -> None:
+        self._lent: list[np.ndarray] = []
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_lent": []}  # a worker process allocates its own (shared) batches
+
+    def take(self, shape: tuple[int, ...]) -> np.ndarray:
+        for i in range(len(self._lent)):
+            # Referenced by the list and getrefcount's argument alone: nobody else holds it.
+            if self._lent[i].shape == shape and sys.getrefcount(self._lent[i]) == 2:
+                buf = self._lent.pop(i)
+                self._lent.append(buf)
+                return buf
+        buf = np.empty(shape, np.uint8)
+        if len(self._lent) >= self.KEEP:
+            self._lent.pop(0)  # still in use: left to the garbage collector
+        self._lent.append(buf)
+        return buf
+
+
 class _Batch:
     """One step's item of one worker, filled lane by lane in place: the images are read
     straight into :attr:`images` (see :class:`_LaneFill`)."""
 
-    def __init__(self, rows: int, size: int, *, shared: bool, pin: bool) -> None:
+    def __init__(self, rows: int, size: int, *, shared: bool, pin: bool, pool: _BufferPool) -> None:
         if shared:  # the DataLoader then passes it to the main process without another copy
             self.images = torch.empty((rows, size, size), dtype=torch.uint8).share_memory_()
+        elif pin:  # torch's pinned allocator reuses freed blocks itself
+            self.images = torch.empty((rows, size, size), dtype=torch.uint8, pin_memory=True)
         else:
-            self.images = torch.empty((rows, size, size), dtype=torch.uint8, pin_memory=pin)
+            self.images = torch.from_numpy(pool.take((rows, size, size)))
         self.pixels = self.images.numpy()
         self.keys: list[str] = [""] * rows
         self.meta: list[dict[str, Any]] = [{}] * rows
@@ -501,10 +538,12 @@ class LaneDataset(IterableDataset):
     """
 
     def __init__(self, info: SplitInfo, plan: EpochPlan, lanes: range, first_step: int,
-                 with_meta: bool, pin_memory: bool = False) -> None:
+                 with_meta: bool, pin_memory: bool = False, pool: _BufferPool | None = None) -> None:
         super().__init__()
         self.info, self.plan, self.lanes = info, plan, lanes
         self.first_step, self.with_meta, self.pin_memory = first_step, with_meta, pin_memory
+        self.pool = pool or _BufferPool()
+        """Batch memory, kept across the epochs of one loader."""
 
     def worker_lanes(self, worker: int, workers: int) -> range:
         """The block of this rank's lanes that DataLoader worker ``worker`` reads."""
@@ -525,7 +564,7 @@ class LaneDataset(IterableDataset):
                 # Pinned where the batch is made in the main process: a CUDA copy from it
                 # is asynchronous, and the DataLoader's pinning then has nothing to copy.
                 pending[step] = _Batch(rows, self.info.size, shared=winfo is not None,
-                                       pin=self.pin_memory and winfo is None)
+                                       pin=self.pin_memory and winfo is None, pool=self.pool)
             return pending[step]
 
         fills: list[_LaneFill] = []
@@ -640,6 +679,7 @@ class ShardLoader:
         self.global_batch, self.num_lanes, self.seed = global_batch, lanes, seed
         self.train, self.window, self.with_meta = train, window, with_meta
         self.prefetch, self.pin_memory = prefetch, pin_memory
+        self._pool = _BufferPool()
         per_rank = lanes // world
         self.workers = min(workers, per_rank)
         if workers > per_rank:
@@ -673,7 +713,7 @@ class ShardLoader:
         if first_step == plan.steps:
             return
         dataset = LaneDataset(self.info, plan, plan.rank_lanes(self.rank, self.world),
-                              first_step, self.with_meta, self.pin_memory)
+                              first_step, self.with_meta, self.pin_memory, self._pool)
         loader = DataLoader(
             dataset, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch if self.workers else None,
