@@ -12,7 +12,12 @@ stand on it and never on each other. Modules:
 * :mod:`shards.source`: the source folder: its inputs, fingerprint, patient ids by name;
   :mod:`shards.archive`: a source ``.zip``/``.tar`` read in place (member index, reads by offset).
 * :mod:`shards.writer`: the deterministic shard writer; :mod:`shards.tar`: the one tar parser;
-  :mod:`shards.reader`: the streaming reader that checks each shard's sha256.
+  :mod:`shards.reader`: the readers, which check what they read (each sample against its
+  xxh3 digests, :mod:`shards.checksum`; a format 1 shard against its sha256).
+* reading a dataset wherever it is: :mod:`shards.store` (folders, HTTP(S), S3),
+  :mod:`shards.origin` (where a loader gets each shard), :mod:`shards.cache` (the node cache),
+  :mod:`shards.prefetch` (a lane's shards fetched ahead), :mod:`shards.local_copy` (a remote
+  dataset copied for verify and stats).
 * integrity checks: :mod:`shards.verify` (the driver), :mod:`shards.scan` (one shard in one
   pass), :mod:`shards.crosschecks` (dataset-level checks), :mod:`shards.schema` (the JSON
   Schemas of the manifest's fields), :mod:`shards.report` (the check table and the report).
@@ -27,6 +32,7 @@ from shards.format import (
     CLASS_NAMES,
     POSITIVE_CLASS,
     FORMAT_VERSION,
+    FORMAT_VERSIONS,
     IMAGE_EXT,
     META_EXT,
     META_FIELDS,
@@ -56,7 +62,7 @@ from shards.manifest import (
     read_manifest,
     write_manifest,
 )
-from shards.reader import Sample, ShardChecksumError, iter_samples
+from shards.reader import Sample, SampleChecksumError, SampleMeta, ShardChecksumError, iter_samples, read_into
 from shards.report import CHECKS, Problem, VerifyReport
 from shards.scan import ShardScan, scan_shard
 from shards.verify import VerifyConfig, VerifyUsageError, verify
@@ -67,6 +73,7 @@ __all__ = [
     "CLASS_NAMES",
     "POSITIVE_CLASS",
     "FORMAT_VERSION",
+    "FORMAT_VERSIONS",
     "IMAGE_EXT",
     "LABELS_NAME",
     "MANIFEST_NAME",
@@ -82,6 +89,8 @@ __all__ = [
     "Manifest",
     "Problem",
     "Sample",
+    "SampleChecksumError",
+    "SampleMeta",
     "ShardChecksumError",
     "ShardInfo",
     "ShardScan",
@@ -102,6 +111,7 @@ __all__ = [
     "key_for",
     "letterbox_geometry",
     "params_hash",
+    "read_into",
     "read_label_csv",
     "read_labels",
     "read_manifest",

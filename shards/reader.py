@@ -1,9 +1,14 @@
-"""Streaming shard reader: pairs members per key, never unpickles, checks the shard hash.
+"""Shard readers: pair members per key, never unpickle, check what they read.
 
-The tar structure is parsed by :class:`shards.tar.TarParser` in one sequential pass over the
-file: each member is read once into its own buffer and hashed as it arrives (the SHA-256 of
-the whole file, on a helper thread), and the image is a read-only view of that buffer (no
-copy).
+Two readers share :class:`shards.tar.TarParser`:
+
+* :func:`iter_samples` streams a whole shard in one sequential pass: each member is read
+  once into its own buffer and hashed as it arrives (the SHA-256 of the whole file, on a
+  helper thread), and the image is a read-only view of that buffer (no copy). For the tools
+  (show, tests) and anything that wants a shard's samples in file order.
+* :func:`read_into` reads a range of samples, each image straight into a buffer the caller
+  gives (the loader's batch rows), and checks each sample against its per-sample xxh3
+  digests (:mod:`shards.checksum`) before yielding it; a format 1 shard is hashed whole.
 """
 
 from __future__ import annotations

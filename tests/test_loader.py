@@ -172,6 +172,25 @@ def test_batch_memory_is_reused_only_once_the_consumer_drops_it(ingested_small: 
     assert all(torch.equal(v, c[1:]) for v, c in zip(views, copies))
 
 
+def test_pinned_loaders_read_straight_into_pinned_batches(ingested_small: Path, monkeypatch):
+    """With ``pin_memory`` and no worker processes, each batch is allocated pinned and the
+    images are read into it (no pinning copy after). Pinning itself needs CUDA: the
+    allocation is stood in for here, the path around it runs as on a GPU host."""
+    import train.data as data_mod
+    from train.data import LaneDataset
+
+    made: list[torch.Tensor] = []
+    monkeypatch.setattr(data_mod, "_pinned_empty", lambda shape: made.append(torch.empty(shape, dtype=torch.uint8))
+                        or made[-1])
+    info = read_split(ingested_small, "train")
+    loader = ShardLoader(info, rank=0, world=1, global_batch=4, lanes=2, seed=6)
+    plan = loader.plan(0)
+    items = list(LaneDataset(info, plan, plan.rank_lanes(0, 1), 0, False, pin_memory=True))
+    assert [it["images"].data_ptr() for it in items] == [t.data_ptr() for t in made]
+    expected = [b.images for b in loader.epoch(0)]
+    assert all(torch.equal(it["images"], e) for it, e in zip(items, expected))
+
+
 def test_boxes_follow_their_samples(ingested_small: Path):
     info = read_split(ingested_small, "train")
     loader = ShardLoader(info, rank=0, world=1, global_batch=6, lanes=3, workers=0, seed=0)

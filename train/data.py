@@ -391,6 +391,12 @@ class _BufferPool:
         return buf
 
 
+def _pinned_empty(shape: tuple[int, ...]) -> torch.Tensor:
+    """A uint8 tensor in page-locked memory (CUDA hosts), which a copy to the GPU reads
+    asynchronously."""
+    return torch.empty(shape, dtype=torch.uint8, pin_memory=True)
+
+
 class _Batch:
     """One step's item of one worker, filled lane by lane in place: the images are read
     straight into :attr:`images` (see :class:`_LaneFill`)."""
@@ -399,7 +405,7 @@ class _Batch:
         if shared:  # the DataLoader then passes it to the main process without another copy
             self.images = torch.empty((rows, size, size), dtype=torch.uint8).share_memory_()
         elif pin:  # torch's pinned allocator reuses freed blocks itself
-            self.images = torch.empty((rows, size, size), dtype=torch.uint8, pin_memory=True)
+            self.images = _pinned_empty((rows, size, size))
         else:
             self.images = torch.from_numpy(pool.take((rows, size, size)))
         self.pixels = self.images.numpy()

@@ -5,7 +5,8 @@ The same ``n`` samples (640x640 uint8 and their JSON, written once by
 :class:`shards.writer.ShardWriter` into a dataset folder) are read, from the page cache,
 batch 32, one process, every image read in full, by:
 
-* ours: :class:`train.data.ShardLoader` (every sample checked against its xxh3 digests);
+* ours: :class:`train.data.ShardLoader`, :data:`LANES` lanes (every sample checked against
+  its xxh3 digests);
 * plain webdataset: ``WebDataset(urls).decode().to_tuple("npy", "json").batched(32)``;
 * MosaicML Streaming: the samples converted once by ``MDSWriter``, read by
   ``StreamingDataset`` and a torch ``DataLoader``;
@@ -50,6 +51,9 @@ PEER_PINS = (
 )
 RUNNER = Path(__file__).with_name("peers_run.py")
 BATCH = 32
+LANES = 2
+"""Our loader's lanes: two, one per worker process in the 2-worker run (the training default
+for batch 32, 16 lanes, holds 16 shuffle windows of pending batches: slower per process)."""
 
 
 class PeersUnavailable(RuntimeError):
@@ -126,7 +130,7 @@ def _ours(data: Path, workers: int) -> dict[str, float]:
 
     info = read_split(data, "train")
     t0, c0 = time.perf_counter(), time.process_time()
-    loader = ShardLoader(info, rank=0, world=1, global_batch=BATCH, lanes=16, workers=workers, seed=0)
+    loader = ShardLoader(info, rank=0, world=1, global_batch=BATCH, lanes=LANES, workers=workers, seed=0)
     first = None
     for _ in loader.epoch(0):
         if first is None:
