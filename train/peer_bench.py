@@ -19,7 +19,10 @@ in a virtual environment of their own, made once under ``~/.cache/pneumo-hpc/pee
 (:data:`PEER_PINS`: torch 2.13.0 from its CPU wheel first, then the peers without their
 dependencies and the runtime dependencies they import by hand), in a subprocess
 (:mod:`train.peers_run`) that times its own epoch. Each round runs every loader once; the
-ratios are taken within a round and the medians over rounds are printed.
+ratios are taken within a round and the medians over rounds are printed. Every loader runs
+with one torch thread (``torch.set_num_threads(1)``): the peers' collate stacks each batch
+with ``torch.stack``, which with two OpenMP threads on a 2-core machine shared with other
+work took 12 ms per 640x640 image instead of 0.6 ms.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 PEERS_VENV = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "pneumo-hpc" / "peers-venv"
 """Where the peers' environment is made once and reused."""
@@ -50,6 +54,8 @@ PEER_PINS = (
      "lightning-utilities", "filelock", "requests", "tifffile"),
 )
 RUNNER = Path(__file__).with_name("peers_run.py")
+THREADS = 1
+"""torch's intra-op threads in every loader's process (see the module docstring)."""
 BATCH = 32
 LANES = 2
 """Our loader's lanes: two, one per worker process in the 2-worker run (the training default
@@ -188,13 +194,18 @@ def peer_bench(work: Path, *, n: int = 2700, rounds: int = 3, peers: bool = True
         if p.is_file():
             p.read_bytes()
     runs: list[dict[str, dict[str, float]]] = []
-    for _ in range(rounds):
-        r = {"ours": _ours(data, 0), "webdataset": _webdataset(data)}
-        if python is not None:
-            r["streaming"] = _peer(python, "mds", work / "mds")
-            r["litdata"] = _peer(python, "litdata", work / "litdata")
-        r["ours, 2 workers"] = _ours(data, 2)
-        runs.append(r)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        for _ in range(rounds):
+            r = {"ours": _ours(data, 0), "webdataset": _webdataset(data)}
+            if python is not None:
+                r["streaming"] = _peer(python, "mds", work / "mds")
+                r["litdata"] = _peer(python, "litdata", work / "litdata")
+            r["ours, 2 workers"] = _ours(data, 2)
+            runs.append(r)
+    finally:
+        torch.set_num_threads(threads)
     return {"n": n, "rounds": runs}
 
 

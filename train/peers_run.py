@@ -28,6 +28,10 @@ import warnings
 from pathlib import Path
 
 
+THREADS = 1
+"""torch's intra-op threads in every loader of the bench (see :mod:`train.peer_bench`)."""
+
+
 def _without_torchvision() -> None:
     """Streaming imports torchvision at import time for its vision datasets, which are not
     used here; a stand-in keeps torchvision (and the CUDA build of torch it pulls) out of the
@@ -94,6 +98,7 @@ def read(which: str, root: Path, batch: int) -> dict:
     import numpy as np
     import torch
 
+    torch.set_num_threads(THREADS)
     if which == "mds":
         from streaming import StreamingDataset
         from torch.utils.data import DataLoader
