@@ -77,7 +77,7 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     """nginx over an empty folder the tests put damaged datasets in."""
     root = tmp_path_factory.mktemp("served-damaged")
     state = tmp_path_factory.mktemp("nginx-damaged-state")
-    done = subprocess.run([sys.executable, "-m", "shards.serve", "http", str(root), "--detach", "--state",
+    done = subprocess.run([sys.executable, "-m", "tools.serve", "http", str(root), "--detach", "--state",
                            str(state), "--json"], capture_output=True, text=True, cwd=ROOT, timeout=300)
     if done.returncode != 0:
         pytest.skip(done.stderr.strip())
@@ -86,7 +86,7 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     try:
         yield root, json.loads(done.stdout)["url"]
     finally:
-        subprocess.run([sys.executable, "-m", "shards.serve", "stop", "--state", str(state)], cwd=ROOT, timeout=60)
+        subprocess.run([sys.executable, "-m", "tools.serve", "stop", "--state", str(state)], cwd=ROOT, timeout=60)
 
 
 def _target(data: Path, first_step: int) -> tuple[ShardInfo, ShardInfo]:
