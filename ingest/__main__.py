@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a secret key file (chmod 600): patient ids, keys and paths are written as its "
                    "HMAC-SHA256 pseudonyms; no shard, labels.zarr or manifest holds an id, file name or "
                    "folder (rejects.jsonl keeps paths for the operator)")
+    p.add_argument("--sop-classes", choices=("radiograph", "any-image"), default=d["sop_classes"].default,
+                   help="radiograph: CR, DX and Secondary Capture images only (other images are not_a_radiograph "
+                   "rejects); any-image: every image class. Non-image objects (SEG, SR, PR, ...) are not_an_image rejects")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p

@@ -8,12 +8,14 @@ from typing import Any, Literal
 
 CLUSTERS = ("local", "slurm")
 RESAMPLE_MODES = ("dct", "area")
-PROCESSING_FIELDS = ("size", "clahe_clip", "clahe_grid", "resample", "max_pixels")
+PROCESSING_FIELDS = ("size", "clahe_clip", "clahe_grid", "resample", "max_pixels", "sop_classes")
 """The fields of :class:`IngestConfig` that decide a sample's pixels; the worker gets these."""
 DEFAULT_MAX_PIXELS = 8192 * 8192
 """Largest Rows x Columns decoded (67 MP): above every real radiograph (large flat-panel
 detectors are about 4300 x 4300, mammograms 4096 x 5625, film digitisers about 60 MP)."""
 PATIENT_ID_SOURCES = ("name", "tag")
+SOP_CLASS_POLICIES = ("radiograph", "any-image")
+"""Values of ``sop_classes`` (:mod:`ingest.sop` judges by them)."""
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -72,6 +74,9 @@ class IngestConfig:
     of themselves (:mod:`shards.pseudonym`); None records them as they are."""
     members: str | None = None
     """A folder inside the ``dicom_dir`` archive to ingest (``stage_2_train_images/``); None: all of it."""
+    sop_classes: Literal["radiograph", "any-image"] = "radiograph"
+    """SOP classes that become samples: CR, DX and Secondary Capture, or every image class
+    (non-image objects are ``not_an_image`` rejects either way; see :mod:`ingest.sop`)."""
 
     def __post_init__(self) -> None:
         self.dicom_dir, self.out = Path(self.dicom_dir), Path(self.out)
@@ -102,6 +107,8 @@ class IngestConfig:
             raise ValueError(f"sample_timeout={self.sample_timeout}; must be > 0 seconds")
         if self.patient_id not in PATIENT_ID_SOURCES:
             raise ValueError(f"patient_id={self.patient_id!r}; allowed: {', '.join(PATIENT_ID_SOURCES)}")
+        if self.sop_classes not in SOP_CLASS_POLICIES:
+            raise ValueError(f"sop_classes={self.sop_classes!r}; allowed: {', '.join(SOP_CLASS_POLICIES)}")
         if self.class_info and not self.labels:
             raise ValueError("class_info given without labels")
 

@@ -40,7 +40,7 @@ from pydicom.filebase import DicomBytesIO
 from pydicom.filereader import read_dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEGBaseline8Bit
 
-from ingest import codestream, dicom_header, transforms
+from ingest import codestream, dicom_header, sop, transforms
 from ingest.config import DEFAULT_MAX_PIXELS
 from shards.geometry import letterbox_geometry
 
@@ -59,6 +59,7 @@ REASONS = {
     "corrupt_pixel_data": "the compressed pixel data is damaged or truncated (the decoder's message)",
     "decode_error": "reading, parsing or decoding the file raised an error (its type and message)",
     "unsupported_photometric": "photometric interpretation this pipeline cannot convert",
+    **sop.REASONS,
 }
 """Reject reasons raised by :func:`decode_dicom`, with what they mean."""
 
@@ -102,6 +103,10 @@ class DecodedDicom:
     fast_path: bool
     resampled: bool = False
     """``pixels`` come from a JPEG decode at a reduced n/8 scale (see ``fit``)."""
+    body_part: str | None = None
+    """BodyPartExamined (read for the QA flags, not kept)."""
+    burned_in_annotation: str | None = None
+    """BurnedInAnnotation (read for the QA flags, not kept)."""
 
 
 _PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
@@ -235,7 +240,9 @@ def _check_size(rows: int, cols: int, max_pixels: int) -> None:
         raise DicomRejected("too_large", f"{cols}x{rows} = {rows * cols:,} pixels > --max-pixels {max_pixels:,}")
 
 
-def decode_dicom(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, fit: int | None = None) -> DecodedDicom:
+def decode_dicom(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, fit: int | None = None, sop_classes: str | None = "radiograph"
+) -> DecodedDicom:
     """Decode a DICOM file's bytes to an 8-bit greyscale image.
 
     Args:
@@ -244,6 +251,8 @@ def decode_dicom(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, fit: int 
         fit: The side of the square the image will be letterboxed into. A JPEG frame on the
             fast path is then decoded at the smallest n/8 scale that still covers the
             letterboxed size (``resampled``); None decodes at full size.
+        sop_classes: Which SOP classes become samples (:func:`ingest.sop.judge`), judged
+            from the header before any pixel; None judges none.
 
     Raises:
         DicomRejected: for anything that cannot become a single 8-bit greyscale image,
@@ -251,9 +260,14 @@ def decode_dicom(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, fit: int 
     """
     try:
         fast = _fast_header(data)
-        return _decode_fast_header(fast, max_pixels, fit) if fast else _decode_parsed(data, max_pixels, fit)
+        if fast:
+            sop.judge(fast.sop_class, sop_classes)
+            return _decode_fast_header(fast, max_pixels, fit)
+        return _decode_parsed(data, max_pixels, fit, sop_classes)
     except DicomRejected:
         raise
+    except sop.NotAccepted as exc:
+        raise DicomRejected(exc.reason, exc.detail) from None
     except Exception as exc:  # a file must cost one reject, never the run
         raise DicomRejected("decode_error", describe(exc)) from exc
 
@@ -265,6 +279,7 @@ class _FastFile:
     cols: int
     photometric: str
     values: dict[int, int | str]
+    sop_class: str | None
 
 
 def _fast_header(data: bytes) -> _FastFile | None:
@@ -291,7 +306,8 @@ def _fast_header(data: bytes) -> _FastFile | None:
         frame = dicom_header.encapsulated_frame(data, header.pixel_data[0])
     except (dicom_header.Unfollowed, dicom_header.HeaderIncomplete, struct.error, RecursionError):
         return None
-    return _FastFile(frame, rows, cols, photometric, v)
+    sop_class = v.get(dicom_header.SOP_CLASS_UID) or meta.values.get(dicom_header.MEDIA_STORAGE_SOP_CLASS_UID)
+    return _FastFile(frame, rows, cols, photometric, v, str(sop_class) if sop_class else None)
 
 
 def _decode_fast_header(f: _FastFile, max_pixels: int, fit: int | None) -> DecodedDicom:
@@ -306,11 +322,15 @@ def _decode_fast_header(f: _FastFile, max_pixels: int, fit: int | None) -> Decod
         sex=str(v.get(dicom_header.PATIENT_SEX, "")) or None,
         age=parse_age(v.get(dicom_header.PATIENT_AGE)),
         transfer_syntax=JPEGBaseline8Bit, fast_path=True, resampled=resampled,
+        body_part=str(v.get(dicom_header.BODY_PART_EXAMINED, "")) or None,
+        burned_in_annotation=str(v.get(dicom_header.BURNED_IN_ANNOTATION, "")) or None,
     )
 
 
-def _decode_parsed(data: bytes, max_pixels: int, fit: int | None) -> DecodedDicom:
+def _decode_parsed(data: bytes, max_pixels: int, fit: int | None, sop_classes: str | None = None) -> DecodedDicom:
     ds = read_header(data, max_pixels)
+    meta = getattr(ds, "file_meta", None)
+    sop.judge(_text(ds, "SOPClassUID") or (_text(meta, "MediaStorageSOPClassUID") if meta is not None else None), sop_classes)
     if "PixelData" not in ds:
         raise DicomRejected("no_pixel_data", "dataset has no PixelData (7FE0,0010)")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -349,6 +369,8 @@ def _decode_parsed(data: bytes, max_pixels: int, fit: int | None) -> DecodedDico
         transfer_syntax=ts,
         fast_path=fast,
         resampled=resampled,
+        body_part=_text(ds, "BodyPartExamined"),
+        burned_in_annotation=_text(ds, "BurnedInAnnotation"),
     )
 
 

@@ -38,7 +38,8 @@ def render(data: bytes, processing: dict[str, Any]) -> Rendered:
         data: The whole DICOM file.
         processing: ``size``, ``clahe_clip``, ``clahe_grid``, and optionally ``resample``
             (default ``area``, what datasets recorded before the option existed) and
-            ``max_pixels``.
+            ``max_pixels`` and ``sop_classes`` (default: none judged, what datasets recorded
+            before the option existed).
 
     Raises:
         DicomRejected: the file cannot become a sample.
@@ -50,6 +51,7 @@ def render(data: bytes, processing: dict[str, Any]) -> Rendered:
         data,
         max_pixels=int(processing.get("max_pixels", DEFAULT_MAX_PIXELS)),
         fit=size if resample == "dct" else None,
+        sop_classes=processing.get("sop_classes"),
     )
     geom = letterbox_geometry(decoded.rows, decoded.cols, size)
     clip, grid = processing["clahe_clip"], processing["clahe_grid"]

@@ -503,6 +503,38 @@ def write_no_pixel_data(directory: Path, name: str = "no_pixels") -> Path:
     return _save(ds, _path(directory, name))
 
 
+SR_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.88.11"
+"""Basic Text SR Storage."""
+PR_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.11.1"
+"""Grayscale Softcopy Presentation State Storage."""
+KO_SOP_CLASS_UID = "1.2.840.10008.5.1.4.1.1.88.59"
+"""Key Object Selection Document Storage."""
+
+
+def write_non_image(directory: Path, name: str, sop_class_uid: str, modality: str) -> Path:
+    """A header-only object of a non-image storage class (SR, PR, KO): no pixel module."""
+    ds = _dataset(name, ROWS, COLS, dicom_uid.ExplicitVRLittleEndian)
+    del ds.Rows, ds.Columns, ds.ViewPosition
+    ds.file_meta.MediaStorageSOPClassUID = sop_class_uid
+    ds.SOPClassUID = sop_class_uid
+    ds.Modality = modality
+    return _save(ds, _path(directory, name))
+
+
+def with_sop_class(path: Path, sop_class_uid: str | None) -> Path:
+    """Rewrite ``path`` in place as another SOP class; None removes the class from the
+    dataset and the file meta (a file judged by its pixel data)."""
+    ds = dcmread(path)
+    if sop_class_uid is None:
+        del ds.SOPClassUID
+        del ds.file_meta.MediaStorageSOPClassUID
+    else:
+        ds.SOPClassUID = sop_class_uid
+        ds.file_meta.MediaStorageSOPClassUID = sop_class_uid
+    ds.save_as(path, enforce_file_format=sop_class_uid is not None)
+    return path
+
+
 def write_uid_named(directory: Path, name: str = DEFAULT_UID_NAME) -> Path:
     """An RSNA-like JPEG Baseline DICOM whose file name is a dotted UID with no suffix.
 
