@@ -39,6 +39,7 @@ from ingest.dicom import DicomRejected, describe
 from ingest.inputs import open_inputs, read_input
 from ingest.isolate import ChildDied, ChildTimedOut, IsolatedProcess
 from ingest.plan import PlannedSample, Reject, ShardTask
+from ingest.qa import qa_flags
 from ingest.render import render
 from shards.archive import ArchiveIndex, MemberError
 from shards.diskspace import NoSpace, is_out_of_space
@@ -46,6 +47,7 @@ from shards.format import CLASS_NAMES
 from shards.geometry import boxes_to_letterbox
 from shards.label_csv import LabelProblem
 from shards.manifest import SHARDS_DIR, WORK_DIR, atomic_write_text, sha256_file
+from shards.qa import qa_mask
 from shards.writer import ShardWriter
 
 log = logging.getLogger(__name__)
@@ -130,6 +132,7 @@ def process_sample(data: bytes, sample: PlannedSample, processing: dict) -> Proc
         "view_position": decoded.view_position,
         "sex": decoded.sex,
         "age": decoded.age,
+        "qa": qa_flags(decoded),
     }
     return ProcessedSample(image, meta, problems, decoded.fast_path)
 
@@ -147,6 +150,7 @@ def label_row(meta: dict[str, Any], shard: int) -> dict[str, Any]:
         "view_position": meta["view_position"],
         "sex": meta["sex"],
         "age": meta["age"],
+        "qa": qa_mask(meta["qa"]),
         "boxes": meta["boxes"],
     }
 

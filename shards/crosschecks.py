@@ -21,6 +21,7 @@ from shards.label_csv import PatientLabel
 from shards.labels import LabelTable, read_labels
 from shards.manifest import LABELS_NAME, REJECTS_NAME, SHARDS_DIR, Manifest, ShardInfo, params_hash
 from shards import schema
+from shards.qa import qa_mask
 from shards.report import Problem
 from shards.scan import ShardScan, fmt_boxes
 from shards.source import patient_id_of, source_fingerprint
@@ -252,6 +253,14 @@ def check_labels_zarr(out: Path, m: Manifest, scans: dict[str, ShardScan]) -> li
     return out_p
 
 
+def _qa_mask_or_none(flags: Any) -> int | None:
+    """The bitmask of a JSON's flags; None for a malformed list (a deep meta problem)."""
+    try:
+        return qa_mask(flags)
+    except (TypeError, ValueError):
+        return None
+
+
 def _row_vs_meta(table: LabelTable, r: int, meta: dict[str, Any], shard_index: int, shard: str) -> list[Problem]:
     cls = meta.get("class")
     want: dict[str, Any] = {
@@ -263,9 +272,12 @@ def _row_vs_meta(table: LabelTable, r: int, meta: dict[str, Any], shard_index: i
         "view_position": meta.get("view_position") or "",
         "sex": meta.get("sex") or "",
         "age": -1 if meta.get("age") is None else meta.get("age"),
+        "qa": _qa_mask_or_none(meta.get("qa", [])),
     }
     out: list[Problem] = []
     for field, expected in want.items():
+        if field == "qa" and expected is None:
+            continue
         got = getattr(table, field)[r]
         got = str(got) if isinstance(expected, str) else int(got)
         if got != expected:

@@ -17,14 +17,16 @@ from typing import Any
 
 import numpy as np
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Version of the dataset layout that writers write; bumped on any change to the format.
 Readers accept this version and every earlier one (:data:`FORMAT_VERSIONS`)."""
 FORMAT_VERSIONS = {
     1: "the layout, with a sha256 per shard",
     2: "an xxh3-128 per sample member in the manifest (shards.checksum)",
+    3: "QA flags: a ``qa`` list in each sample's JSON, a ``qa`` bitmask array in labels.zarr",
 }
-"""What each version added; readers accept every version listed here."""
+"""What each version added; readers accept every version listed here (a dataset before
+version 3 reads as unflagged)."""
 
 IMAGE_EXT = "npy"
 META_EXT = "json"
@@ -188,5 +190,8 @@ META_FIELDS = (
     "view_position",
     "sex",
     "age",
+    "qa",
 )
 """The fields of a sample's JSON: nothing else from the DICOM header leaves the source."""
+META_FIELDS_BY_VERSION = {1: META_FIELDS[:-1], 2: META_FIELDS[:-1], 3: META_FIELDS}
+"""The fields of a sample's JSON in each format version."""

@@ -2,7 +2,8 @@
 
 Rows are aligned by sample index (the order of samples across the manifest's shards). Boxes are
 ragged: the boxes of row ``i`` are ``boxes[box_offsets[i]:box_offsets[i + 1]]`` (float32 xyxy
-in pixels of the stored image).
+in pixels of the stored image). ``qa`` is the bitmask of each sample's QA flags
+(:mod:`shards.qa`); a store written before format version 3 has none and reads as unflagged.
 """
 
 from __future__ import annotations
@@ -16,10 +17,14 @@ import zarr
 
 from shards.atomic import atomic_dir
 from shards.format import FORMAT_VERSION, FormatError
+from shards.qa import QA_DTYPE
 
 STRING_FIELDS = ("key", "patient_id", "split", "view_position", "sex")
 INT_FIELDS = {"target": np.int8, "class_id": np.int8, "shard": np.int32, "age": np.int16}
 ALL_FIELDS = (*STRING_FIELDS, *INT_FIELDS, "boxes", "box_offsets")
+"""Arrays every version of the store holds."""
+QA_FIELD = "qa"
+"""The QA bitmask array (format version 3 on), zeros when a store has none."""
 CHUNK = 65536
 
 
@@ -38,6 +43,12 @@ class LabelTable:
     age: np.ndarray
     boxes: np.ndarray
     box_offsets: np.ndarray
+    qa: np.ndarray | None = None
+    """QA bitmask per row (:data:`shards.qa.QA_DTYPE`); None becomes all zeros."""
+
+    def __post_init__(self) -> None:
+        if self.qa is None:
+            self.qa = np.zeros(len(self.key), dtype=QA_DTYPE)
 
     def __len__(self) -> int:
         return len(self.key)
@@ -52,7 +63,8 @@ class LabelTable:
 
     @classmethod
     def from_rows(cls, rows: Sequence[dict]) -> "LabelTable":
-        """Build from per-sample dicts holding the fields plus ``boxes`` as [[x1,y1,x2,y2], ...]."""
+        """Build from per-sample dicts holding the fields plus ``boxes`` as [[x1,y1,x2,y2], ...]
+        and ``qa`` as a bitmask (0 when absent)."""
         counts = np.array([len(r["boxes"]) for r in rows], dtype=np.int64)
         offsets = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum(counts, out=offsets[1:])
@@ -63,7 +75,8 @@ class LabelTable:
         }
         for f, dt in INT_FIELDS.items():
             cols[f] = np.array([-1 if r[f] is None else r[f] for r in rows], dtype=dt)
-        return cls(**cols, boxes=boxes, box_offsets=offsets)
+        qa = np.array([r.get(QA_FIELD, 0) for r in rows], dtype=QA_DTYPE)
+        return cls(**cols, boxes=boxes, box_offsets=offsets, qa=qa)
 
 
 def write_labels(path: Path | str, table: LabelTable) -> None:
@@ -77,7 +90,7 @@ def write_labels(path: Path | str, table: LabelTable) -> None:
             arr = group.create_array(f, shape=(len(table),), dtype=str, chunks=(min(n, CHUNK),))
             if len(table):
                 arr[:] = getattr(table, f).astype(str)
-        for f in (*INT_FIELDS, "box_offsets"):
+        for f in (*INT_FIELDS, QA_FIELD, "box_offsets"):
             data = getattr(table, f)
             group.create_array(f, data=data, chunks=(min(max(len(data), 1), CHUNK),))
         nb = max(len(table.boxes), 1)
@@ -95,10 +108,11 @@ def read_labels(path: Path | str | zarr.abc.store.Store) -> LabelTable:
     if missing:
         raise FormatError(f"{path}: missing arrays {missing}")
     cols = {f: group[f][:] for f in ALL_FIELDS}
+    cols[QA_FIELD] = np.asarray(group[QA_FIELD][:], dtype=QA_DTYPE) if QA_FIELD in group else None
     for f in STRING_FIELDS:
         cols[f] = np.asarray(cols[f]).astype(object)
     n = len(cols["key"])
-    lengths = {f: len(cols[f]) for f in (*STRING_FIELDS, *INT_FIELDS)}
+    lengths = {f: len(cols[f]) for f in (*STRING_FIELDS, *INT_FIELDS, QA_FIELD) if cols[f] is not None}
     if set(lengths.values()) != {n} or len(cols["box_offsets"]) != n + 1:
         raise FormatError(f"{path}: arrays are not aligned: {lengths}, box_offsets {len(cols['box_offsets'])}")
     return LabelTable(**cols)

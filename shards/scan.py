@@ -21,10 +21,11 @@ import numpy as np
 
 from shards.format import (
     CLASS_NAMES,
+    FORMAT_VERSION,
     IMAGE_EXT,
     META_EXT,
     MEMBER_EXTS,
-    META_FIELDS,
+    META_FIELDS_BY_VERSION,
     FormatError,
     check_key,
     check_member_name,
@@ -35,6 +36,7 @@ from shards.format import (
 )
 from shards.geometry import TRANSFORM_FIELDS, letterbox_geometry
 from shards.manifest import READ_CHUNK, sha256_file
+from shards.qa import QA_FLAGS
 from shards.report import Problem
 from shards.tar import TarHeaderError, TarMember, TarParser, TarTruncatedError
 
@@ -146,7 +148,8 @@ class _ShardWalk:
     """The state of one pass over a shard's tar structure."""
 
     def __init__(self, scan: ShardScan, chunks: _HashedChunks, *, split: str | None, size: int | None,
-                 deep: bool, keep_records: bool) -> None:
+                 deep: bool, keep_records: bool, format_version: int = FORMAT_VERSION) -> None:
+        self.format_version = format_version
         self.scan, self.chunks = scan, chunks
         self.split, self.size, self.deep, self.keep = split, size, deep, keep_records
         self.cur_key: str | None = None
@@ -255,7 +258,7 @@ class _ShardWalk:
             self.problem("meta", f"split {meta.get('split')!r} in a {self.split} shard", key=key, expected=self.split)
         self.cur_meta = meta
         if self.deep:
-            for check, what, expected in check_meta(meta, key, self.size):
+            for check, what, expected in check_meta(meta, key, self.size, self.format_version):
                 self.problem(check, what, key=key, expected=expected)
 
 
@@ -266,6 +269,7 @@ def scan_shard(
     size: int | None = None,
     deep: bool = False,
     keep_records: bool = False,
+    format_version: int = FORMAT_VERSION,
 ) -> ShardScan:
     """Hash and parse one shard in a single pass over its bytes; never raises for bad data.
 
@@ -274,6 +278,7 @@ def scan_shard(
         split: the split the manifest gives the shard (each JSON must agree), or None.
         size: the image side (deep mode checks every image), or None.
         deep: decode every image and check every JSON field (:func:`check_meta`).
+        format_version: the manifest's format version, which decides the JSON's fields.
         keep_records: return every sample's parsed JSON in :attr:`ShardScan.records`.
 
     Returns:
@@ -290,7 +295,8 @@ def scan_shard(
     with raw:
         chunks = _HashedChunks(raw)
         try:
-            _ShardWalk(scan, chunks, split=split, size=size, deep=deep, keep_records=keep_records).run()
+            _ShardWalk(scan, chunks, split=split, size=size, deep=deep, keep_records=keep_records,
+                       format_version=format_version).run()
             chunks.drain()  # a parse stopped early still hashes the whole file
         except OSError as exc:
             scan.problems.append(Problem("shard_unreadable", f"read error at byte {chunks.total}: {exc}",
@@ -305,8 +311,11 @@ def _finite_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def check_meta(meta: dict[str, Any], key: str, size: int | None) -> list[tuple[str, str, str | None]]:
-    """Deep checks of one sample's JSON: exact fields, value types, boxes, transform.
+def check_meta(
+    meta: dict[str, Any], key: str, size: int | None, format_version: int = FORMAT_VERSION
+) -> list[tuple[str, str, str | None]]:
+    """Deep checks of one sample's JSON: exact fields (those of ``format_version``), value
+    types, boxes, transform, QA flags.
 
     Written out by hand rather than as a JSON Schema: this runs once per sample, and
     jsonschema costs about 20 times as much (see :mod:`shards.schema`).
@@ -315,12 +324,16 @@ def check_meta(meta: dict[str, Any], key: str, size: int | None) -> list[tuple[s
         ``(check, what, expected)`` for each problem found (empty when the JSON is sound).
     """
     out: list[tuple[str, str, str | None]] = []
-    fields = set(meta)
-    if fields != set(META_FIELDS):
-        extra, missing = sorted(fields - set(META_FIELDS)), sorted(set(META_FIELDS) - fields)
+    fields, wanted = set(meta), META_FIELDS_BY_VERSION.get(format_version, META_FIELDS_BY_VERSION[FORMAT_VERSION])
+    if fields != set(wanted):
+        extra, missing = sorted(fields - set(wanted)), sorted(set(wanted) - fields)
         parts = ([f"extra fields {extra}"] if extra else []) + ([f"missing fields {missing}"] if missing else [])
         what = "; ".join(parts)
-        out.append(("meta_fields", what, f"exactly {list(META_FIELDS)}"))
+        out.append(("meta_fields", what, f"exactly {list(wanted)}"))
+    flags = meta.get("qa", [])
+    if not (isinstance(flags, list) and all(isinstance(f, str) for f in flags)
+            and flags == sorted(set(flags) & set(QA_FLAGS), key=QA_FLAGS.index)):
+        out.append(("meta_value", f"qa {flags!r}", f"a list of distinct flags from {list(QA_FLAGS)}, in that order"))
     pid = meta.get("patient_id")
     if not isinstance(pid, str) or not pid:
         out.append(("meta_value", f"patient_id {pid!r}", "a non-empty string"))

@@ -304,7 +304,8 @@ def _shard_calls(m: Manifest, present: dict[str, Path], size: int | None, cfg: V
             actual = -1
         if actual != info.bytes:
             problems.append(Problem("shard_size", f"{actual} bytes", f"{info.bytes} bytes", shard=info.name))
-        kwargs = dict(path=str(path), split=info.split, size=size, deep=cfg.deep, keep_records=keep)
+        kwargs = dict(path=str(path), split=info.split, size=size, deep=cfg.deep, keep_records=keep,
+                      format_version=m.format_version)
         calls.append(_Call(scan_shard, kwargs, max(actual, 0), info.name))
     return calls
 

@@ -1,0 +1,145 @@
+"""Image QA flags of one decoded file: pure functions, every parameter explicit.
+
+Each rule reads the header fields the decoder kept or the 8-bit image as decoded (windowed,
+MONOCHROME1 inverted, before CLAHE and letterboxing; at the reduced scale of a ``dct``
+decode). Its one-line statement is :data:`shards.qa.QA_RULES`; the figures are here:
+
+| flag                   | rule                                                                   |
+|------------------------|------------------------------------------------------------------------|
+| ``blank``              | the pixels between the 0.5th and 99.5th percentile span fewer than     |
+|                        | :data:`BLANK_MAX_SPAN` grey levels                                     |
+| ``lateral``            | ViewPosition (stripped, upper case) in :data:`LATERAL_VIEWS`           |
+| ``not_chest``          | BodyPartExamined present, non-empty and not ``CHEST``                  |
+| ``burned_in_annotation`` | BurnedInAnnotation is ``YES``                                        |
+| ``low_dynamic_range``  | the :data:`LOW_RANGE_LEVELS` most frequent grey levels of 1..254 hold  |
+|                        | more than :data:`LOW_RANGE_FRACTION` of the pixels that are not 0/255  |
+| ``small_source``       | Rows or Columns under :data:`SMALL_SIDE`                               |
+| ``inverted_suspect``   | see :func:`looks_inverted`                                             |
+
+The histograms are counted on every second row and column: a quarter of the work, and a
+percentile or a share of pixels moves by less than a grey level.
+"""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from ingest.dicom import DecodedDicom
+from shards.qa import QA_FLAGS
+
+BLANK_MAX_SPAN = 8
+"""``blank`` below this many grey levels between the 0.5th and the 99.5th percentile."""
+BLANK_TAIL = 0.005
+"""Share of pixels left out at each end for ``blank`` (text, a marker, dead pixels)."""
+LOW_RANGE_LEVELS = 8
+"""``low_dynamic_range``: how many of the most frequent grey levels are counted ..."""
+LOW_RANGE_FRACTION = 0.5
+"""... and the share of the pixels above which they flag the image."""
+SMALL_SIDE = 512
+"""``small_source`` below this many rows or columns (a thumbnail, a cropped export)."""
+LATERAL_VIEWS = frozenset(("LL", "RL", "LATERAL"))
+"""ViewPosition values of a lateral projection."""
+INVERTED_MARGIN = 8.0
+"""``inverted_suspect`` when the lungs are brighter than the spine by more than this (grey levels)."""
+ROW_BAND = (0.3, 0.7)
+"""Rows (fractions of the height) where :func:`looks_inverted` compares columns: the lungs'
+middle, below the shoulders and above the diaphragm."""
+SPINE = (0.45, 0.55)
+"""Columns of the spine and mediastinum in a frontal view."""
+LUNGS = ((0.2, 0.35), (0.65, 0.8))
+"""Columns of the two lung fields in a frontal view."""
+
+
+def histogram(pixels: np.ndarray) -> np.ndarray:
+    """Counts of the 256 grey levels of a uint8 image, on every second row and column."""
+    sub = pixels[::2, ::2] if min(pixels.shape) >= 4 else pixels
+    return cv2.calcHist([np.ascontiguousarray(sub)], [0], None, [256], [0, 256]).ravel()
+
+
+def is_blank(hist: np.ndarray, max_span: int = BLANK_MAX_SPAN, tail: float = BLANK_TAIL) -> bool:
+    """Near-constant: the grey levels between the ``tail`` and ``1 - tail`` quantiles span
+    fewer than ``max_span`` levels."""
+    cum = np.cumsum(hist)
+    total = cum[-1]
+    if total <= 0:
+        return True
+    lo = int(np.searchsorted(cum, tail * total, side="right"))
+    hi = int(np.searchsorted(cum, (1 - tail) * total, side="left"))
+    return hi - lo < max_span
+
+
+def is_low_dynamic_range(hist: np.ndarray, levels: int = LOW_RANGE_LEVELS, fraction: float = LOW_RANGE_FRACTION) -> bool:
+    """Most pixels in a few grey levels: the ``levels`` most frequent hold more than ``fraction``.
+
+    Saturated pixels (0 and 255) are left out: direct exposure and a collimator's shadow are
+    large flat areas of a sound radiograph. An image with nothing but saturated pixels is flagged.
+    """
+    inner = hist[1:255]
+    total = float(inner.sum())
+    return total <= 0 or float(np.sort(inner)[-levels:].sum()) > fraction * total
+
+
+def is_lateral(view_position: str | None, views: frozenset[str] = LATERAL_VIEWS) -> bool:
+    """ViewPosition names a lateral projection."""
+    return bool(view_position) and view_position.strip().upper() in views
+
+
+def is_not_chest(body_part: str | None) -> bool:
+    """BodyPartExamined is present and says something other than CHEST."""
+    return bool(body_part and body_part.strip()) and body_part.strip().upper() != "CHEST"
+
+
+def is_burned_in(burned_in_annotation: str | None) -> bool:
+    """BurnedInAnnotation is YES."""
+    return bool(burned_in_annotation) and burned_in_annotation.strip().upper() == "YES"
+
+
+def is_small(rows: int, cols: int, min_side: int = SMALL_SIDE) -> bool:
+    """Either side of the source image is under ``min_side`` pixels."""
+    return min(rows, cols) < min_side
+
+
+def _band_mean(pixels: np.ndarray, rows: tuple[int, int], cols: tuple[float, float]) -> float:
+    w = pixels.shape[1]
+    c0, c1 = int(cols[0] * w), max(int(cols[1] * w), int(cols[0] * w) + 1)
+    return float(cv2.mean(pixels[rows[0] : rows[1], c0:c1])[0])
+
+
+def looks_inverted(
+    pixels: np.ndarray,
+    margin: float = INVERTED_MARGIN,
+    row_band: tuple[float, float] = ROW_BAND,
+    spine: tuple[float, float] = SPINE,
+    lungs: tuple[tuple[float, float], ...] = LUNGS,
+) -> bool:
+    """The image as decoded looks like a MONOCHROME1 image shown as MONOCHROME2.
+
+    The heuristic follows the anatomy of a frontal chest radiograph: across the middle rows the
+    spine and mediastinum (the central columns) attenuate most and are bright, the air-filled
+    lungs on either side are dark. An image whose lung columns are brighter than its spine
+    column by more than ``margin`` grey levels is upside down in intensity: on a MONOCHROME2
+    file, a mislabelled export. It reads only the image, so it judges a correctly labelled
+    MONOCHROME1 file (inverted by the decoder) as it judges a MONOCHROME2 one. A limb, centred,
+    is bright against air too and passes; a view without a central bright column can be flagged.
+    """
+    h = pixels.shape[0]
+    rows = (int(row_band[0] * h), max(int(row_band[1] * h), int(row_band[0] * h) + 1))
+    centre = _band_mean(pixels, rows, spine)
+    sides = sum(_band_mean(pixels, rows, band) for band in lungs) / len(lungs)
+    return sides - centre > margin
+
+
+def qa_flags(decoded: DecodedDicom) -> list[str]:
+    """The QA flags of one decoded file, in :data:`shards.qa.QA_FLAGS` order."""
+    hist = histogram(decoded.pixels)
+    found = {
+        "blank": is_blank(hist),
+        "lateral": is_lateral(decoded.view_position),
+        "not_chest": is_not_chest(decoded.body_part),
+        "burned_in_annotation": is_burned_in(decoded.burned_in_annotation),
+        "low_dynamic_range": is_low_dynamic_range(hist),
+        "small_source": is_small(decoded.rows, decoded.cols),
+        "inverted_suspect": looks_inverted(decoded.pixels),
+    }
+    return [flag for flag in QA_FLAGS if found[flag]]
