@@ -23,6 +23,7 @@ from typing import Any
 
 from shards.cli import EXIT_USAGE, configure_logging
 from shards.diskspace import is_out_of_space
+from shards.qa import QA_FLAGS
 from train.config import (
     AMP_CHOICES,
     DETECTORS,
@@ -61,6 +62,8 @@ FLAG_FIELDS: dict[str, tuple[str | None, str]] = {
     "log_every": (None, "log_every"),
     "ckpt_every": (None, "ckpt_every"),
     "resume": (None, "resume"),
+    "exclude_qa": ("data", "exclude_qa"),
+    "exclude_qa_eval": ("data", "exclude_qa_eval"),
 }
 
 
@@ -104,6 +107,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", default=None,
                    help="continue from RUN's latest checkpoint (and RUN/config.toml); with torchrun "
                    "--max-restarts N a run survives N lost ranks")
+    p.add_argument("--exclude-qa", metavar="FLAG,...",
+                   help=f"leave samples carrying any of these QA flags out of training ({', '.join(QA_FLAGS)}); "
+                   "evaluation keeps them and reports its metrics with and without them")
+    p.add_argument("--exclude-qa-eval", action="store_true", default=None,
+                   help="leave the --exclude-qa samples out of evaluation too")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
 

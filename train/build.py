@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from shards.origin import open_origin
+from shards.qa import qa_mask
 from shards.store import DatasetNotFoundError, RemoteReadError, read_labels_from, read_manifest_from
 from train.checkpoint import latest_checkpoint, load_checkpoint
 from train.config import ModelConfig, TrainConfig, dump_toml
@@ -91,7 +92,11 @@ def build_run(cfg: TrainConfig, env: DistEnv) -> Run:
     if cfg.data.batch_size % world or cfg.data.num_lanes % world:
         raise ValueError(f"the world size {world} must divide data.batch_size="
                          f"{cfg.data.batch_size} and the {cfg.data.num_lanes} lanes")
-    train_info = read_split(source, "train", manifest=manifest, labels=labels)
+    drop = qa_mask(cfg.data.exclude_qa)
+    train_info = read_split(source, "train", manifest=manifest, labels=labels, exclude_qa=drop)
+    if drop and not train_info.samples:
+        raise ValueError(f"--exclude-qa {','.join(cfg.data.exclude_qa)} leaves no training sample "
+                         f"(all {train_info.excluded} carry one of those flags)")
     targets = train_info.split_targets()
     kind = task_type(cfg.model.task)
     if kind.needs_labels and (targets < 0).any():
@@ -106,7 +111,8 @@ def build_run(cfg: TrainConfig, env: DistEnv) -> Run:
         window=cfg.data.shuffle_window, prefetch=cfg.data.prefetch, pin_memory=pin,
     )
     val_loader = None
-    val_info = read_split(source, "val", manifest=manifest, labels=labels)
+    val_info = read_split(source, "val", manifest=manifest, labels=labels,
+                          exclude_qa=drop if cfg.data.exclude_qa_eval else 0)
     if val_info.samples:
         val_loader = eval_loader(val_info, env, batch_size=cfg.data.eval_batch_size,
                                  workers=cfg.data.num_workers, prefetch=cfg.data.prefetch)
@@ -128,7 +134,6 @@ def build_run(cfg: TrainConfig, env: DistEnv) -> Run:
     scaler = make_grad_scaler(cfg.parallel.amp, env.device, sharded=cfg.parallel.strategy == "fsdp")
     if env.is_main:
         cfg.out.mkdir(parents=True, exist_ok=True)
-        (cfg.out / CONFIG_NAME).write_text(dump_toml(cfg), encoding="utf-8")
     run = Run(
         cfg=cfg, env=env, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
         task=task, train_loader=train_loader, val_loader=val_loader, image_size=image_size,
@@ -138,8 +143,14 @@ def build_run(cfg: TrainConfig, env: DistEnv) -> Run:
     log.info("dataset %s: %d train samples (%.1f%% positive) in %d shards, %d val; "
                 "images %d px stored, %d px trained", source.display, train_info.samples,
                 100 * positive, len(train_info.shards), val_info.samples, stored, image_size)
+    if drop:
+        log.info("--exclude-qa %s: %d train samples left out%s", ",".join(cfg.data.exclude_qa),
+                 train_info.excluded, f", {val_info.excluded} val" if cfg.data.exclude_qa_eval else
+                 "; evaluation keeps them and reports its metrics without them as well")
     if cfg.resume:
         resume(run)
+    if env.is_main:  # after resume(): a refused resume leaves the run's config as it was
+        (cfg.out / CONFIG_NAME).write_text(dump_toml(cfg), encoding="utf-8")
     return run
 
 
@@ -167,6 +178,11 @@ def resume(run: Run) -> None:
     state = load_checkpoint(path, model=run.model, optimizer=run.optimizer,
                             scheduler=run.scheduler, scaler=run.scaler)
     mine = run.train_state()
+    before, now = list(state.get("exclude_qa") or []), mine["exclude_qa"]
+    if before != now:
+        raise ValueError(f"cannot resume {path}: it excluded QA flags [{', '.join(before)}], this run "
+                         f"[{', '.join(now)}] (the training plan would change; resume with --exclude-qa "
+                         f"'{','.join(before)}')")
     for key in ("global_batch", "lanes", "seed", "steps_per_epoch"):
         if state.get(key) != mine[key]:
             raise ValueError(f"cannot resume {path}: {key} was {state.get(key)}, now {mine[key]} "

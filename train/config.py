@@ -28,6 +28,7 @@ from typing import Any, Literal, get_args
 import tomli_w
 import tomllib
 
+from shards.qa import parse_qa_flags
 from shards.store import normalize_location, redact_url
 
 __all__ = [
@@ -113,9 +114,22 @@ class DataConfig:
     """Train and evaluate at this side (resized on the device); default: the stored size."""
     prefetch: int = 2
     """Batches each DataLoader worker prepares ahead."""
+    exclude_qa: list[str] | str = dataclasses.field(default_factory=list)
+    """QA flags (``shards.qa.QA_FLAGS``) whose samples leave the training plan; a list or
+    ``flag,flag``. Part of the sample order: ``--resume`` refuses a different set."""
+    exclude_qa_eval: bool = False
+    """Evaluation leaves the ``exclude_qa`` samples out too (by default it keeps every sample
+    and reports its metrics with and without them)."""
 
     def __post_init__(self) -> None:
         self.path = normalize_location(self.path) if self.path is not None else None
+        try:
+            text = self.exclude_qa if isinstance(self.exclude_qa, str) else ",".join(map(str, self.exclude_qa))
+            self.exclude_qa = list(parse_qa_flags(text))
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"data.exclude_qa={self.exclude_qa!r}: {exc}") from None
+        if not isinstance(self.exclude_qa_eval, bool):
+            raise ValueError(f"data.exclude_qa_eval={self.exclude_qa_eval!r}: must be true or false")
         self.cache_dir = Path(self.cache_dir) if self.cache_dir is not None else None
         if self.cache_limit is not None and (isinstance(self.cache_limit, bool) or
                                              not isinstance(self.cache_limit, (int, float)) or self.cache_limit < 0):

@@ -35,6 +35,12 @@ most ``B / L`` slots, so as long as a lane holds at least ``B / L`` samples
 samples of it (a format 1 shard is read and hashed whole by both: at most ``L - 1`` extra
 partial shard reads per epoch; lower ``lanes`` to read less).
 
+**QA exclusions.** ``read_split(..., exclude_qa=MASK)`` leaves out the samples whose QA
+bitmask (``labels.zarr``'s ``qa``) shares a bit with ``MASK`` before anything is planned: the
+plan is made over the kept samples of each shard (``SplitInfo.sizes``), so every promise
+above holds for them, and the reader passes the others over as it streams each shard
+(their members still checked where they lie inside a lane's range).
+
 Evaluation uses the same machinery without shuffling and with the padding slots marked
 invalid (``valid`` false), so over all ranks every validation sample is seen exactly once.
 
@@ -290,6 +296,10 @@ class SplitInfo:
     """All keys of the dataset (labels.zarr), indexed by global sample index."""
     targets: np.ndarray
     """All targets of the dataset (labels.zarr; -1 unlabelled)."""
+    qa: np.ndarray | None = None
+    """All QA bitmasks of the dataset (labels.zarr; zeros for a dataset without flags)."""
+    keep: np.ndarray | None = None
+    """Per labels.zarr row, whether the loader uses the sample; None: every one."""
 
     @property
     def root(self) -> str:
@@ -298,21 +308,49 @@ class SplitInfo:
 
     @property
     def sizes(self) -> list[int]:
-        return [s.samples for s in self.shards]
+        """Samples the loader uses of each shard (all, less any QA exclusions)."""
+        if self.keep is None:
+            return [s.samples for s in self.shards]
+        return [int(self.keep[b : b + s.samples].sum()) for b, s in zip(self.shard_base, self.shards)]
 
     @property
     def samples(self) -> int:
         return sum(self.sizes)
 
+    @property
+    def excluded(self) -> int:
+        """Samples of the split left out by ``exclude_qa``."""
+        return sum(s.samples for s in self.shards) - self.samples
+
+    @property
+    def plan_base(self) -> tuple[int, ...]:
+        """Each shard's first index in the numbering of the kept samples (the plan's ids)."""
+        if self.keep is None:
+            return self.shard_base
+        before = np.concatenate([[0], np.cumsum(self.keep, dtype=np.int64)])
+        return tuple(int(before[b]) for b in self.shard_base)
+
+    def rows(self, ids: np.ndarray) -> np.ndarray:
+        """labels.zarr rows of the plan's sample ids (see :attr:`plan_base`)."""
+        return ids if self.keep is None else np.flatnonzero(self.keep)[ids]
+
+    def kept_in(self, shard: int) -> np.ndarray | None:
+        """Whether each sample of split shard ``shard`` is used, in file order; None: all."""
+        if self.keep is None:
+            return None
+        base = self.shard_base[shard]
+        return self.keep[base : base + self.shards[shard].samples]
+
     def split_targets(self) -> np.ndarray:
-        """Targets of this split's samples (from labels.zarr)."""
-        return np.concatenate(
-            [self.targets[b : b + s.samples] for b, s in zip(self.shard_base, self.shards)]
-        ) if self.shards else np.zeros(0, np.int8)
+        """Targets of the samples of this split the loader uses (from labels.zarr)."""
+        parts = [self.targets[b : b + s.samples] for b, s in zip(self.shard_base, self.shards)]
+        if self.keep is not None:
+            parts = [p[self.kept_in(i)] for i, p in enumerate(parts)]
+        return np.concatenate(parts) if parts else np.zeros(0, np.int8)
 
 
 def read_split(root: Path | str | ShardOrigin, split: str, *, manifest: Manifest | None = None,
-               labels: LabelTable | None = None) -> SplitInfo:
+               labels: LabelTable | None = None, exclude_qa: int = 0) -> SplitInfo:
     """Read the manifest and labels.zarr of a dataset and describe one split.
 
     Args:
@@ -321,6 +359,8 @@ def read_split(root: Path | str | ShardOrigin, split: str, *, manifest: Manifest
             read a remote dataset through a ``--cache-dir``).
         split: ``train`` or ``val``.
         manifest, labels: Already-read copies (read from ``root`` when None).
+        exclude_qa: A bitmask of QA flags (:func:`shards.qa.qa_mask`); samples carrying any
+            of them leave the split (a dataset without flags keeps every sample).
 
     Raises:
         shards.store.DatasetNotFoundError: No manifest (a wrong URL, or an unfinished ingest).
@@ -338,9 +378,11 @@ def read_split(root: Path | str | ShardOrigin, split: str, *, manifest: Manifest
         bases[s.name] = base
         base += s.samples
     shards = tuple(manifest.shards_of(split))
+    qa = np.asarray(labels.qa)
+    keep = (qa & exclude_qa) == 0 if exclude_qa else None
     return SplitInfo(
         origin=origin, split=split, shards=shards, shard_base=tuple(bases[s.name] for s in shards),
-        size=manifest.size, keys=np.asarray(labels.key), targets=np.asarray(labels.target),
+        size=manifest.size, keys=np.asarray(labels.key), targets=np.asarray(labels.target), qa=qa, keep=keep,
     )
 
 
@@ -470,16 +512,32 @@ class _LaneFill:
                 shard = info.shards[span.shard]
                 base = info.shard_base[span.shard]
                 first = span.start + max(0, start - pos)
+                # The span counts the shard's kept samples (all of them without QA exclusions):
+                # ``at[i]`` is the place of file position ``i`` among them, -1 if it is left out.
+                kept = info.kept_in(span.shard)
+                if kept is None:
+                    at, lo, hi = None, first, span.stop
+                else:
+                    at = np.where(kept, np.cumsum(kept) - 1, -1)
+                    files = np.flatnonzero(kept)
+                    lo, hi = int(files[first]), int(files[span.stop - 1]) + 1
+
+                def slot(i: int, pos: int = pos, span: Span = span, at: np.ndarray | None = at) -> np.ndarray | None:
+                    j = i if at is None else int(at[i])
+                    return None if j < 0 else self._slot(pos + j - span.start)
+
                 with self._fetcher.get(k) as where:  # a path, or a cached copy's bytes already checked
                     name = info.origin.store.shard_url(shard.name)
                     try:
-                        for s in read_into(where, shard, size=info.size, start=first, stop=span.stop,
-                                           slot=lambda i: self._slot(pos + i - span.start), name=name):
+                        for s in read_into(where, shard, size=info.size, start=lo, stop=hi, slot=slot, name=name):
                             if info.keys[base + s.index] != s.key:
                                 raise FormatError(
                                     f"{name}: sample {s.index} is {s.key!r} but labels.zarr row "
                                     f"{base + s.index} is {info.keys[base + s.index]!r}")
-                            raw = pos + s.index - span.start
+                            j = s.index if at is None else int(at[s.index])
+                            if j < 0:
+                                continue  # left out by --exclude-qa
+                            raw = pos + j - span.start
                             self._place(raw, s.key, s.meta)
                             self.done = raw
                             yield
@@ -578,7 +636,7 @@ class LaneDataset(IterableDataset):
             for j, i in enumerate(lanes):  # every lane starts fetching now
                 fills.append(_LaneFill(self.info, self.plan.lanes[i], first * chunk, j * chunk, chunk,
                                        first, batch))
-            ids = {i: self.plan.lane_ids(i).reshape(self.plan.steps, chunk) for i in lanes}
+            ids = {i: self.info.rows(self.plan.lane_ids(i)).reshape(self.plan.steps, chunk) for i in lanes}
             valid = {i: self.plan.lanes[i].valid.reshape(self.plan.steps, chunk) for i in lanes}
             for step in range(first, self.plan.steps):
                 for fill in fills:
@@ -703,7 +761,7 @@ class ShardLoader:
         return plan_epoch(
             self.info.sizes, global_batch=self.global_batch, lanes=self.num_lanes,
             seed=self.seed, epoch=epoch if self.train else 0, shuffle=self.train,
-            window=self.window, pad_valid=self.train, shard_base=self.info.shard_base,
+            window=self.window, pad_valid=self.train, shard_base=self.info.plan_base,
         )
 
     @property

@@ -26,6 +26,7 @@ from torch import nn
 from tqdm import tqdm
 
 from shards.atomic import atomic_write_text
+from shards.qa import QA_FLAGS, qa_mask
 from shards.seeds import step_seed
 from train.augment import augment, step_params
 from train.checkpoint import EXPORT_NAME, export_model, save_checkpoint
@@ -234,7 +235,9 @@ def evaluate(run: Run) -> dict[str, Any]:
     slots dropped; a sample seen twice or not at all is an error.
 
     Returns:
-        The task's metrics plus ``samples`` (empty when there is no val split).
+        The task's metrics plus ``samples`` (empty when there is no val split), and under
+        ``without_qa`` the same metrics over the samples that carry none of the QA flags
+        (``--exclude-qa``'s, else every flag), when some samples do.
     """
     if run.val_loader is None:
         return {}
@@ -261,6 +264,12 @@ def evaluate(run: Run) -> dict[str, Any]:
     result = run.task.metrics(merged)
     result.update(samples=len(seen), batches_per_rank=[b for b, _ in gathered],
                   seconds=time.perf_counter() - t0)
+    flags = run.cfg.data.exclude_qa or list(QA_FLAGS)
+    qa = run.val_loader.info.qa
+    unflagged = [r for r in merged if not int(qa[r[0]]) & qa_mask(flags)] if qa is not None else merged
+    if len(unflagged) < len(merged):
+        result["without_qa"] = {"flags": flags, "samples": len(unflagged),
+                                **(run.task.metrics(unflagged) if unflagged else {})}
     return result
 
 
@@ -282,6 +291,11 @@ def write_eval(run: Run, epoch: int, *, partial: bool, batches: int) -> None:
         shown = " ".join(f"{k}={run.last_eval.get(k, float('nan')):.4f}" for k in run.task.summary)
         log.info("eval epoch %d step %d: %s (%d samples)", epoch + 1, run.step, shown,
                     run.last_eval["samples"])
+        without = run.last_eval.get("without_qa")
+        if without:
+            shown = " ".join(f"{k}={without.get(k, float('nan')):.4f}" for k in run.task.summary)
+            log.info("eval epoch %d step %d without QA flags %s: %s (%d samples)", epoch + 1, run.step,
+                     ",".join(without["flags"]), shown, without["samples"])
 
 
 def checkpoint(run: Run) -> None:

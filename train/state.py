@@ -173,5 +173,5 @@ class Run:
             "step": self.step, "epoch": self.step // self.train_loader.steps,
             "global_batch": self.cfg.data.batch_size, "lanes": self.cfg.data.num_lanes,
             "seed": self.cfg.seed, "steps_per_epoch": self.train_loader.steps,
-            "world_size": self.env.world_size,
+            "world_size": self.env.world_size, "exclude_qa": list(self.cfg.data.exclude_qa),
         }
