@@ -9,7 +9,8 @@ remote dataset is copied to a temporary folder (under ``$TMPDIR``) and checked t
   exit 0 when everything holds, 1 when problems were found (one line each, then a summary),
   2 for a usage error (OUT missing or not a dataset, unreadable ``--labels``).
 * ``stats OUT [--png FILE]``: counts, class balance, boxes, views, rejects.
-* ``show OUT KEY [KEY ...] -o FILE.png [--source DIR]``: samples with their boxes drawn.
+* ``show OUT KEY [KEY ...] -o FILE.png [--source DIR]``: samples with their boxes drawn;
+  ``show OUT --qa FLAG [--count N] [--seed S] -o FILE.png``: samples that carry a QA flag.
 """
 
 from __future__ import annotations
@@ -61,7 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     sh = sub.add_parser("show", help="draw samples with their boxes (and the source DICOM beside them)")
     sh.add_argument("out", type=Path, metavar="OUT", help="dataset folder")
-    sh.add_argument("keys", nargs="+", metavar="KEY", help="sample keys")
+    sh.add_argument("keys", nargs="*", metavar="KEY", help="sample keys (or --qa FLAG)")
+    sh.add_argument("--qa", metavar="FLAG", help="draw samples that carry this QA flag (blank, lateral, not_chest, "
+                    "burned_in_annotation, low_dynamic_range, small_source, inverted_suspect)")
+    sh.add_argument("--count", type=int, default=8, metavar="N", help="with --qa: how many samples, at most")
+    sh.add_argument("--seed", type=int, default=0, help="with --qa: which samples (the same seed draws the same)")
     sh.add_argument("-o", "--output", type=Path, required=True, metavar="FILE.png", help="PNG file to write")
     sh.add_argument("--source", type=Path, metavar="DIR", help="the ingested DICOM folder (or .zip / .tar): show the source image beside it")
     return p
@@ -112,10 +117,17 @@ def _stats(args: argparse.Namespace) -> int:
 
 
 def _show(args: argparse.Namespace) -> int:
-    from shards.show import ShowError, show
+    from shards.show import ShowError, qa_examples, show
 
+    if bool(args.keys) == bool(args.qa):
+        print("error: name sample keys or --qa FLAG (one of the two)", file=sys.stderr)
+        return EXIT_USAGE
+    if args.count < 1:
+        print(f"error: --count {args.count}: must be >= 1", file=sys.stderr)
+        return EXIT_USAGE
     try:
-        path = show(args.out, args.keys, args.output, source=args.source)
+        keys = qa_examples(args.out, args.qa, args.count, args.seed) if args.qa else args.keys
+        path = show(args.out, keys, args.output, source=args.source)
     except ShowError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -3,6 +3,7 @@
 Each sample is one row: the stored image with its boxes (title: key, target, class, split) and,
 with ``source``, the original DICOM decoded as the ingest decodes it, with the boxes mapped
 back to source pixels through the letterbox transform stored in the sample's JSON.
+:func:`qa_examples` picks the samples that carry a QA flag (``show --qa FLAG``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from shards.format import FormatError
 from shards.geometry import boxes_from_letterbox
 from shards.labels import read_labels
 from shards.manifest import LABELS_NAME, SHARDS_DIR, Manifest, read_manifest
+from shards.qa import parse_qa_flags, qa_mask
 from shards.reader import Sample, ShardChecksumError, iter_samples
 
 log = logging.getLogger(__name__)
@@ -28,6 +30,8 @@ BOX_COLOR = "#FF3B30"
 PANEL_INCHES = 5.0
 TITLE_INCHES = 0.9
 """Height per row for the three-line titles."""
+QA_EXAMPLES = 8
+"""Samples ``show --qa FLAG`` draws by default."""
 
 
 class ShowError(ValueError):
@@ -97,6 +101,25 @@ def _read_keys(out: Path, manifest: Manifest, name: str, keys: set[str]) -> dict
     return got
 
 
+def qa_examples(out: Path | str, flag: str, count: int = QA_EXAMPLES, seed: int = 0) -> list[str]:
+    """Keys of up to ``count`` samples carrying the QA ``flag``, drawn at random by ``seed``
+    (in labels.zarr order; the same arguments give the same keys).
+
+    Raises:
+        ShowError: an unknown flag, an unreadable label store, or no sample carrying the flag.
+    """
+    try:
+        bit = qa_mask(parse_qa_flags(flag))
+        table = read_labels(Path(out) / LABELS_NAME)
+    except (ValueError, FileNotFoundError) as exc:
+        raise ShowError(str(exc)) from exc
+    rows = np.flatnonzero(table.qa & bit)
+    if not len(rows):
+        raise ShowError(f"no sample of {out} carries the QA flag {flag!r} (of {len(table)} samples)")
+    chosen = np.sort(np.random.default_rng(seed).choice(rows, size=min(count, len(rows)), replace=False))
+    return [str(table.key[r]) for r in chosen]
+
+
 def show(
     out: Path | str,
     keys: Sequence[str],
@@ -157,7 +180,8 @@ def _draw_sample(ax: Any, s: Sample) -> None:
     _draw_boxes(ax, boxes)
     ax.set_title(
         f"{s.key}\ntarget {meta.get('target')} | {meta.get('class') or 'no class'} | {meta.get('split')} | "
-        f"{len(boxes)} box{'es' if len(boxes) != 1 else ''}\nstored {s.image.shape[1]}x{s.image.shape[0]} px",
+        f"{len(boxes)} box{'es' if len(boxes) != 1 else ''}\nstored {s.image.shape[1]}x{s.image.shape[0]} px"
+        f"{' | qa: ' + ', '.join(meta['qa']) if meta.get('qa') else ''}",
         fontsize=9,
     )
     ax.set_xticks([])

@@ -1,7 +1,7 @@
 """``python -m shards stats``: what is in a dataset, from its manifest, labels.zarr and rejects.
 
-Counts per split, class balance, boxes per image, box sizes, view positions, sex and age, and
-rejects by reason; :func:`plot_stats` draws the same distributions into one PNG (matplotlib,
+Counts per split, class balance, boxes per image, box sizes, view positions, sex and age, QA
+flags, and rejects by reason; :func:`plot_stats` draws the same distributions into one PNG (matplotlib,
 Agg backend). Reads no shard: everything comes from ``labels.zarr`` and ``rejects.jsonl``.
 """
 
@@ -19,6 +19,7 @@ import numpy as np
 from shards.format import CLASS_NAMES, SPLITS
 from shards.labels import read_labels
 from shards.manifest import LABELS_NAME, REJECTS_NAME, read_manifest
+from shards.qa import QA_FLAGS
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +55,8 @@ class DatasetStats:
     """File rejects by reason."""
     label_problems: dict[str, int]
     """Label problems by reason."""
+    qa: dict[str, dict[str, int]] = dataclasses.field(default_factory=dict)
+    """split -> QA flag (or ``any``) -> samples carrying it."""
 
     @property
     def total(self) -> int:
@@ -105,6 +108,12 @@ class DatasetStats:
             out.append(f"age (years): min {a[0]:.0f}, median {a[1]:.0f}, max {a[2]:.0f}; "
                        f"{self.total - len(self.ages)} unknown")
         out.append("")
+        if self.qa:
+            names = [*QA_FLAGS, "any"]
+            out += _table(["QA flag", *splits, "all"],
+                          [[f, *(self.qa[s].get(f, 0) for s in splits), sum(self.qa[s].get(f, 0) for s in splits)]
+                           for f in names])
+            out.append("")
         out.append(f"rejects: {sum(self.rejects.values())}"
                    + "".join(f"\n  {r}: {n}" for r, n in sorted(self.rejects.items(), key=lambda x: -x[1])))
         out.append(f"label problems: {sum(self.label_problems.values())}"
@@ -169,6 +178,8 @@ def compute_stats(out: Path | str) -> DatasetStats:
         ages=table.age[table.age >= 0].astype(np.float64),
         rejects=rejects,
         label_problems=problems,
+        qa={s: {**{f: int(((table.qa >> i) & 1)[split == s].sum()) for i, f in enumerate(QA_FLAGS)},
+                "any": int((table.qa[split == s] != 0).sum())} for s in SPLITS},
     )
 
 

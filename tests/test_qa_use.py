@@ -1,6 +1,6 @@
-"""Training with QA exclusions: flagged samples leave the plan deterministically, every rank
-still gets the same batches, evaluation reports with and without them, and ``--resume``
-refuses another set."""
+"""Using the QA flags: training leaves flagged samples out of its plan deterministically and
+every rank still gets the same batches; evaluation reports with and without them; ``--resume``
+refuses another set; ``shards stats`` counts them and ``shards show --qa`` draws them."""
 
 from __future__ import annotations
 
@@ -121,3 +121,49 @@ def test_exclude_qa_eval_leaves_them_out_of_evaluation(flagged: Path, tmp_path: 
     val = read_split(flagged, "val", exclude_qa=LATERAL)
     assert result["samples"] == val.samples < read_split(flagged, "val").samples
     assert "without_qa" not in result
+
+
+# --------------------------------------------------------------------------- stats and show
+
+
+def test_stats_count_the_flags(flagged: Path, capsys):
+    from shards.__main__ import main as shards_main
+    from shards.stats import compute_stats
+
+    st = compute_stats(flagged)
+    table = read_labels(flagged / "labels.zarr")
+    for split in ("train", "val"):
+        rows = table.split == split
+        assert st.qa[split]["lateral"] == int((table.qa[rows] & LATERAL != 0).sum())
+        assert st.qa[split]["blank"] == int((table.qa[rows] & BLANK != 0).sum())
+        assert st.qa[split]["any"] == int((table.qa[rows] != 0).sum()) > 0
+    assert shards_main(["stats", str(flagged)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    lateral = next(line for line in lines if line.startswith("lateral "))
+    assert lateral.split()[1:] == [str(st.qa["train"]["lateral"]), str(st.qa["val"]["lateral"]),
+                                   str(st.qa["train"]["lateral"] + st.qa["val"]["lateral"])]
+
+
+def test_show_qa_draws_flagged_examples(flagged: Path, tmp_path: Path, capsys):
+    from shards.__main__ import main as shards_main
+    from shards.show import qa_examples
+
+    table = read_labels(flagged / "labels.zarr")
+    keys = qa_examples(flagged, "blank", count=3, seed=1)
+    assert len(keys) == 3 and keys == qa_examples(flagged, "blank", count=3, seed=1)
+    assert all(table.qa[table.index()[k]] & BLANK for k in keys)
+    assert shards_main(["show", str(flagged), "--qa", "blank", "--count", "2", "-o", str(tmp_path / "b.png")]) == 0
+    assert (tmp_path / "b.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--qa", "sideways"], "unknown QA flag(s) 'sideways'"),
+    (["--qa", "inverted_suspect"], "no sample of"),
+    (["somekey", "--qa", "blank"], "name sample keys or --qa FLAG"),
+    ([], "name sample keys or --qa FLAG"),
+])
+def test_show_qa_usage_errors(flagged: Path, tmp_path: Path, capsys, args: list[str], message: str):
+    from shards.__main__ import main as shards_main
+
+    assert shards_main(["show", str(flagged), *args, "-o", str(tmp_path / "x.png")]) == 2
+    assert message in capsys.readouterr().err
