@@ -16,7 +16,12 @@ Measured side by side in one run on synthetic RSNA-like files (1024x1024 JPEG Ba
     end-marker checks, and ``strict=True`` against a lenient decode of the same frames;
 (e) where the time per image goes: each step of a ``--resample dct`` sample, timed alone;
 (f) what the machine itself allows on all cores: the (b2) loop split over one process per
-    core, against one process (cores share caches, memory bandwidth and, on a VM, a host).
+    core, against one process (cores share caches, memory bandwidth and, on a VM, a host);
+(g) what the QA flags and the SOP-class check cost: a worker's whole per-sample function
+    (``process_sample``) with both on and with both off, alternating file by file (best of 5
+    each, CPU time), as a share of ours' one-worker ``dct`` time per image in the same round.
+    "Off" is made here, from outside: the flags computed as none, the judgement passed and the
+    header walker reading the four elements it reads for them no more.
 
 "Per process" rates are images per CPU second (the floors' loop; the worker process with all its
 threads); "all cores" rates are wall-clock, first task to last. The table shows each contender's
@@ -24,7 +29,7 @@ best round; every ratio is taken within a round, between contenders run next to 
 reported as the median (and range) over the rounds. (b2) runs just before and just after ours'
 one-worker ``dct`` run, and the per-process ratio takes the mean of the two.
 
-(a), (b1), (d) and (e) run on the first ``--floor-n`` files only: they are per-image rates in one
+(a), (b1), (d), (e) and (g) run on the first ``--floor-n`` files only: they are per-image rates in one
 process, and (a) alone would take longer than everything else. (b2), its all-cores run and
 ours run on all ``--n``: enough shards that the last one to finish is a small part of an
 all-cores run.
@@ -40,6 +45,7 @@ unpacked (:mod:`ingest.bench_archive`), by default on ``ARCHIVE_N`` files.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import io
 import logging
@@ -50,6 +56,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import cv2
@@ -58,10 +65,12 @@ import pydicom
 import pydicom.encaps
 import simplejpeg
 
-from ingest import codestream, dicom_header, transforms
+from ingest import codestream, dicom_header, qa, sop, transforms, worker
 from ingest.bench_archive import run_archive_bench
-from ingest.dicom import _fast_header
+from ingest.config import IngestConfig
+from ingest.dicom import _fast_header, decode_dicom
 from ingest.pipeline import run_ingest
+from ingest.plan import PlannedSample
 from ingest.readahead import read_file
 from ingest.synth import SynthSummary, make_dataset
 from shards.cli import configure_logging
@@ -186,6 +195,43 @@ def hardening(files: list[Path], size: int) -> tuple[float, float]:
     return checks / len(frames), extra / len(frames)
 
 
+QA_TRIES = 5
+"""(g) runs each file this many times each way, alternating, and keeps the fastest of each."""
+QA_AND_SOP_TAGS = frozenset((dicom_header.SOP_CLASS_UID, dicom_header.MEDIA_STORAGE_SOP_CLASS_UID,
+                              dicom_header.BODY_PART_EXAMINED, dicom_header.BURNED_IN_ANNOTATION))
+"""The header elements the walker reads only for the QA flags and the SOP-class judgement."""
+
+
+@contextlib.contextmanager
+def without_qa_and_sop() -> Iterator[None]:
+    """(g)'s "off": no QA flags, no SOP-class judgement, no header elements read for them."""
+    saved = worker.qa_flags, sop.judge, dicom_header._WANTED
+    worker.qa_flags, sop.judge = (lambda decoded: []), (lambda uid, policy: None)
+    dicom_header._WANTED = saved[2] - QA_AND_SOP_TAGS
+    try:
+        yield
+    finally:
+        worker.qa_flags, sop.judge, dicom_header._WANTED = saved
+
+
+def qa_and_sop_cost(files: list[Path], size: int) -> float:
+    """(g) CPU seconds per image that the QA flags and the SOP-class check add to
+    ``process_sample`` (on minus off, alternating file by file, best of :data:`QA_TRIES` each)."""
+    processing = IngestConfig(dicom_dir=".", out=".", size=size).processing_params()
+    extra = 0.0
+    for f in files:
+        data = read_file(str(f))
+        sample = PlannedSample(f.stem, f.stem, f.name, "train", 0, None, ())
+        best: dict[bool, float] = {}
+        for on in (False, True) * QA_TRIES:
+            with contextlib.nullcontext() if on else without_qa_and_sop():
+                t = time.process_time()
+                worker.process_sample(data, sample, processing)
+                best[on] = min(best.get(on, 1e9), time.process_time() - t)
+        extra += best[True] - best[False]
+    return extra / len(files)
+
+
 def steps(files: list[Path], size: int, work: Path) -> list[tuple[str, float]]:
     """(e) CPU milliseconds per image of each step of a ``dct`` sample, each timed over all
     files (CPU time: on a shared machine it moves less than wall time)."""
@@ -199,14 +245,19 @@ def steps(files: list[Path], size: int, work: Path) -> list[tuple[str, float]]:
 
     datas = timed("read the file", lambda f: read_file(str(f)), files)
     timed("sha256 of the source (provenance)", lambda d: hashlib.sha256(d).hexdigest(), datas)
-    frames = [h.frame for h in timed("header walk + frame location (no pydicom)", _fast_header, datas)]
+    headers = timed("header walk + frame location (no pydicom)", _fast_header, datas)
+    frames = [h.frame for h in headers]
+    timed("SOP-class judgement (from the walked header)", lambda h: sop.judge(h.sop_class, "radiograph"), headers)
     timed("(for comparison: pydicom dcmread)", lambda d: pydicom.dcmread(io.BytesIO(d)), datas)
     timed("codestream checks (SOF, end marker)",
           lambda fr: codestream.check_end_marker(fr) and codestream.frame_geometry(fr, pydicom.uid.JPEGBaseline8Bit), frames)
     pixels = timed("5/8 DCT-domain decode (strict)", lambda fr: codestream.decode_jpeg(fr, (size, size)), frames)
     images = timed("CLAHE at the output size", lambda img: transforms.clahe(img, 2.0, 8), pixels)
+    decoded = [decode_dicom(d, fit=size) for d in datas]
+    timed("QA flags (histogram, column bands, header rules)", qa.qa_flags, decoded)
     meta = {"key": "k", "patient_id": "k", "source": {"path": "k.dcm", "sha256": "0" * 64}, "split": "train",
-            "target": 0, "class": "Normal", "boxes": [], "transform": {}, "view_position": "PA", "sex": "M", "age": 40}
+            "target": 0, "class": "Normal", "boxes": [], "transform": {}, "view_position": "PA", "sex": "M", "age": 40,
+            "qa": []}
     with ShardWriter(work / "steps.tar") as writer:
         timed("shard write (npy + json + tar + sha256)",
               lambda ki: writer.write(f"k{ki[0]}", ki[1], {**meta, "key": f"k{ki[0]}"}), list(enumerate(images)))
@@ -293,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
         # during the three runs weighs on both sides of the per-process ratio alike.
         r["b2"] = (b2_before + b2_after) / 2
         r["b2 all cores"] = floor_all_cores(files, size, cores)
+        r["qa+sop"] = qa_and_sop_cost(few, size)
         rounds.append(r)
     checks, strict_extra = hardening(few, size)
     breakdown = steps(few, size, work)
@@ -344,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
             (f"(c) ours --resample {mode}, {cores} workers (wall)", best((cores, mode), per_wall), f"{cores} workers"),
         ]
     print(f"ingest bench: {n} synthetic 1024x1024 JPEG Baseline DICOMs -> {size}x{size}, shard size {args.shard_size}, "
-          f"{cores} cores, {args.repeat} rounds; (a), (b1), (d), (e) on the first {n_few}")
+          f"{cores} cores, {args.repeat} rounds; (a), (b1), (d), (e), (g) on the first {n_few}")
     print(f"probe before / after: {probe_before:.2f} / {probe_after:.2f} ms (one file's 5/8 decode + CLAHE: "
           "how fast this machine was; rates from runs with other probes do not compare)\n")
     print(f"| {'contender (best round)':78} | images/s | where      |")
@@ -367,6 +419,9 @@ def main(argv: list[str] | None = None) -> int:
           "   (1.0: Dask and the glue lose nothing on all cores beyond what the machine does)")
     print(f"hardening: header checks {checks * 1e6:.0f} us + strict decode {strict_extra * 1e6:+.0f} us per image "
           f"= {(checks + strict_extra) / one_worker_s * 100:+.1f}% of the dct one-worker time per image (target < 5%)")
+    print(f"QA flags + SOP-class check: {statistics.median(r['qa+sop'] for r in rounds) * 1e6:.0f} us per image "
+          f"(median) = {paired(lambda r: 100 * r['qa+sop'] * per_cpu(r[(1, 'dct')]))} % of the dct one-worker "
+          "time per image   (target < 3%)")
     print(f"peak RSS per worker process                = {max(r[k]['rss'] for r in rounds for k in r if isinstance(k, tuple)):5.0f} MB (target < 500 MB)")
     print("\n(e) where the time of one dct sample goes (each step timed alone, 1 process, CPU time):\n")
     print("| step | CPU ms per image |")

@@ -267,7 +267,7 @@ def test_ingest_bench_runs_every_contender_and_prints_every_ratio(tmp_path: Path
     out = capsys.readouterr().out
     for line in ("probe before / after", "(b2) new floor", "(f) new floor split over", "ours dct per process / new floor (b2)",
                  "ours dct  all cores / (cores x 1 worker)", "(f) new floor, the same ratio",
-                 "ours dct all cores ratio / (f)'s", "peak RSS per worker"):
+                 "ours dct all cores ratio / (f)'s", "QA flags + SOP-class check", "peak RSS per worker"):
         assert line in out, line
     assert not re.search(r"\b(nan|inf)\b", out), out
 
