@@ -8,7 +8,10 @@ Modules, one per stage:
   (``--patient-id tag``, ``patient_id_mismatch``).
 * :mod:`ingest.dicom`: strict decoding of one DICOM to uint8 pixels (or a reject reason), with
   :mod:`ingest.dicom_header` (the fast path's header read without pydicom) and
-  :mod:`ingest.codestream` (JPEG SOF / JPEG 2000 SIZ geometry, strict libjpeg-turbo decoding).
+  :mod:`ingest.codestream` (JPEG SOF / JPEG 2000 SIZ geometry, strict libjpeg-turbo decoding);
+  :mod:`ingest.sop`: which SOP classes become samples (``--sop-classes``), judged from the header.
+* :mod:`ingest.qa`: the image QA flags of one decoded file (the names and bits are
+  :mod:`shards.qa`).
 * :mod:`ingest.inputs`: where a worker gets an input's bytes: a file of the folder (with
   :mod:`ingest.readahead`) or a member of a ``.zip``/``.tar`` read in place (:mod:`shards.archive`).
 * :mod:`ingest.render`: one file's bytes -> the training image under ``--resample dct|area``.

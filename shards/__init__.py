@@ -9,6 +9,7 @@ stand on it and never on each other. Modules:
 * :mod:`shards.manifest`: ``manifest.json`` and its ``params_hash``; the dataset's file names.
 * :mod:`shards.atomic`: the one way every file and folder is written (temporary name, rename).
 * :mod:`shards.labels`: ``labels.zarr``; :mod:`shards.label_csv`: RSNA's label CSVs.
+* :mod:`shards.qa`: the image QA flags: names, rules, their bits in ``labels.zarr``'s ``qa``.
 * :mod:`shards.source`: the source folder: its inputs, fingerprint, patient ids by name;
   :mod:`shards.archive`: a source ``.zip``/``.tar`` read in place (member index, reads by offset).
 * :mod:`shards.writer`: the deterministic shard writer; :mod:`shards.tar`: the one tar parser;
@@ -62,6 +63,7 @@ from shards.manifest import (
     read_manifest,
     write_manifest,
 )
+from shards.qa import QA_FLAGS, QA_RULES, parse_qa_flags, qa_mask, qa_names
 from shards.reader import Sample, SampleChecksumError, SampleMeta, ShardChecksumError, iter_samples, read_into
 from shards.report import CHECKS, Problem, VerifyReport
 from shards.scan import ShardScan, scan_shard
@@ -74,6 +76,8 @@ __all__ = [
     "POSITIVE_CLASS",
     "FORMAT_VERSION",
     "FORMAT_VERSIONS",
+    "QA_FLAGS",
+    "QA_RULES",
     "IMAGE_EXT",
     "LABELS_NAME",
     "MANIFEST_NAME",
@@ -112,6 +116,9 @@ __all__ = [
     "letterbox_geometry",
     "params_hash",
     "read_into",
+    "parse_qa_flags",
+    "qa_mask",
+    "qa_names",
     "read_label_csv",
     "read_labels",
     "read_manifest",
