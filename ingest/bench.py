@@ -65,7 +65,7 @@ import pydicom
 import pydicom.encaps
 import simplejpeg
 
-from ingest import codestream, dicom_header, qa, sop, transforms, worker
+from ingest import codestream, dicom_header, qa, render, sop, transforms, worker
 from ingest.bench_archive import run_archive_bench
 from ingest.config import IngestConfig
 from ingest.dicom import _fast_header, decode_dicom
@@ -205,13 +205,13 @@ QA_AND_SOP_TAGS = frozenset((dicom_header.SOP_CLASS_UID, dicom_header.MEDIA_STOR
 @contextlib.contextmanager
 def without_qa_and_sop() -> Iterator[None]:
     """(g)'s "off": no QA flags, no SOP-class judgement, no header elements read for them."""
-    saved = worker.qa_flags, sop.judge, dicom_header._WANTED
-    worker.qa_flags, sop.judge = (lambda decoded: []), (lambda uid, policy: None)
+    saved = render.qa_flags, sop.judge, dicom_header._WANTED
+    render.qa_flags, sop.judge = (lambda decoded: []), (lambda uid, policy: None)
     dicom_header._WANTED = saved[2] - QA_AND_SOP_TAGS
     try:
         yield
     finally:
-        worker.qa_flags, sop.judge, dicom_header._WANTED = saved
+        render.qa_flags, sop.judge, dicom_header._WANTED = saved
 
 
 def qa_and_sop_cost(files: list[Path], size: int) -> float:

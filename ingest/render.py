@@ -6,6 +6,10 @@ smallest n/8 scale that still covers the letterboxed size (1024 -> 640 is exactl
 resize left), area-resized the rest of the way if needed, and CLAHE runs at the output size;
 every other file is processed as with ``area``. The mode is a processing parameter, recorded
 in the manifest and its hash.
+
+The QA flags (:mod:`ingest.qa`) are judged here too, on the decoded image just after its
+decode, while its pixels are still in the CPU's cache: judged after CLAHE and the letterbox,
+their sampling grid read the image back from memory, and cost twice as much.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import numpy as np
 from ingest import transforms
 from ingest.config import DEFAULT_MAX_PIXELS, RESAMPLE_MODES
 from ingest.dicom import DecodedDicom, decode_dicom
+from ingest.qa import qa_flags
 from shards.geometry import Letterbox, letterbox_geometry
 
 
@@ -29,6 +34,8 @@ class Rendered:
     """uint8 (size, size)."""
     geom: Letterbox
     decoded: DecodedDicom
+    qa: list[str]
+    """The image's QA flags (:func:`ingest.qa.qa_flags`)."""
 
 
 def render(data: bytes, processing: dict[str, Any]) -> Rendered:
@@ -53,6 +60,7 @@ def render(data: bytes, processing: dict[str, Any]) -> Rendered:
         fit=size if resample == "dct" else None,
         sop_classes=processing.get("sop_classes"),
     )
+    flags = qa_flags(decoded)
     geom = letterbox_geometry(decoded.rows, decoded.cols, size)
     clip, grid = processing["clahe_clip"], processing["clahe_grid"]
     if decoded.resampled:
@@ -60,4 +68,4 @@ def render(data: bytes, processing: dict[str, Any]) -> Rendered:
         image = transforms.pad_letterbox(transforms.clahe(resized, clip, grid), geom)
     else:
         image = transforms.letterbox(transforms.clahe(decoded.pixels, clip, grid), geom)
-    return Rendered(image, geom, decoded)
+    return Rendered(image, geom, decoded, flags)

@@ -39,7 +39,6 @@ from ingest.dicom import DicomRejected, describe
 from ingest.inputs import open_inputs, read_input
 from ingest.isolate import ChildDied, ChildTimedOut, IsolatedProcess
 from ingest.plan import PlannedSample, Reject, ShardTask
-from ingest.qa import qa_flags
 from ingest.render import render
 from shards.archive import ArchiveIndex, MemberError
 from shards.diskspace import NoSpace, is_out_of_space
@@ -132,7 +131,7 @@ def process_sample(data: bytes, sample: PlannedSample, processing: dict) -> Proc
         "view_position": decoded.view_position,
         "sex": decoded.sex,
         "age": decoded.age,
-        "qa": qa_flags(decoded),
+        "qa": rendered.qa,
     }
     return ProcessedSample(image, meta, problems, decoded.fast_path)
 
