@@ -24,6 +24,11 @@ PatientAge                            ``age``: JSON, zarr                       
 ViewPosition                          ``view_position``: JSON, zarr               unchanged
 pixel data                            the 640x640 image; its file's sha256:       unchanged
                                       ``source.sha256`` (JSON)
+BodyPartExamined, BurnedInAnnotation  only as QA flags (``not_chest``,             unchanged
+                                      ``burned_in_annotation``): ``qa`` in JSON,
+                                      zarr; never the value
+SOPClassUID                           only its verdict: a file refused by it is   unchanged
+                                      a ``rejects.jsonl`` line naming the class
 ====================================  ==========================================  ===========================================
 
 :data:`RECORDED` lists the identifying rows, by name, for the PHI audit test

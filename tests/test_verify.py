@@ -480,7 +480,7 @@ def test_manifest_reports_every_bad_field_naming_field_value_and_shard(
 
 def test_sample_json_reports_every_bad_field(tmp_path: Path) -> None:
     good = {"key": "a", "patient_id": "a", "source": {"path": "a.dcm", "sha256": "0" * 64}, "split": "train",
-            "target": 0, "class": "Normal", "boxes": [], "view_position": "PA", "sex": "F", "age": 40,
+            "target": 0, "class": "Normal", "boxes": [], "view_position": "PA", "sex": "F", "age": 40, "qa": [],
             "transform": {"scale": 1.0, "pad_x": 0, "pad_y": 0, "rows": 8, "cols": 8, "size": 8}}
 
     def scan(meta: dict[str, Any], name: str) -> list[str]:
