@@ -1,5 +1,5 @@
 """Image QA flags: each rule, the inverted-image heuristic on real radiographs, the format
-(JSON list, zarr bitmask, version 1 datasets read as unflagged) and verify."""
+(JSON list, zarr bitmask, datasets of earlier versions read as unflagged) and verify."""
 
 from __future__ import annotations
 
@@ -181,7 +181,7 @@ def test_the_real_chest_has_no_other_flag() -> None:
 
 def test_flags_in_json_and_zarr_agree(ingested_small: Path) -> None:
     m = read_manifest(ingested_small)
-    assert m.format_version == FORMAT_VERSION == 2
+    assert m.format_version == FORMAT_VERSION == 3
     labels = read_labels(ingested_small / "labels.zarr")
     index = labels.index()
     seen = 0
@@ -193,8 +193,9 @@ def test_flags_in_json_and_zarr_agree(ingested_small: Path) -> None:
     assert seen == len(labels) and labels.qa.dtype == np.uint16
 
 
-def _as_version_1(src: Path, dst: Path) -> Path:
-    """``src`` rewritten as a format version 1 dataset: no qa in any JSON or in labels.zarr."""
+def _as_version(src: Path, dst: Path, version: int) -> Path:
+    """``src`` rewritten as a dataset of format ``version`` (1 or 2): no qa in any JSON or in
+    labels.zarr, and the per-sample checksums (version 2) of the rewritten shards."""
     from shards.manifest import MANIFEST_NAME, sha256_file
     from shards.writer import ShardWriter
 
@@ -208,17 +209,21 @@ def _as_version_1(src: Path, dst: Path) -> Path:
             for s in samples:
                 writer.write(s.key, s.image, {k: v for k, v in s.meta.items() if k != "qa"})
         info["bytes"], info["sha256"] = path.stat().st_size, sha256_file(path)
-    manifest["format_version"] = 1
+        info.pop("xxh3", None)
+        if version == 2:
+            info["xxh3"] = [list(pair) for pair in writer.result.xxh3]
+    manifest["format_version"] = version
     (dst / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     shutil.rmtree(dst / "labels.zarr" / "qa")
     return dst
 
 
-def test_a_version_1_dataset_reads_as_unflagged_and_verifies(ingested_small: Path, tmp_path: Path) -> None:
-    old = _as_version_1(ingested_small, tmp_path / "v1")
+@pytest.mark.parametrize("version", [1, 2])
+def test_an_earlier_version_reads_as_unflagged_and_verifies(ingested_small: Path, tmp_path: Path, version: int) -> None:
+    old = _as_version(ingested_small, tmp_path / f"v{version}", version)
     labels = read_labels(old / "labels.zarr")
     assert not labels.qa.any() and len(labels.qa) == len(labels)
-    assert read_manifest(old).format_version == 1
+    assert read_manifest(old).format_version == version
     report = verify(VerifyConfig(out=old, deep=True, workers=1))
     assert report.ok, [p.to_json() for p in report.problems]
     from train.data import read_split
@@ -233,7 +238,7 @@ def test_a_newer_format_version_is_refused_in_one_line(ingested_small: Path, tmp
     data = json.loads((ingested_small / "manifest.json").read_text())
     data["format_version"] = FORMAT_VERSION + 1
     (tmp_path / "manifest.json").write_text(json.dumps(data))
-    with pytest.raises(FormatError, match=rf"format_version {FORMAT_VERSION + 1}, this reader knows 1, 2"):
+    with pytest.raises(FormatError, match=rf"format_version {FORMAT_VERSION + 1}: this reader reads versions 1 to 3"):
         read_manifest(tmp_path)
 
 
@@ -243,15 +248,16 @@ META = {"key": "k", "patient_id": "k", "source": {"path": "k.dcm", "sha256": "0"
 
 # (id, qa field (None: absent), format version, problem found)
 META_CASES = [
-    ("v2-flags", ["lateral", "small_source"], 2, None),
-    ("v2-none", [], 2, None),
-    ("v2-missing", None, 2, "meta_fields"),
-    ("v2-unknown", ["sideways"], 2, "meta_value"),
-    ("v2-out-of-order", ["small_source", "lateral"], 2, "meta_value"),
-    ("v2-repeated", ["blank", "blank"], 2, "meta_value"),
-    ("v2-not-a-list", "blank", 2, "meta_value"),
+    ("v3-flags", ["lateral", "small_source"], 3, None),
+    ("v3-none", [], 3, None),
+    ("v3-missing", None, 3, "meta_fields"),
+    ("v3-unknown", ["sideways"], 3, "meta_value"),
+    ("v3-out-of-order", ["small_source", "lateral"], 3, "meta_value"),
+    ("v3-repeated", ["blank", "blank"], 3, "meta_value"),
+    ("v3-not-a-list", "blank", 3, "meta_value"),
+    ("v2-absent", None, 2, None),
     ("v1-absent", None, 1, None),
-    ("v1-extra", [], 1, "meta_fields"),
+    ("v2-extra", [], 2, "meta_fields"),
 ]
 
 
@@ -260,7 +266,7 @@ def test_verify_checks_the_qa_field(flags, version: int, problem: str | None) ->
     meta = dict(META) if flags is None else {**META, "qa": flags}
     found = [check for check, _, _ in check_meta(meta, "k", 64, version)]
     assert found == ([problem] if problem else [])
-    assert set(META_FIELDS_BY_VERSION[version]) == set(META) | ({"qa"} if version == 2 else set())
+    assert set(META_FIELDS_BY_VERSION[version]) == set(META) | ({"qa"} if version == 3 else set())
 
 
 def test_verify_finds_zarr_and_json_flags_that_disagree(ingested_small: Path, tmp_path: Path) -> None:
