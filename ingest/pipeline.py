@@ -20,7 +20,9 @@ from distributed import Client
 from ingest.config import IngestConfig
 from ingest.plan import Plan, ShardTask, make_plan
 from ingest.runner import build_shards, cluster, read_tags
-from ingest.worker import DONE_DIR, WORK_DIR, label_row, mismatch, reusable_record
+from ingest.journal import reusable_record
+from ingest.workdir import done_dir, params_file, work_dir
+from ingest.worker import label_row, mismatch
 from shards.archive import ArchiveError, ArchiveIndex, is_archive, read_index, top_folders
 from shards.diskspace import free_bytes, human, is_out_of_space, sample_bytes_at_least, what_filled
 from shards.format import FORMAT_VERSION, SPLITS
@@ -45,7 +47,6 @@ from shards.source import discover, patient_id_of, source_fingerprint
 log = logging.getLogger(__name__)
 
 PACKAGES = ("pneumo-hpc", "numpy", "opencv-python-headless", "pydicom", "pylibjpeg", "dask", "distributed", "zarr")
-PARAMS_FILE = f"{WORK_DIR}/params.json"
 
 class IngestUsageError(ValueError):
     """Bad input found before any work: the CLI exits 2 with this one-line message."""
@@ -142,8 +143,8 @@ def _check_out(cfg: IngestConfig, identity: dict[str, Any]) -> bool:
     if not out.is_dir():
         raise IngestUsageError(f"--out {out} exists and is not a folder")
     previous: dict[str, Any] | None = None
-    if (out / PARAMS_FILE).exists():
-        previous = json.loads((out / PARAMS_FILE).read_text())
+    if params_file(out).exists():
+        previous = json.loads(params_file(out).read_text())
     elif (out / MANIFEST_NAME).exists():
         m = json.loads((out / MANIFEST_NAME).read_text())
         previous = {
@@ -166,7 +167,7 @@ def _check_out(cfg: IngestConfig, identity: dict[str, Any]) -> bool:
         raise IngestUsageError(f"--out {out} holds a dataset made from a different set of source files; use a new --out")
     if previous["labels_sha256"] != identity["labels_sha256"]:
         raise IngestUsageError(f"--out {out} holds a dataset made with a different labels file; use a new --out")
-    return (out / MANIFEST_NAME).exists() and not (out / PARAMS_FILE).exists()
+    return (out / MANIFEST_NAME).exists() and not params_file(out).exists()
 
 
 def _plan(
@@ -291,16 +292,16 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
             raise
         raise IngestOutOfSpace(_no_space(exc, cfg, plan, records)) from exc
     summary.records = [records[t.name] for t in pending]
-    shutil.rmtree(cfg.out / WORK_DIR, ignore_errors=True)
+    shutil.rmtree(work_dir(cfg.out), ignore_errors=True)
     return summary
 
 
 def _prepare_out(cfg: IngestConfig, identity: dict[str, Any], inputs: int) -> None:
     """Create OUT's folders and record the run's identity, or refuse an OUT that cannot be written."""
     try:
-        (cfg.out / DONE_DIR).mkdir(parents=True, exist_ok=True)
+        done_dir(cfg.out).mkdir(parents=True, exist_ok=True)
         (cfg.out / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(cfg.out / PARAMS_FILE, json.dumps(identity, indent=2, sort_keys=True))
+        atomic_write_text(params_file(cfg.out), json.dumps(identity, indent=2, sort_keys=True))
     except OSError as exc:
         need = human(inputs * sample_bytes_at_least(cfg.size))
         raise IngestUsageError(f"--out {cfg.out} cannot be written ({exc.strerror or exc}); "

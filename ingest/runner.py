@@ -34,15 +34,10 @@ from ingest.cluster import open_client
 from ingest.config import IngestConfig
 from ingest.plan import Reject, ShardTask
 from ingest.tags import BATCH, NOTE_SHARD, TagResult, load_cached, read_patient_ids, save_cache
-from ingest.worker import (
-    STARTED_TOPIC,
-    WORK_DIR,
-    abandon_shard,
-    build_shard,
-    build_shard_isolated,
-    read_suspects,
-    reusable_record,
-)
+from ingest.announce import STARTED_TOPIC
+from ingest.journal import reusable_record
+from ingest.watchdog import read_suspects
+from ingest.worker import abandon_shard, build_shard, build_shard_isolated
 from shards.archive import ArchiveIndex
 from shards.diskspace import NoSpace
 from shards.writer import wait_flushed
@@ -264,8 +259,7 @@ def read_tags(
         client: Called only when some tag is not cached from an interrupted run.
         archive: The member index when ``--dicom-dir`` is an archive.
     """
-    work = cfg.out / WORK_DIR
-    tags = load_cached(work)
+    tags = load_cached(cfg.out)
     todo = [r for r in rels if r not in tags]
     if todo:
         log.info("reading the PatientID of %d files (headers only)", len(todo))
@@ -290,7 +284,7 @@ def read_tags(
             drive(c, jobs, submit, finish)
         finally:
             bar.close()
-        save_cache(work, tags)
+        save_cache(cfg.out, tags)
     return {r: tags[r] for r in rels}
 
 

@@ -65,7 +65,7 @@ from distributed.security import Security
 
 from ingest.cluster_base import ClusterError, dashboard_address, env_name, log_dashboard, worker_config
 from ingest.config import IngestConfig
-from shards.manifest import WORK_DIR
+from ingest.workdir import work_dir
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ def credentials_base(cfg: IngestConfig) -> Path:
     configured = _conf("shared-temp-directory")
     if configured:
         return Path(os.path.expandvars(os.path.expanduser(str(configured))))
-    return cfg.out / WORK_DIR
+    return work_dir(cfg.out)
 
 
 def credentials_dir(cfg: IngestConfig) -> Path:

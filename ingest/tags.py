@@ -22,16 +22,16 @@ import pydicom
 from ingest.dicom import describe
 from ingest.inputs import read_input
 from ingest.plan import Reject
-from ingest.worker import WATCHDOG, announce_start
+from ingest.announce import announce_start
+from ingest.watchdog import WATCHDOG
+from ingest.workdir import tags_file
 from shards.archive import ArchiveIndex, MemberError
-from shards.manifest import atomic_write_text
+from shards.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 
 BATCH = 256
 """Files per header-reading task: a task costs a few ms, a header about 1 ms."""
-TAGS_FILE = "tags.json"
-"""Tags already read, under ``OUT/.ingest/``, so that a resumed run does not read them again."""
 NOTE_SHARD = "tags"
 """Shard name under which the watchdog notes a file that hangs its header read."""
 
@@ -75,16 +75,16 @@ def read_patient_ids(
     return found
 
 
-def load_cached(work_dir: Path) -> dict[str, TagResult]:
-    """Tags read by an earlier, interrupted run of the same ingest."""
+def load_cached(out: Path) -> dict[str, TagResult]:
+    """Tags read by an earlier, interrupted run of the same ingest into ``out``."""
     try:
-        raw = json.loads((work_dir / TAGS_FILE).read_text())
+        raw = json.loads(tags_file(out).read_text())
     except (OSError, ValueError):
         return {}
     return {rel: (tag, Reject(**rej) if rej else None) for rel, (tag, rej) in raw.items()}
 
 
-def save_cache(work_dir: Path, tags: dict[str, TagResult]) -> None:
+def save_cache(out: Path, tags: dict[str, TagResult]) -> None:
     """Keep the tags read for a resumed run (see :func:`load_cached`)."""
     raw = {rel: (tag, {"path": r.path, "reason": r.reason, "detail": r.detail} if r else None) for rel, (tag, r) in tags.items()}
-    atomic_write_text(work_dir / TAGS_FILE, json.dumps(raw, sort_keys=True))
+    atomic_write_text(tags_file(out), json.dumps(raw, sort_keys=True))

@@ -1,29 +1,23 @@
 """What a Dask worker runs: build one whole shard from its planned samples.
 
-A shard is written under a temporary name and renamed when complete; then a small
-``.ingest/done/<shard>.json`` records its result, so a restarted driver skips it.
+A shard is written under a temporary name and renamed when complete; then its record is
+journalled (:mod:`ingest.journal`), so a restarted driver skips it.
 
-Poison files: while a file is decoded, a watchdog thread of the worker process watches the
-clock; a file still busy after ``sample_timeout`` seconds leaves a note in
-``.ingest/suspects/`` naming it, and the watchdog kills its own process (a task cannot be
-interrupted from inside its thread). The driver reads the note and rebuilds the shard without
-that file. A shard whose worker dies with no note (a segfault, the OOM killer) is retried,
+Poison files: while a file is decoded, the process's watchdog (:mod:`ingest.watchdog`) watches
+the clock; a file still busy after ``sample_timeout`` seconds is noted and the process killed.
+The driver reads the note and rebuilds the shard without that file. A shard whose worker dies with no note (a segfault, the OOM killer) is retried,
 then rebuilt by :func:`build_shard_isolated`, which decodes each file in a child process.
 Every path writes the same bytes for the same set of rejects: the samples in plan order.
 """
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import functools
 import hashlib
-import json
 import logging
 import os
 import resource
-import signal
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -31,21 +25,22 @@ from typing import Any
 
 import cv2
 import numpy as np
-from distributed import get_worker
-from distributed.utils import sync
-
 from ingest import transforms
+from ingest.announce import announce_start
 from ingest.dicom import DicomRejected, describe
 from ingest.inputs import open_inputs, read_input
 from ingest.isolate import ChildDied, ChildTimedOut, IsolatedProcess
+from ingest.journal import record_done
+from ingest.memory import keep_freed_buffers
 from ingest.plan import PlannedSample, Reject, ShardTask
 from ingest.render import render
+from ingest.watchdog import WATCHDOG
 from shards.archive import ArchiveIndex, MemberError
 from shards.diskspace import NoSpace, is_out_of_space
 from shards.format import CLASS_NAMES
 from shards.geometry import boxes_to_letterbox
 from shards.label_csv import LabelProblem
-from shards.manifest import SHARDS_DIR, WORK_DIR, atomic_write_text, sha256_file
+from shards.manifest import SHARDS_DIR
 from shards.qa import qa_mask
 from shards.writer import ShardWriter
 
@@ -54,39 +49,6 @@ log = logging.getLogger(__name__)
 # One shard task per worker process is the unit of parallelism: OpenCV's own threads would
 # only fight the other workers for the same cores.
 cv2.setNumThreads(1)
-
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-"""glibc ``mallopt`` parameters (malloc.h)."""
-MMAP_THRESHOLD = 16 << 20
-TRIM_THRESHOLD = 64 << 20
-
-
-@functools.cache
-def keep_freed_buffers() -> bool:
-    """Let this process reuse the image-sized buffers it frees; False where libc is not glibc.
-
-    Dask's nanny starts workers with ``MALLOC_TRIM_THRESHOLD_=65536``, which also pins glibc's
-    mmap threshold at 128 KiB: every buffer of a decoded or CLAHE'd image (400 KB at 640 px)
-    was then a fresh mmap whose pages the kernel zeroes and faults in again, about 1 ms per
-    image (``python -m ingest.bench``). A worker holds one shard's images at a time, so
-    keeping up to 64 MiB of freed memory bounds what this costs. Called by each shard task
-    (once per process takes effect), not at import: in other processes (a loader holding
-    whole shards of 26 MB) a fixed threshold is slower than glibc's own adaptive one.
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD))
-
-
-DONE_DIR = f"{WORK_DIR}/done"
-SUSPECTS_DIR = f"{WORK_DIR}/suspects"
-"""Notes of files that kept a worker busy past the timeout, one JSON per file."""
-WATCHDOG_POLL_S = 0.5
-STARTED_TOPIC = "pneumo-ingest-started"
-"""Dask event topic on which each task says that it runs (see :func:`announce_start`)."""
-
 
 @dataclasses.dataclass
 class ProcessedSample:
@@ -188,99 +150,6 @@ def read_outcome(read: Callable[[], bytes], sample: PlannedSample, processing: d
         return Reject(sample.path, exc.reason, exc.detail)
     except Exception as exc:  # anything else one file raises costs that file, not the run
         return Reject(sample.path, "decode_error", describe(exc))
-
-
-def announce_start() -> None:
-    """Tell the scheduler that this task now runs, and on which worker: when its worker dies,
-    the driver counts the death against this task, not against one that was only queued
-    behind it (``ingest.runner``).
-
-    A direct call, answered before the task goes on. ``Worker.log_event`` only queues the
-    event for the worker's next batched message, a few milliseconds later: a task that killed
-    its worker at once took its announcement with it, and the shard queued behind it on that
-    worker was blamed for the death (a healthy shard was given up in a CI run).
-    """
-    try:
-        worker = get_worker()
-    except ValueError:
-        return  # called outside a Dask worker (tests, the driver)
-    msg = {"key": str(worker.get_current_task()), "worker": worker.address}
-    sync(worker.loop, worker.scheduler.log_event, topic=STARTED_TOPIC, msg=msg)
-
-
-class _Watchdog:
-    """Kills this worker process when one file keeps it busy past its deadline, after leaving
-    a note that names the file (see the module docstring)."""
-
-    def __init__(self) -> None:
-        self._armed: tuple[float, Path, str, str, str] | None = None
-        self._thread: threading.Thread | None = None
-
-    def arm(self, timeout_s: float, out: Path, shard: str, path: str, detail: str) -> None:
-        """Watch ``path`` of ``shard``, now in work: past ``timeout_s`` leave a
-        ``sample_timeout`` note saying ``detail`` under ``out`` (:func:`suspect_note_path`),
-        then die. Armed once per file, so the note is made only if it is needed."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._watch, name="pneumo-sample-watchdog", daemon=True)
-            self._thread.start()
-        self._armed = (time.monotonic() + timeout_s, out, shard, path, detail)
-
-    def disarm(self) -> None:
-        self._armed = None
-
-    def _watch(self) -> None:
-        while True:
-            time.sleep(WATCHDOG_POLL_S)
-            armed = self._armed
-            if armed is None or time.monotonic() < armed[0]:
-                continue
-            _, out, shard, path, detail = armed
-            note_path = suspect_note_path(out, shard, path)
-            note_path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(note_path, json.dumps({"path": path, "reason": "sample_timeout", "detail": detail}))
-            log.error("%s: %s; killing this worker process so that the driver can go on", path, detail)
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-WATCHDOG = _Watchdog()
-"""The one watchdog of this worker process."""
-
-
-def reusable_record(out: Path, task: ShardTask) -> dict[str, Any] | None:
-    """The persisted result of a shard already finished (by an earlier, interrupted run, or by
-    a task whose result was lost with its worker), if the shard is intact."""
-    done = out / DONE_DIR / f"{task.name}.json"
-    shard = out / SHARDS_DIR / task.name
-    try:
-        record = json.loads(done.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if not shard.is_file() or shard.stat().st_size != record.get("bytes") or "xxh3" not in record:
-        return None  # missing, torn, or built before per-sample checksums (format 1)
-    # Neither file was synced when it was written: after a crash the shard can have its size
-    # and not its bytes.
-    if sha256_file(shard) != record.get("sha256"):
-        log.warning("%s: its bytes differ from those recorded when it was built (a crash?); rebuilding it", shard)
-        return None
-    return record
-
-
-def suspect_note_path(out: Path, shard: str, path: str) -> Path:
-    """Where the watchdog notes that ``path`` of ``shard`` kept its worker busy too long."""
-    digest = hashlib.sha256(path.encode()).hexdigest()[:16]
-    return out / SUSPECTS_DIR / f"{shard}.{digest}.json"
-
-
-def read_suspects(out: Path, shard: str) -> dict[str, Reject]:
-    """The notes the watchdog left for ``shard``, as rejects by path."""
-    found: dict[str, Reject] = {}
-    for note in sorted((out / SUSPECTS_DIR).glob(f"{shard}.*.json")):
-        try:
-            rec = json.loads(note.read_text())
-            found[rec["path"]] = Reject(rec["path"], rec["reason"], rec["detail"])
-        except (OSError, ValueError, KeyError, TypeError):
-            continue  # a note cut short by the kill: the file is found again
-    return found
 
 
 def build_shard(task: ShardTask, timeout_s: float = 300.0, known: dict[str, Reject] | None = None) -> dict[str, Any] | NoSpace:
@@ -386,8 +255,7 @@ def _write_one(
     problems: list[dict] = []
     fast = 0
     # Not synced here: a worker's decoding never waits for the disk (the writer's flusher
-    # thread does). The driver syncs every shard before it writes the manifest, and a resumed
-    # run re-hashes what it reuses (reusable_record).
+    # thread does; see ingest.journal.record_done).
     with ShardWriter(out / SHARDS_DIR / task.name, durable=False) as writer:
         for sample in task.samples:
             done = known.get(sample.path) or outcome(sample)
@@ -422,7 +290,5 @@ def _write_one(
         "worker_pid": os.getpid(),
         "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
     }
-    done_dir = out / DONE_DIR
-    done_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(done_dir / f"{task.name}.json", json.dumps(record), durable=False)
+    record_done(out, record)
     return record

@@ -233,7 +233,7 @@ def test_a_shard_queued_behind_anothers_crash_is_not_blamed(
 
 
 def _announce_and_die() -> None:
-    from ingest.worker import announce_start
+    from ingest.announce import announce_start
 
     announce_start()
     os._exit(1)  # at once, as a file that crashes its worker on the first read
@@ -247,7 +247,7 @@ def test_a_task_that_kills_its_worker_at_once_has_announced_its_start(tmp_path: 
     from distributed import KilledWorker
 
     from ingest.cluster import open_client
-    from ingest.worker import STARTED_TOPIC
+    from ingest.announce import STARTED_TOPIC
 
     cfg = IngestConfig(dicom_dir=tmp_path, out=tmp_path / "out", workers=1)
     with dask.config.set(runner.SCHEDULER_CONFIG), open_client(cfg) as client:
