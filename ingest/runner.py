@@ -2,18 +2,9 @@
 
 Dask would retry a task whose worker died on three more workers and then raise
 ``KilledWorker`` into the driver, ending the run. Here the scheduler fails such a task at once
-(``allowed-failures`` 0) and the driver decides. A task that had not started (it was queued
-behind the one that killed the worker: each task says when it starts, on a Dask event topic)
-is simply submitted again. For a task that had started:
-
-- shards (:func:`build_shards`): a file that kept a worker busy past ``--sample-timeout`` left
-  a watchdog note, and the shard is rebuilt without it (``sample_timeout``); a shard whose
-  worker died without a note is retried once, then rebuilt file by file in isolated child
-  processes (the culprit becomes ``worker_crashed``), :data:`ISOLATED_TRIES` times at most;
-  then its files are given
-  up as ``worker_crashed`` rejects and its shard is written empty;
-- headers (:func:`read_tags`): a batch whose worker died is split into one task per file; a
-  file whose worker died twice is given up.
+(``allowed-failures`` 0), Dask retries nothing by itself, and the driver observes what happened
+(:class:`ingest.retry.Event`) and carries out the step :mod:`ingest.retry` decides: shards in
+:func:`build_shards`, headers in :func:`read_tags`.
 """
 
 from __future__ import annotations
@@ -33,6 +24,7 @@ from tqdm import tqdm
 from ingest.cluster import open_client
 from ingest.config import IngestConfig
 from ingest.plan import Reject, ShardTask
+from ingest.retry import ISOLATED_TRIES, Event, Step, Tries, event_of_error, next_shard_step, next_tag_step
 from ingest.tags import BATCH, NOTE_SHARD, TagResult, load_cached, read_patient_ids, save_cache
 from ingest.announce import STARTED_TOPIC
 from ingest.journal import reusable_record
@@ -49,18 +41,6 @@ SCHEDULER_CONFIG = {
     # three more workers: the driver decides what the death means.
     "distributed.scheduler.allowed-failures": 0,
 }
-ISOLATED_TRIES = 3
-"""Isolated rebuilds of a shard before its files are given up: more than one, because the
-worker of an isolated rebuild dies only of causes outside it (another task, the machine)."""
-QUEUED_DEATHS = 2
-"""Deaths of a worker a task was only queued on that are forgiven before they count, when
-no other task is known to have been running there (announcements are delivered before a task
-goes on, but a worker can die of other causes, or a scheduler miss an event)."""
-QUEUED_BEHIND_DEATHS = 12
-"""The same, when another unfinished task had announced its start on that worker last: a
-shard queued behind a poison shard's every try meets up to ``2 + ISOLATED_TRIES`` deaths that
-are not its own. Still bounded, in case the other task had in fact finished there."""
-
 POISON_REASONS = ("worker_crashed", "sample_timeout")
 """Rejects the driver also logs: the files that killed or hung a worker."""
 
@@ -140,59 +120,65 @@ class _ShardState:
     task: ShardTask
     known: dict[str, Reject]
     """Poison files found so far (watchdog notes), rejected without being opened again."""
-    deaths: int = 0
-    """Deaths of the worker while it was building this shard, that named no file."""
-    queued_deaths: int = 0
+    tries: Tries = dataclasses.field(default_factory=Tries)
     attempt: int = 0
 
 
 def _submit_shard(client: Client, cfg: IngestConfig, state: _ShardState) -> Future:
     state.attempt += 1
-    isolated = state.deaths >= 2
+    isolated = state.tries.isolated
     fn = build_shard_isolated if isolated else build_shard
     key = f"shard-{state.task.name}-{state.task.processing['size']}-{'isolated-' if isolated else ''}{state.attempt}"
-    return client.submit(fn, state.task, cfg.sample_timeout, state.known, key=key, pure=False, retries=3)
+    return client.submit(fn, state.task, cfg.sample_timeout, state.known, key=key, pure=False, retries=0)
 
 
-def _after_death(cfg: IngestConfig, client: Client, key: str, state: _ShardState,
-                 worker: str | None = None, finished: Collection[str] = ()) -> bool:
-    """Account for a worker that died with ``state``'s shard on it; False to give it up.
+def _death_event(cfg: IngestConfig, client: Client, key: str, state: _ShardState,
+                 worker: str | None, finished: Collection[str]) -> Event:
+    """What the death of ``worker`` while it held ``state``'s shard means; new watchdog notes
+    join ``state.known``.
 
-    ``worker``: the dead worker's address; ``finished``: keys whose results arrived.
+    ``finished``: keys whose results arrived.
     """
-    task = state.task
-    notes = read_suspects(cfg.out, task.name)
+    notes = read_suspects(cfg.out, state.task.name)
     new = {p: r for p, r in notes.items() if p not in state.known}
     if new:
         state.known.update(new)
-        for rej in new.values():
-            log.warning("shard %s: %s: %s (%s); rebuilding the shard without it", task.name, rej.path, rej.reason, rej.detail)
-        return True
+        return Event.NOTED
     starts = _starts(client)  # one round trip to the scheduler for both questions
-    if not _started(starts, key):
-        culprit = _last_started_on(starts, worker)
-        behind = culprit is not None and culprit != key and culprit not in finished
-        if state.queued_deaths < (QUEUED_BEHIND_DEATHS if behind else QUEUED_DEATHS):
-            state.queued_deaths += 1
-            log.info("shard %s was queued on a worker that died%s; submitting it again",
-                     task.name, f" running {culprit}" if behind else "")
-            return True
-    state.deaths += 1
-    if state.deaths == 1:
-        log.warning("shard %s: its worker died; retrying it once", task.name)
-    elif state.deaths == 2:
-        log.warning("shard %s: its worker died again; rebuilding it file by file in isolated processes", task.name)
-    elif state.deaths < 2 + ISOLATED_TRIES:
-        log.warning("shard %s: the worker of its isolated rebuild died; trying again", task.name)
-    else:
-        return False
-    return True
+    if _started(starts, key):
+        return Event.CRASHED
+    culprit = _last_started_on(starts, worker)
+    behind = culprit is not None and culprit != key and culprit not in finished
+    return Event.QUEUED_BEHIND if behind else Event.QUEUED
+
+
+def _log_step(state: _ShardState, event: Event, step: Step) -> None:
+    name = state.task.name
+    if step is Step.DROP_NOTED:
+        for rej in state.known.values():
+            log.warning("shard %s: %s: %s (%s); rebuilding the shard without it", name, rej.path, rej.reason, rej.detail)
+    elif step is Step.RESUBMIT and event is Event.RAISED:
+        log.warning("shard %s: its task raised; submitting it again", name)
+    elif step is Step.RESUBMIT:
+        log.info("shard %s was queued on a worker that died%s; submitting it again", name,
+                 " behind another task" if event is Event.QUEUED_BEHIND else "")
+    elif step is Step.RETRY and not state.tries.isolated:
+        log.warning("shard %s: its worker died; retrying it once", name)
+    elif step is Step.ISOLATE:
+        log.warning("shard %s: its worker died again; rebuilding it file by file in isolated processes", name)
+    elif step is Step.RETRY:
+        log.warning("shard %s: the worker of its isolated rebuild died; trying again", name)
 
 
 def _shard_outcome(cfg: IngestConfig, client: Client, future: Future, state: _ShardState,
                    finished: Collection[str] = ()) -> dict[str, Any] | NoSpace | None:
-    """The record of a finished shard task; None when its worker died and it is to be built
-    again; the record of an abandoned shard when its workers keep dying."""
+    """The record of a finished shard task (a :class:`~shards.diskspace.NoSpace` if it met a
+    full disk); None when it is to be built again; the record of an abandoned shard when its
+    workers keep dying.
+
+    Raises:
+        Exception: the task's own error, when :func:`ingest.retry.next_shard_step` stops the run.
+    """
     try:
         return future.result()
     except KilledWorker as exc:
@@ -200,9 +186,19 @@ def _shard_outcome(cfg: IngestConfig, client: Client, future: Future, state: _Sh
         if done is not None:  # it finished; its worker died before the result was fetched
             return done
         worker = getattr(exc.last_worker, "address", None)
-        if _after_death(cfg, client, str(future.key), state, worker, finished):
-            return None
-    detail = (f"the workers building shard {state.task.name} died {state.deaths} times, "
+        event = _death_event(cfg, client, str(future.key), state, worker, finished)
+    except Exception as exc:
+        event = event_of_error(exc)
+        state.tries, step = next_shard_step(state.tries, event)
+        if step is Step.STOP:
+            raise
+        _log_step(state, event, step)
+        return None
+    state.tries, step = next_shard_step(state.tries, event)
+    if step is not Step.GIVE_UP:
+        _log_step(state, event, step)
+        return None
+    detail = (f"the workers building shard {state.task.name} died {state.tries.crashes} times, "
               f"{ISOLATED_TRIES} times while decoding its files one by one in isolated processes")
     log.error("shard %s: %s; its files are rejected as worker_crashed", state.task.name, detail)
     return abandon_shard(state.task, detail)
@@ -246,8 +242,7 @@ def build_shards(cfg: IngestConfig, client: Client, pending: list[ShardTask], re
 @dataclasses.dataclass
 class _TagJob:
     rels: list[str]
-    deaths: int = 0
-    queued_deaths: int = 0
+    tries: Tries = dataclasses.field(default_factory=Tries)
 
 
 def read_tags(
@@ -270,13 +265,18 @@ def read_tags(
 
         def submit(job: _TagJob) -> Future:
             part = archive.subset(job.rels) if archive is not None else None
-            return c.submit(read_patient_ids, dicom_dir, job.rels, out, cfg.sample_timeout, part, pure=False, retries=3)
+            return c.submit(read_patient_ids, dicom_dir, job.rels, out, cfg.sample_timeout, part, pure=False, retries=0)
 
         def finish(job: _TagJob, future: Future) -> list[_TagJob]:
             try:
                 tags.update(future.result())
             except KilledWorker:
                 return _tag_death(cfg, c, str(future.key), job, tags)
+            except Exception as exc:
+                job.tries, step = next_tag_step(job.tries, event_of_error(exc), len(job.rels))
+                if step is Step.STOP:
+                    raise
+                return [job]
             bar.update(len(job.rels))
             return []
 
@@ -289,19 +289,21 @@ def read_tags(
 
 
 def _tag_death(cfg: IngestConfig, client: Client, key: str, job: _TagJob, tags: dict[str, TagResult]) -> list[_TagJob]:
-    """A header-reading task's worker died: submit it again if it had not started; split a
-    batch into one task per file; retry a file once, then give it up."""
-    if job.queued_deaths < QUEUED_DEATHS and not _started(_starts(client), key):
-        job.queued_deaths += 1
+    """A header-reading task's worker died: the jobs to run next (:func:`ingest.retry.next_tag_step`)."""
+    noted = None
+    if not _started(_starts(client), key):
+        event = Event.QUEUED
+    elif len(job.rels) == 1 and (noted := read_suspects(Path(cfg.out), NOTE_SHARD).get(job.rels[0])) is not None:
+        event = Event.NOTED
+    else:
+        event = Event.CRASHED
+    job.tries, step = next_tag_step(job.tries, event, len(job.rels))
+    if step in (Step.RESUBMIT, Step.RETRY):
         return [job]
-    if len(job.rels) > 1:
+    if step is Step.SPLIT:
         log.warning("the worker reading %d headers died; reading them one per task", len(job.rels))
         return [_TagJob([rel]) for rel in job.rels]
     rel = job.rels[0]
-    noted = read_suspects(Path(cfg.out), NOTE_SHARD).get(rel)
-    job.deaths += 1
-    if noted is None and job.deaths < 2:
-        return [job]
     tags[rel] = (None, noted or Reject(rel, "worker_crashed", "the worker reading its header died twice"))
     log.warning("%s: %s (%s)", rel, tags[rel][1].reason, tags[rel][1].detail)  # type: ignore[union-attr]
     return []
