@@ -271,13 +271,13 @@ def ours(synth: SynthSummary, out: Path, workers: int, shard_size: int, resample
     summary = run_ingest(synth.ingest_config(out, workers=workers, shard_size=shard_size, resample=resample))
     wall = time.perf_counter() - t
     recs = summary.records
-    span = max(r["finished"] for r in recs) - min(r["started"] for r in recs)
+    span = max(r.stats.finished for r in recs) - min(r.stats.started for r in recs)
     return {
         "wall": wall,
         "span": span,
-        "busy": sum(r["seconds"] for r in recs),
-        "cpu": sum(r["cpu_seconds"] for r in recs),
-        "rss": max(r["max_rss_mb"] for r in recs),
+        "busy": sum(r.stats.seconds for r in recs),
+        "cpu": sum(r.stats.cpu_seconds for r in recs),
+        "rss": max(r.stats.max_rss_mb for r in recs),
         "samples": summary.counts["samples"],
     }
 

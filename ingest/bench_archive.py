@@ -62,8 +62,8 @@ def _ingest(synth: SynthSummary, source: Path, members: str | None, out: Path, w
         synth.ingest_config(out, dicom_dir=source, members=members, workers=workers, shard_size=shard_size)
     )
     recs = summary.records
-    span = max(r["finished"] for r in recs) - min(r["started"] for r in recs)
-    return Run(listing, span, sum(r["cpu_seconds"] for r in recs), summary.counts["samples"])
+    span = max(r.stats.finished for r in recs) - min(r.stats.started for r in recs)
+    return Run(listing, span, sum(r.stats.cpu_seconds for r in recs), summary.counts["samples"])
 
 
 def run_archive_bench(work: Path, n: int, shard_size: int, repeat: int, workers: int) -> list[str]:

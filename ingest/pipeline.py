@@ -22,12 +22,12 @@ from ingest.plan import Plan, ShardTask, make_plan
 from ingest.runner import build_shards, cluster, read_tags
 from ingest.journal import reusable_record
 from ingest.workdir import done_dir, params_file, work_dir
-from ingest.worker import label_row, mismatch
+from ingest.worker import mismatch
 from shards.archive import ArchiveError, ArchiveIndex, is_archive, read_index, top_folders
 from shards.diskspace import free_bytes, human, is_out_of_space, sample_bytes_at_least, what_filled
 from shards.format import FORMAT_VERSION, SPLITS
 from shards.label_csv import LabelFileError, LabelProblem, PatientLabel, read_label_csv
-from shards.labels import LabelTable, write_labels
+from shards.labels import LabelRow, LabelTable, write_labels
 from shards.manifest import (
     LABELS_NAME,
     MANIFEST_NAME,
@@ -42,6 +42,7 @@ from shards.manifest import (
     write_manifest,
 )
 from shards.pseudonym import SCHEME, KeyFileError, Pseudonymizer
+from shards.records import ShardRecord
 from shards.source import discover, patient_id_of, source_fingerprint
 
 log = logging.getLogger(__name__)
@@ -69,8 +70,8 @@ class IngestSummary:
     shards_reused: int
     seconds: float
     already_complete: bool = False
-    records: list[dict[str, Any]] = dataclasses.field(default_factory=list, repr=False)
-    """Result records of the shards built by this run (timings, worker pid and peak RSS)."""
+    records: list[ShardRecord] = dataclasses.field(default_factory=list, repr=False)
+    """Records of the shards built by this run (their ``stats``: timings, worker pid, peak RSS)."""
 
     def lines(self) -> list[str]:
         c = self.counts
@@ -254,7 +255,7 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
     _prepare_out(cfg, identity, len(found.inputs))
 
     plan: Plan | None = None
-    records: dict[str, dict[str, Any]] = {}
+    records: dict[str, ShardRecord] = {}
     try:
         with contextlib.ExitStack() as stack:
             opened: list[Client] = []
@@ -321,7 +322,7 @@ def _check_room(cfg: IngestConfig, pending: list[ShardTask]) -> None:
         )
 
 
-def _no_space(exc: OSError, cfg: IngestConfig, plan: Plan | None, records: dict[str, dict[str, Any]]) -> str:
+def _no_space(exc: OSError, cfg: IngestConfig, plan: Plan | None, records: dict[str, ShardRecord]) -> str:
     """The one line of a run stopped by a full disk or quota: what filled up, and about how
     much more the rest needs (the shards still to write times the mean shard size)."""
     what = what_filled(exc, cfg.out)
@@ -331,7 +332,7 @@ def _no_space(exc: OSError, cfg: IngestConfig, plan: Plan | None, records: dict[
     if left == 0:
         return f"{what} while writing the labels and the manifest; free a little space and run the same command to finish"
     if records:
-        mean, how = sum(r["bytes"] for r in records.values()) / len(records), "the mean shard so far"
+        mean, how = sum(r.info.bytes for r in records.values()) / len(records), "the mean shard so far"
     else:
         mean, how = cfg.shard_size * sample_bytes_at_least(cfg.size), "at least, estimated"
     return (f"{what}; the {left} of {len(plan.tasks)} shards still to write need about {human(left * mean)} more "
@@ -353,30 +354,26 @@ def _remove_stale(out: Path, names: set[str]) -> None:
 
 
 def _finish(
-    cfg: IngestConfig, plan: Plan, records: dict[str, dict[str, Any]], identity: dict[str, Any], t0: float, built: int,
+    cfg: IngestConfig, plan: Plan, records: dict[str, ShardRecord], identity: dict[str, Any], t0: float, built: int,
     pseudonyms: Pseudonymizer | None = None,
 ) -> IngestSummary:
-    rows: list[dict[str, Any]] = []
+    rows: list[LabelRow] = []
     shards: list[ShardInfo] = []
     rejects = [r.to_json() for r in plan.rejects]
     problems = [p.to_json() for p in plan.problems]
     counts: dict[str, Any] = {s: {"samples": 0, "positives": 0, "boxes": 0, "shards": 0} for s in SPLITS}
     for index, task in enumerate(plan.tasks):
         rec = records[task.name]
-        shards.append(
-            ShardInfo(name=rec["name"], split=rec["split"], samples=rec["samples"], bytes=rec["bytes"],
-                      sha256=rec["sha256"], first_key=rec["first_key"], last_key=rec["last_key"],
-                      xxh3=tuple(tuple(pair) for pair in rec["xxh3"]))
-        )
-        for meta in rec["metas"]:
-            rows.append(label_row(meta, index))
+        shards.append(rec.info)
+        for meta in rec.metas:
+            rows.append(LabelRow.from_meta(meta, index))
             c = counts[meta["split"]]
             c["samples"] += 1
             c["positives"] += meta["target"] == 1
             c["boxes"] += len(meta["boxes"])
         counts[task.split]["shards"] += 1
-        rejects.extend(rec["rejects"])
-        problems.extend(rec["problems"])
+        rejects.extend(r.to_json() for r in rec.rejects)
+        problems.extend(p.to_json() for p in rec.problems)
     rejects.sort(key=lambda r: (r["path"], r["reason"]))
     problems.sort(key=lambda p: (p["reason"], p["patient_id"] or "", p["path"] or "", p["line"] or 0))
     write_labels(cfg.out / LABELS_NAME, LabelTable.from_rows(rows))

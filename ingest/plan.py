@@ -16,20 +16,9 @@ from shards.archive import ArchiveIndex
 from shards.format import SPLITS, key_for, shard_name
 from shards.label_csv import LabelProblem, PatientLabel
 from shards.pseudonym import Pseudonymizer
+from shards.records import Reject
 from shards.seeds import shard_order_hash
 from shards.source import patient_id_of, source_fingerprint
-
-
-@dataclasses.dataclass(frozen=True)
-class Reject:
-    """An input file that did not become a sample; one line of ``rejects.jsonl``."""
-
-    path: str
-    reason: str
-    detail: str
-
-    def to_json(self) -> dict:
-        return {"kind": "file", **dataclasses.asdict(self)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,7 +15,7 @@ import logging
 import sys
 from collections.abc import Callable, Collection, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import dask
 from distributed import Client, Future, KilledWorker, as_completed
@@ -33,6 +33,7 @@ from ingest.worker import abandon_shard, build_shard, build_shard_isolated
 from shards.archive import ArchiveIndex
 from shards.diskspace import NoSpace
 from shards.writer import wait_flushed
+from shards.records import ShardRecord
 
 log = logging.getLogger(__name__)
 
@@ -171,7 +172,7 @@ def _log_step(state: _ShardState, event: Event, step: Step) -> None:
 
 
 def _shard_outcome(cfg: IngestConfig, client: Client, future: Future, state: _ShardState,
-                   finished: Collection[str] = ()) -> dict[str, Any] | NoSpace | None:
+                   finished: Collection[str] = ()) -> ShardRecord | NoSpace | None:
     """The record of a finished shard task (a :class:`~shards.diskspace.NoSpace` if it met a
     full disk); None when it is to be built again; the record of an abandoned shard when its
     workers keep dying.
@@ -204,7 +205,7 @@ def _shard_outcome(cfg: IngestConfig, client: Client, future: Future, state: _Sh
     return abandon_shard(state.task, detail)
 
 
-def build_shards(cfg: IngestConfig, client: Client, pending: list[ShardTask], records: dict[str, dict[str, Any]]) -> None:
+def build_shards(cfg: IngestConfig, client: Client, pending: list[ShardTask], records: dict[str, ShardRecord]) -> None:
     """Build the pending shards; put each one's result record in ``records``.
 
     Raises:
@@ -224,11 +225,11 @@ def build_shards(cfg: IngestConfig, client: Client, pending: list[ShardTask], re
             raise record.error()
         if future.status == "finished":  # not a task that died (its shard abandoned)
             finished.add(str(future.key))
-        records[record["name"]] = record
-        for rej in record["rejects"]:
-            if rej["reason"] in POISON_REASONS:
-                log.warning("%s: %s (%s)", rej["path"], rej["reason"], rej["detail"])
-        bar.update(record["samples"] + len(record["rejects"]))
+        records[record.name] = record
+        for rej in record.rejects:
+            if rej.reason in POISON_REASONS:
+                log.warning("%s: %s (%s)", rej.path, rej.reason, rej.detail)
+        bar.update(record.info.samples + len(record.rejects))
         return []
 
     try:

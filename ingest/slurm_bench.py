@@ -64,8 +64,8 @@ def ingest_once(cfg: IngestConfig) -> dict[str, Any]:
     manifest = read_manifest(cfg.out)
     return {
         "wall": wall,
-        "span": max(r["finished"] for r in recs) - min(r["started"] for r in recs),
-        "busy": sum(r["seconds"] for r in recs),
+        "span": max(r.stats.finished for r in recs) - min(r.stats.started for r in recs),
+        "busy": sum(r.stats.seconds for r in recs),
         "samples": summary.counts["samples"],
         "hashes": [s.sha256 for s in manifest.shards],
     }

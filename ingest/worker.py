@@ -37,11 +37,10 @@ from ingest.render import render
 from ingest.watchdog import WATCHDOG
 from shards.archive import ArchiveIndex, MemberError
 from shards.diskspace import NoSpace, is_out_of_space
-from shards.format import CLASS_NAMES
 from shards.geometry import boxes_to_letterbox
 from shards.label_csv import LabelProblem
 from shards.manifest import SHARDS_DIR
-from shards.qa import qa_mask
+from shards.records import BuildStats, ShardRecord
 from shards.writer import ShardWriter
 
 log = logging.getLogger(__name__)
@@ -98,24 +97,6 @@ def process_sample(data: bytes, sample: PlannedSample, processing: dict) -> Proc
     return ProcessedSample(image, meta, problems, decoded.fast_path)
 
 
-def label_row(meta: dict[str, Any], shard: int) -> dict[str, Any]:
-    """The ``labels.zarr`` row of a sample, from its JSON."""
-    cls = meta["class"]
-    return {
-        "key": meta["key"],
-        "patient_id": meta["patient_id"],
-        "split": meta["split"],
-        "target": meta["target"],
-        "class_id": CLASS_NAMES.index(cls) if cls in CLASS_NAMES else -1,
-        "shard": shard,
-        "view_position": meta["view_position"],
-        "sex": meta["sex"],
-        "age": meta["age"],
-        "qa": qa_mask(meta["qa"]),
-        "boxes": meta["boxes"],
-    }
-
-
 def mismatch(path: str, tag: str, name_id: str, used: str) -> LabelProblem:
     """The ``patient_id_mismatch`` line of a file whose PatientID tag differs from the id its
     name gives; ``used`` is the one the ingest went by (``--patient-id``)."""
@@ -152,8 +133,8 @@ def read_outcome(read: Callable[[], bytes], sample: PlannedSample, processing: d
         return Reject(sample.path, "decode_error", describe(exc))
 
 
-def build_shard(task: ShardTask, timeout_s: float = 300.0, known: dict[str, Reject] | None = None) -> dict[str, Any] | NoSpace:
-    """Build one shard; return (and persist) its result record.
+def build_shard(task: ShardTask, timeout_s: float = 300.0, known: dict[str, Reject] | None = None) -> ShardRecord | NoSpace:
+    """Build one shard; return (and journal) its record.
 
     Args:
         task: The planned shard.
@@ -162,10 +143,8 @@ def build_shard(task: ShardTask, timeout_s: float = 300.0, known: dict[str, Reje
         known: Files already known to be poison (``sample_timeout``/``worker_crashed``),
             rejected without being opened.
 
-    The record holds the shard's name, split, sample count, bytes, sha256, first/last key, the
-    per-sample metadata, the rejects and the label problems found while building it. A full
-    disk or quota is a :class:`~shards.diskspace.NoSpace` instead, and leaves neither the shard
-    nor its record.
+    A full disk or quota is a :class:`~shards.diskspace.NoSpace` instead, and leaves neither
+    the shard nor its record.
     """
     announce_start()
     keep_freed_buffers()
@@ -196,7 +175,7 @@ def _isolated_outcome(
     return ("sample", result.image, result.meta, result.problems, result.fast_path)
 
 
-def build_shard_isolated(task: ShardTask, timeout_s: float = 300.0, known: dict[str, Reject] | None = None) -> dict[str, Any] | NoSpace:
+def build_shard_isolated(task: ShardTask, timeout_s: float = 300.0, known: dict[str, Reject] | None = None) -> ShardRecord | NoSpace:
     """:func:`build_shard`, each file decoded in a child process: a file whose child dies is a
     ``worker_crashed`` reject, one that takes longer than ``timeout_s`` a ``sample_timeout``.
 
@@ -220,7 +199,7 @@ def build_shard_isolated(task: ShardTask, timeout_s: float = 300.0, known: dict[
         return _write_shard(task, outcome, known or {}, isolated=True)
 
 
-def abandon_shard(task: ShardTask, detail: str) -> dict[str, Any] | NoSpace:
+def abandon_shard(task: ShardTask, detail: str) -> ShardRecord | NoSpace:
     """Give up on a shard whose workers keep dying even in isolation: an empty shard, and
     each of its files a ``worker_crashed`` reject (runs in the driver)."""
     return _write_shard(task, lambda s: Reject(s.path, "worker_crashed", detail), {}, isolated=True)
@@ -231,9 +210,9 @@ def _write_shard(
     outcome: Callable[[PlannedSample], ProcessedSample | Reject],
     known: dict[str, Reject],
     isolated: bool,
-) -> dict[str, Any] | NoSpace:
+) -> ShardRecord | NoSpace:
     """:func:`_write_one`; a full disk or quota is returned as :class:`NoSpace`, not raised:
-    the scheduler would retry a task that raised, and a full disk is not transient."""
+    a full disk is not transient, and a returned value ends the task at once."""
     try:
         return _write_one(task, outcome, known, isolated)
     except OSError as exc:
@@ -247,48 +226,41 @@ def _write_one(
     outcome: Callable[[PlannedSample], ProcessedSample | Reject],
     known: dict[str, Reject],
     isolated: bool,
-) -> dict[str, Any]:
+) -> ShardRecord:
     t0, started, cpu0 = time.perf_counter(), time.time(), time.process_time()
     out = Path(task.out)
     metas: list[dict[str, Any]] = []
-    rejects: list[dict] = []
-    problems: list[dict] = []
+    rejects: list[Reject] = []
+    problems: list[LabelProblem] = []
     fast = 0
     # Not synced here: a worker's decoding never waits for the disk (the writer's flusher
     # thread does; see ingest.journal.record_done).
-    with ShardWriter(out / SHARDS_DIR / task.name, durable=False) as writer:
+    with ShardWriter(out / SHARDS_DIR / task.name, split=task.split, durable=False) as writer:
         for sample in task.samples:
             done = known.get(sample.path) or outcome(sample)
             if isinstance(done, Reject):
-                rejects.append(done.to_json())
+                rejects.append(done)
                 continue
             writer.write(sample.key, done.image, done.meta)
             metas.append(done.meta)
-            problems.extend(p.to_json() for p in done.problems)
+            problems.extend(done.problems)
             fast += done.fast_path
-    written = writer.result
-    assert written is not None
-    record = {
-        "name": task.name,
-        "split": task.split,
-        "samples": written.samples,
-        "bytes": written.bytes,
-        "sha256": written.sha256,
-        "first_key": written.first_key,
-        "last_key": written.last_key,
-        "xxh3": written.xxh3,
-        "metas": metas,
-        "rejects": rejects,
-        "problems": problems,
-        "fast_path": fast,
-        "isolated": isolated,
-        "seconds": time.perf_counter() - t0,
-        # Of the whole worker process, helper threads included (one task runs at a time).
-        "cpu_seconds": time.process_time() - cpu0,
-        "started": started,
-        "finished": time.time(),
-        "worker_pid": os.getpid(),
-        "max_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-    }
+    assert writer.result is not None
+    record = ShardRecord(
+        info=writer.result,
+        metas=tuple(metas),
+        rejects=tuple(rejects),
+        problems=tuple(problems),
+        stats=BuildStats(
+            fast_path=fast,
+            isolated=isolated,
+            seconds=time.perf_counter() - t0,
+            cpu_seconds=time.process_time() - cpu0,
+            started=started,
+            finished=time.time(),
+            worker_pid=os.getpid(),
+            max_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        ),
+    )
     record_done(out, record)
     return record

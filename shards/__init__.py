@@ -68,7 +68,7 @@ from shards.reader import Sample, SampleChecksumError, SampleMeta, ShardChecksum
 from shards.report import CHECKS, Problem, VerifyReport
 from shards.scan import ShardScan, scan_shard
 from shards.verify import VerifyConfig, VerifyUsageError, verify
-from shards.writer import ShardWriter, WrittenShard
+from shards.writer import ShardWriter
 
 __all__ = [
     "CHECKS",
@@ -102,7 +102,6 @@ __all__ = [
     "VerifyConfig",
     "VerifyReport",
     "VerifyUsageError",
-    "WrittenShard",
     "boxes_from_letterbox",
     "boxes_to_letterbox",
     "check_key",

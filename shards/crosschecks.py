@@ -16,12 +16,11 @@ from typing import Any
 
 import numpy as np
 
-from shards.format import CLASS_NAMES, SHARD_NAME, SPLITS, FormatError
+from shards.format import SHARD_NAME, SPLITS, FormatError
 from shards.label_csv import PatientLabel
-from shards.labels import LabelTable, read_labels
+from shards.labels import LabelRow, LabelTable, read_labels
 from shards.manifest import LABELS_NAME, REJECTS_NAME, SHARDS_DIR, Manifest, ShardInfo, params_hash
 from shards import schema
-from shards.qa import qa_mask
 from shards.report import Problem
 from shards.scan import ShardScan, fmt_boxes
 from shards.source import patient_id_of, source_fingerprint
@@ -253,27 +252,9 @@ def check_labels_zarr(out: Path, m: Manifest, scans: dict[str, ShardScan]) -> li
     return out_p
 
 
-def _qa_mask_or_none(flags: Any) -> int | None:
-    """The bitmask of a JSON's flags; None for a malformed list (a deep meta problem)."""
-    try:
-        return qa_mask(flags)
-    except (TypeError, ValueError):
-        return None
-
-
 def _row_vs_meta(table: LabelTable, r: int, meta: dict[str, Any], shard_index: int, shard: str) -> list[Problem]:
-    cls = meta.get("class")
-    want: dict[str, Any] = {
-        "patient_id": meta.get("patient_id"),
-        "split": meta.get("split"),
-        "target": meta.get("target"),
-        "class_id": CLASS_NAMES.index(cls) if cls in CLASS_NAMES else -1,
-        "shard": shard_index,
-        "view_position": meta.get("view_position") or "",
-        "sex": meta.get("sex") or "",
-        "age": -1 if meta.get("age") is None else meta.get("age"),
-        "qa": _qa_mask_or_none(meta.get("qa", [])),
-    }
+    row = LabelRow.from_meta(meta, shard_index)
+    want = {f.name: getattr(row, f.name) for f in dataclasses.fields(LabelRow) if f.name not in ("key", "boxes")}
     out: list[Problem] = []
     for field, expected in want.items():
         if field == "qa" and expected is None:
@@ -283,9 +264,8 @@ def _row_vs_meta(table: LabelTable, r: int, meta: dict[str, Any], shard_index: i
         if got != expected:
             out.append(Problem("labels_mismatch", f"labels.zarr row {r} has {field} {got!r}, the sample's JSON "
                                f"{expected!r}", repr(expected), shard=shard, key=meta["key"]))
-    boxes = meta.get("boxes")
     try:
-        json_boxes = np.asarray(boxes if boxes is not None else [], dtype=np.float32).reshape(-1, 4)
+        json_boxes = np.asarray(row.boxes, dtype=np.float32).reshape(-1, 4)
     except (TypeError, ValueError):
         return out  # a malformed JSON box list is a deep meta problem, reported by the scan
     if not np.array_equal(table.boxes_of(r), json_boxes):

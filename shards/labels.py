@@ -9,15 +9,16 @@ in pixels of the stored image). ``qa`` is the bitmask of each sample's QA flags
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import zarr
 
 from shards.atomic import atomic_dir
-from shards.format import FORMAT_VERSION, FormatError
-from shards.qa import QA_DTYPE
+from shards.format import CLASS_NAMES, FORMAT_VERSION, FormatError
+from shards.qa import QA_DTYPE, qa_mask
 
 STRING_FIELDS = ("key", "patient_id", "split", "view_position", "sex")
 INT_FIELDS = {"target": np.int8, "class_id": np.int8, "shard": np.int32, "age": np.int16}
@@ -26,6 +27,66 @@ ALL_FIELDS = (*STRING_FIELDS, *INT_FIELDS, "boxes", "box_offsets")
 QA_FIELD = "qa"
 """The QA bitmask array (format version 3 on), zeros when a store has none."""
 CHUNK = 65536
+
+
+@dataclasses.dataclass(frozen=True)
+class LabelRow:
+    """One sample's row of the label table, as the table stores it (empty strings and -1 for
+    unknown values)."""
+
+    key: str
+    patient_id: str
+    split: str
+    target: int
+    class_id: int
+    """Index into :data:`shards.format.CLASS_NAMES`; -1 for none."""
+    shard: int
+    """Index of the sample's shard in the manifest."""
+    view_position: str
+    sex: str
+    age: int
+    qa: int | None
+    """Bitmask of the sample's QA flags (:mod:`shards.qa`); None for a JSON whose flag list is
+    malformed (the verifier reports it apart)."""
+    boxes: Sequence[Sequence[float]]
+    """``[[x1, y1, x2, y2], ...]`` in pixels of the stored image."""
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any], shard: int) -> "LabelRow":
+        """The row of a sample from its JSON (a field missing from it counts as unknown).
+
+        The ingest writes these rows; the verifier compares each sample's JSON against its row
+        through the same mapping.
+        """
+        cls_name = meta.get("class")
+
+        def text(field: str) -> str:
+            return str(meta.get(field) or "")
+
+        def number(field: str) -> int:
+            value = meta.get(field)
+            return -1 if value is None else value
+
+        return cls(
+            key=text("key"),
+            patient_id=text("patient_id"),
+            split=text("split"),
+            target=number("target"),
+            class_id=CLASS_NAMES.index(cls_name) if cls_name in CLASS_NAMES else -1,
+            shard=shard,
+            view_position=text("view_position"),
+            sex=text("sex"),
+            age=number("age"),
+            qa=_qa_mask_or_none(meta.get("qa", [])),
+            boxes=meta.get("boxes") or [],
+        )
+
+
+def _qa_mask_or_none(flags: Any) -> int | None:
+    try:
+        return qa_mask(flags)
+    except (TypeError, ValueError):
+        return None
 
 
 @dataclasses.dataclass
@@ -62,20 +123,19 @@ class LabelTable:
         return {str(k): i for i, k in enumerate(self.key)}
 
     @classmethod
-    def from_rows(cls, rows: Sequence[dict]) -> "LabelTable":
-        """Build from per-sample dicts holding the fields plus ``boxes`` as [[x1,y1,x2,y2], ...]
-        and ``qa`` as a bitmask (0 when absent)."""
-        counts = np.array([len(r["boxes"]) for r in rows], dtype=np.int64)
+    def from_rows(cls, rows: Sequence[LabelRow]) -> "LabelTable":
+        """Build from rows in sample order."""
+        counts = np.array([len(r.boxes) for r in rows], dtype=np.int64)
         offsets = np.zeros(len(rows) + 1, dtype=np.int64)
         np.cumsum(counts, out=offsets[1:])
-        flat = [b for r in rows for b in r["boxes"]]
+        flat = [b for r in rows for b in r.boxes]
         boxes = np.asarray(flat, dtype=np.float32).reshape(-1, 4)
         cols: dict[str, np.ndarray] = {
-            f: np.array([str(r[f] or "") for r in rows], dtype=object) for f in STRING_FIELDS
+            f: np.array([getattr(r, f) for r in rows], dtype=object) for f in STRING_FIELDS
         }
         for f, dt in INT_FIELDS.items():
-            cols[f] = np.array([-1 if r[f] is None else r[f] for r in rows], dtype=dt)
-        qa = np.array([r.get(QA_FIELD, 0) for r in rows], dtype=QA_DTYPE)
+            cols[f] = np.array([getattr(r, f) for r in rows], dtype=dt)
+        qa = np.array([r.qa or 0 for r in rows], dtype=QA_DTYPE)
         return cls(**cols, boxes=boxes, box_offsets=offsets, qa=qa)
 
 

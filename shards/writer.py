@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import errno
 import fcntl
 import hashlib
@@ -30,6 +29,7 @@ from shards.format import (
     encode_meta,
     image_parts,
 )
+from shards.manifest import ShardInfo
 
 
 def _tarfile_header(name: str, size: int) -> bytes:
@@ -328,27 +328,13 @@ def wait_flushed() -> None:
     _FLUSHER.wait()
 
 
-@dataclasses.dataclass(frozen=True)
-class WrittenShard:
-    """What a finished :class:`ShardWriter` produced."""
-
-    path: Path
-    samples: int
-    bytes: int
-    sha256: str
-    first_key: str | None
-    last_key: str | None
-    xxh3: tuple[tuple[str, str], ...] = ()
-    """Per sample in write order, the xxh3-128 of its ``.npy`` and ``.json`` data
-    (:mod:`shards.checksum`), for the manifest."""
-
-
 class ShardWriter:
     """Write one tar shard under a temporary name and rename it into place on success.
 
     Headers are fixed (mtime 0, uid/gid 0, no user names, mode 0644) and members are
     written in call order, so the same samples give byte-identical files. Use as a context
     manager; on an exception the temporary file is removed and nothing appears at ``path``.
+    On success :attr:`result` is the shard as the manifest records it, under ``split``.
     The bytes go past the page cache where the filesystem allows it (:class:`_DirectFile`).
     ``durable=False`` skips the fsync before the rename: the file is written back and dropped
     from the page cache later, by a thread of its own (:class:`_Flusher`). For a writer whose
@@ -361,8 +347,9 @@ class ShardWriter:
         >>> w.result.sha256
     """
 
-    def __init__(self, path: Path | str, *, durable: bool = True) -> None:
+    def __init__(self, path: Path | str, *, split: str = "", durable: bool = True) -> None:
         self.path = Path(path)
+        self.split = split
         self.durable = durable
         self._tmp = self.path.with_name(f".{self.path.name}.tmp-{uuid.uuid4().hex[:12]}")
         self._keys: set[str] = set()
@@ -371,7 +358,7 @@ class ShardWriter:
         self._file: BinaryIO | None = None
         self._hasher: _HashingFile | None = None
         self._digests: list[tuple[str, str]] = []
-        self.result: WrittenShard | None = None
+        self.result: ShardInfo | None = None
 
     def __enter__(self) -> "ShardWriter":
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -446,8 +433,9 @@ class ShardWriter:
             raise
         if flush_fd is not None:
             _FLUSHER.submit(flush_fd, self.path)
-        self.result = WrittenShard(
-            path=self.path,
+        self.result = ShardInfo(
+            name=self.path.name,
+            split=self.split,
             samples=len(self._keys),
             bytes=self._hasher.bytes,
             sha256=self._hasher.sha256.hexdigest(),

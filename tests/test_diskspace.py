@@ -19,6 +19,7 @@ from shards.diskspace import NoSpace, human, is_out_of_space, sample_bytes_at_le
 from shards.format import encode_image
 from shards.labels import read_labels
 from shards.manifest import read_manifest, sha256_file
+from shards.records import ShardRecord
 from shards.writer import ShardWriter, wait_flushed
 from tests.fault_injection import fault_env
 from tests.smallfs import resize, tmpfs
@@ -64,8 +65,8 @@ def test_full_disk_stops_at_once_and_resumes_byte_identical(export, tmp_path: Pa
         done = sorted((out / ".ingest" / "done").glob("*.json"))
         assert 0 < len(done) < n_shards and not (out / "manifest.json").exists()
         for path in done:
-            rec = json.loads(path.read_text())
-            assert sha256_file(out / "shards" / rec["name"]) == rec["sha256"]
+            rec = ShardRecord.from_json(json.loads(path.read_text()))
+            assert sha256_file(out / "shards" / rec.name) == rec.info.sha256
 
         resize(mnt, 2048)
         res = _ingest(export, out)
@@ -226,7 +227,7 @@ def test_a_quota_met_at_write_back_stops_the_ingest_and_resumes_byte_identical(e
     assert res.returncode == 3, res.stderr
     assert line.startswith("error: the disk quota on ") and "shards still to write need about" in line
     for path in (out / ".ingest" / "done").glob("*.json"):  # a shard not written back is not kept
-        assert not (out / "shards" / json.loads(path.read_text())["name"]).exists()
+        assert not (out / "shards" / ShardRecord.from_json(json.loads(path.read_text())).name).exists()
     res = _ingest(export, out)
     assert res.returncode == 0, res.stderr
     assert {p.name: p.read_bytes() for p in (out / "shards").iterdir()} == {

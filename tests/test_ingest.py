@@ -23,6 +23,7 @@ from shards.geometry import boxes_from_letterbox
 from shards.labels import read_labels
 from shards.manifest import read_manifest
 from shards.reader import iter_samples
+from shards.records import ShardRecord
 from tests.fault_injection import fault_env
 
 
@@ -219,7 +220,7 @@ def test_sigkill_then_resume_is_byte_identical(ingested_small: Path, synth_small
     assert 2 <= finished_before < n_shards and not (out / "manifest.json").exists()
     # Workers do not sync their shards, so a crash can leave a finished shard with its size
     # but not its bytes: resuming must rebuild it, not reuse it.
-    torn = out / "shards" / f"{json.loads(next(done.glob('*.json')).read_text())['name']}"
+    torn = out / "shards" / ShardRecord.from_json(json.loads(next(done.glob("*.json")).read_text())).name
     data = bytearray(torn.read_bytes())
     data[len(data) // 2] ^= 0xFF
     torn.write_bytes(data)

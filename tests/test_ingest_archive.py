@@ -241,7 +241,7 @@ def test_an_isolated_rebuild_from_an_archive_writes_the_same_bytes(synth_small, 
     plain = shard.read_bytes()
     shard.unlink()
     again = build_shard_isolated(task)
-    assert shard.read_bytes() == plain and again["sha256"] == first["sha256"] and first["samples"] == 3
+    assert shard.read_bytes() == plain and again.info.sha256 == first.info.sha256 and first.info.samples == 3
 
 
 @pytest.mark.slow

@@ -174,7 +174,7 @@ def duplicate_key(b: Built) -> dict[str, str]:
     assert res is not None
 
     def edit(m: dict[str, Any]) -> None:
-        info = next(s for s in m["shards"] if s["name"] == res.path.name)
+        info = next(s for s in m["shards"] if s["name"] == res.name)
         info.update(sha256=res.sha256, bytes=res.bytes, last_key=res.last_key, xxh3=res.xxh3)
         for c in (m["counts"]["train"], m["counts"]):
             c["positives"] += (first.meta["target"] == 1) - (dropped.meta["target"] == 1)
