@@ -18,9 +18,9 @@ from typing import Any
 from distributed import Client
 
 from ingest.config import IngestConfig
+from ingest.journal import reusable_record
 from ingest.plan import Plan, ShardTask, make_plan
 from ingest.runner import build_shards, cluster, read_tags
-from ingest.journal import reusable_record
 from ingest.workdir import done_dir, params_file, work_dir
 from ingest.worker import mismatch
 from shards.archive import ArchiveError, ArchiveIndex, is_archive, read_index, top_folders
@@ -34,15 +34,15 @@ from shards.manifest import (
     REJECTS_NAME,
     SHARDS_DIR,
     Manifest,
+    RunIdentity,
     ShardInfo,
     atomic_write_text,
-    params_hash,
     sha256_file,
     sync_files,
     write_manifest,
 )
 from shards.pseudonym import SCHEME, KeyFileError, Pseudonymizer
-from shards.records import ShardRecord
+from shards.records import Reject, ShardRecord
 from shards.source import discover, patient_id_of, source_fingerprint
 
 log = logging.getLogger(__name__)
@@ -101,17 +101,14 @@ def package_versions() -> dict[str, str]:
     return out
 
 
-def _identity(cfg: IngestConfig, inputs: list[tuple[str, int]], labels_sha: str | None,
-              pseudonyms: Pseudonymizer | None) -> dict[str, Any]:
-    params = cfg.dataset_params()
-    return {
-        "params": params,
-        "params_hash": params_hash(params),
+def _identity(cfg: IngestConfig, inputs: list[tuple[str, int]], pseudonyms: Pseudonymizer | None) -> RunIdentity:
+    return RunIdentity.of(
+        cfg.dataset_params(),
         # Keyed when pseudonymized: a plain hash of the file names could be checked against guesses.
-        "source_fingerprint": pseudonyms.fingerprint_files(inputs) if pseudonyms else source_fingerprint(inputs),
-        "labels_sha256": labels_sha,
-        "key_fingerprint": pseudonyms.fingerprint if pseudonyms else None,
-    }
+        pseudonyms.fingerprint_files(inputs) if pseudonyms else source_fingerprint(inputs),
+        sha256_file(cfg.labels) if cfg.labels else None,
+        key_fingerprint=pseudonyms.fingerprint if pseudonyms else None,
+    )
 
 
 def _pseudonymizer(cfg: IngestConfig) -> Pseudonymizer | None:
@@ -136,38 +133,24 @@ def _check_key(out: Path, previous: str | None, current: str | None) -> None:
                            f"this one is {current[:8]}...); give that key or use a new --out")
 
 
-def _check_out(cfg: IngestConfig, identity: dict[str, Any]) -> bool:
-    """Refuse an OUT made with other parameters or inputs; True if it is already complete."""
+def _check_out(cfg: IngestConfig, identity: RunIdentity) -> bool:
+    """Refuse an OUT made with other parameters, inputs or key; True if it is already complete."""
     out = cfg.out
     if not out.exists():
         return False
     if not out.is_dir():
         raise IngestUsageError(f"--out {out} exists and is not a folder")
-    previous: dict[str, Any] | None = None
     if params_file(out).exists():
-        previous = json.loads(params_file(out).read_text())
+        previous = RunIdentity.from_json(json.loads(params_file(out).read_text()))
     elif (out / MANIFEST_NAME).exists():
-        m = json.loads((out / MANIFEST_NAME).read_text())
-        previous = {
-            "params": m.get("params"),
-            "params_hash": m.get("params_hash"),
-            "source_fingerprint": m.get("source", {}).get("fingerprint"),
-            "labels_sha256": m.get("source", {}).get("labels_sha256"),
-            "key_fingerprint": (m.get("source", {}).get("pseudonym") or {}).get("key_fingerprint"),
-        }
+        previous = RunIdentity.from_manifest(json.loads((out / MANIFEST_NAME).read_text()))
     elif any(out.iterdir()):
         raise IngestUsageError(f"--out {out} is not empty and holds no pneumo-hpc dataset; choose an empty folder")
-    if previous is None:
+    else:
         return False
-    _check_key(out, previous.get("key_fingerprint"), identity["key_fingerprint"])
-    if previous["params_hash"] != identity["params_hash"]:
-        diff = {k: (v, identity["params"].get(k)) for k, v in (previous["params"] or {}).items() if identity["params"].get(k) != v}
-        changes = ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in diff.items())
-        raise IngestUsageError(f"--out {out} holds a dataset made with other parameters ({changes}); use a new --out or delete it")
-    if previous["source_fingerprint"] != identity["source_fingerprint"]:
-        raise IngestUsageError(f"--out {out} holds a dataset made from a different set of source files; use a new --out")
-    if previous["labels_sha256"] != identity["labels_sha256"]:
-        raise IngestUsageError(f"--out {out} holds a dataset made with a different labels file; use a new --out")
+    _check_key(out, previous.key_fingerprint, identity.key_fingerprint)
+    if (difference := previous.difference(identity)) is not None:
+        raise IngestUsageError(f"--out {out} holds a dataset {difference}; use a new --out or delete it")
     return (out / MANIFEST_NAME).exists() and not params_file(out).exists()
 
 
@@ -240,11 +223,9 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
         found = discover(cfg.dicom_dir, cfg.members)
     except ArchiveError as exc:
         raise IngestUsageError(f"--dicom-dir {exc}") from exc
-    labels_sha = sha256_file(cfg.labels) if cfg.labels else None
-    identity = _identity(cfg, found.inputs, labels_sha, pseudonyms)
+    identity = _identity(cfg, found.inputs, pseudonyms)
     if _check_out(cfg, identity):
-        summary = _summary_from_manifest(cfg.out, t0)
-        return summary
+        return _summary_from_manifest(cfg.out, t0)
     if not found.inputs:
         where = f" under {cfg.members!r}" if cfg.members else ""
         folders = top_folders(read_index(cfg.dicom_dir)) if archive else []
@@ -270,15 +251,7 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
                 "plan: %d input files (%d other files ignored), %d early rejects, %d shards (shard size %d)",
                 len(plan.inputs), plan.ignored, len(plan.rejects), len(plan.tasks), cfg.shard_size,
             )
-            pending: list[ShardTask] = []
-            for task in plan.tasks:
-                record = reusable_record(cfg.out, task)
-                if record is None:
-                    pending.append(task)
-                else:
-                    records[task.name] = record
-            if records:
-                log.info("resuming: %d of %d shards already complete", len(records), len(plan.tasks))
+            records, pending = _reusable(cfg.out, plan.tasks)
             _remove_temporaries(cfg.out)  # those of a stopped run hold room the rest needs
             _check_room(cfg, pending)
             if pending:
@@ -287,7 +260,8 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
                 sync_files([cfg.out / SHARDS_DIR / t.name for t in pending])
                 log.debug("synced %d shards to disk in %.1f s", len(pending), time.perf_counter() - t_sync)
         _remove_stale(cfg.out, {t.name for t in plan.tasks})
-        summary = _finish(cfg, plan, records, identity, t0, built=len(pending), pseudonyms=pseudonyms)
+        summary = _finish(cfg, plan, [records[t.name] for t in plan.tasks], identity, t0, built=len(pending),
+                          pseudonyms=pseudonyms)
     except OSError as exc:
         if not is_out_of_space(exc):
             raise
@@ -297,12 +271,27 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
     return summary
 
 
-def _prepare_out(cfg: IngestConfig, identity: dict[str, Any], inputs: int) -> None:
+def _reusable(out: Path, tasks: list[ShardTask]) -> tuple[dict[str, ShardRecord], list[ShardTask]]:
+    """The records of the shards an interrupted run finished, and the tasks still to run."""
+    records: dict[str, ShardRecord] = {}
+    pending: list[ShardTask] = []
+    for task in tasks:
+        record = reusable_record(out, task)
+        if record is None:
+            pending.append(task)
+        else:
+            records[task.name] = record
+    if records:
+        log.info("resuming: %d of %d shards already complete", len(records), len(tasks))
+    return records, pending
+
+
+def _prepare_out(cfg: IngestConfig, identity: RunIdentity, inputs: int) -> None:
     """Create OUT's folders and record the run's identity, or refuse an OUT that cannot be written."""
     try:
         done_dir(cfg.out).mkdir(parents=True, exist_ok=True)
         (cfg.out / SHARDS_DIR).mkdir(parents=True, exist_ok=True)
-        atomic_write_text(params_file(cfg.out), json.dumps(identity, indent=2, sort_keys=True))
+        atomic_write_text(params_file(cfg.out), json.dumps(identity.to_json(), indent=2, sort_keys=True))
     except OSError as exc:
         need = human(inputs * sample_bytes_at_least(cfg.size))
         raise IngestUsageError(f"--out {cfg.out} cannot be written ({exc.strerror or exc}); "
@@ -346,6 +335,8 @@ def _remove_temporaries(out: Path) -> None:
 
 
 def _remove_stale(out: Path, names: set[str]) -> None:
+    """Delete what ``OUT/shards/`` holds besides the shards ``names``: temporary files of
+    shards stopped mid-write, and any other file, which the manifest would not vouch for."""
     _remove_temporaries(out)
     for path in (out / SHARDS_DIR).iterdir():
         if path.name not in names:
@@ -353,65 +344,98 @@ def _remove_stale(out: Path, names: set[str]) -> None:
             path.unlink()
 
 
+@dataclasses.dataclass
+class _Outcome:
+    """Everything the run found, in the order the output files list it."""
+
+    rows: list[LabelRow]
+    shards: list[ShardInfo]
+    rejects: list[Reject]
+    problems: list[LabelProblem]
+
+
 def _finish(
-    cfg: IngestConfig, plan: Plan, records: dict[str, ShardRecord], identity: dict[str, Any], t0: float, built: int,
+    cfg: IngestConfig, plan: Plan, records: list[ShardRecord], identity: RunIdentity, t0: float, built: int,
     pseudonyms: Pseudonymizer | None = None,
 ) -> IngestSummary:
-    rows: list[LabelRow] = []
-    shards: list[ShardInfo] = []
-    rejects = [r.to_json() for r in plan.rejects]
-    problems = [p.to_json() for p in plan.problems]
-    counts: dict[str, Any] = {s: {"samples": 0, "positives": 0, "boxes": 0, "shards": 0} for s in SPLITS}
-    for index, task in enumerate(plan.tasks):
-        rec = records[task.name]
-        shards.append(rec.info)
-        for meta in rec.metas:
-            rows.append(LabelRow.from_meta(meta, index))
-            c = counts[meta["split"]]
-            c["samples"] += 1
-            c["positives"] += meta["target"] == 1
-            c["boxes"] += len(meta["boxes"])
-        counts[task.split]["shards"] += 1
-        rejects.extend(r.to_json() for r in rec.rejects)
-        problems.extend(p.to_json() for p in rec.problems)
-    rejects.sort(key=lambda r: (r["path"], r["reason"]))
-    problems.sort(key=lambda p: (p["reason"], p["patient_id"] or "", p["path"] or "", p["line"] or 0))
-    write_labels(cfg.out / LABELS_NAME, LabelTable.from_rows(rows))
-    # The manifest comes last and is synced; what it vouches for must be on disk before it.
-    labels = cfg.out / LABELS_NAME
-    sync_files([*sorted(p for p in labels.rglob("*") if p.is_file()), labels])  # and OUT: its parent
-    atomic_write_text(
-        cfg.out / REJECTS_NAME, "".join(json.dumps(r, sort_keys=True) + "\n" for r in [*rejects, *problems])
+    """Write labels.zarr, rejects.jsonl and, last, manifest.json from the shards' ``records``
+    (in plan order)."""
+    outcome = _collect(plan, records)
+    counts = _counts(plan, outcome)
+    _write_labels(cfg.out, outcome.rows)
+    _write_rejects(cfg.out, outcome)
+    write_manifest(cfg.out, _manifest(cfg, plan, identity, counts, outcome.shards, pseudonyms))
+    return IngestSummary(
+        out=cfg.out, counts=counts, rejects_by_reason=counts["rejects_by_reason"],
+        problems_by_reason=counts["label_problems_by_reason"],
+        shards_built=built, shards_reused=len(plan.tasks) - built, seconds=time.perf_counter() - t0,
     )
-    rejects_by = collections.Counter(r["reason"] for r in rejects)
-    problems_by = collections.Counter(p["reason"] for p in problems)
+
+
+def _collect(plan: Plan, records: list[ShardRecord]) -> _Outcome:
+    """The label rows and shards in shard order; the rejects and label problems sorted."""
+    outcome = _Outcome(rows=[], shards=[], rejects=list(plan.rejects), problems=list(plan.problems))
+    for index, rec in enumerate(records):
+        outcome.shards.append(rec.info)
+        outcome.rows.extend(LabelRow.from_meta(meta, index) for meta in rec.metas)
+        outcome.rejects.extend(rec.rejects)
+        outcome.problems.extend(rec.problems)
+    outcome.rejects.sort(key=lambda r: (r.path, r.reason))
+    outcome.problems.sort(key=lambda p: (p.reason, p.patient_id or "", p.path or "", p.line or 0))
+    return outcome
+
+
+def _counts(plan: Plan, outcome: _Outcome) -> dict[str, Any]:
+    """The manifest's ``counts``."""
+    counts: dict[str, Any] = {s: {"samples": 0, "positives": 0, "boxes": 0, "shards": 0} for s in SPLITS}
+    for row in outcome.rows:
+        c = counts[row.split]
+        c["samples"] += 1
+        c["positives"] += row.target == 1
+        c["boxes"] += len(row.boxes)
+    for info in outcome.shards:
+        counts[info.split]["shards"] += 1
+    rejects_by = collections.Counter(r.reason for r in outcome.rejects)
+    problems_by = collections.Counter(p.reason for p in outcome.problems)
     counts.update(
-        samples=len(rows),
+        samples=len(outcome.rows),
         positives=sum(counts[s]["positives"] for s in SPLITS),
         boxes=sum(counts[s]["boxes"] for s in SPLITS),
         inputs=len(plan.inputs),
-        rejects=len(rejects),
+        rejects=len(outcome.rejects),
         rejects_by_reason=dict(sorted(rejects_by.items())),
-        label_problems=len(problems),
+        label_problems=len(outcome.problems),
         label_problems_by_reason=dict(sorted(problems_by.items())),
     )
-    manifest = Manifest(
+    return counts
+
+
+def _write_labels(out: Path, rows: list[LabelRow]) -> None:
+    """labels.zarr, synced: the manifest that vouches for it comes after it."""
+    labels = out / LABELS_NAME
+    write_labels(labels, LabelTable.from_rows(rows))
+    sync_files([*sorted(p for p in labels.rglob("*") if p.is_file()), labels])  # and OUT: its parent
+
+
+def _write_rejects(out: Path, outcome: _Outcome) -> None:
+    lines = (json.dumps(r.to_json(), sort_keys=True) + "\n" for r in [*outcome.rejects, *outcome.problems])
+    atomic_write_text(out / REJECTS_NAME, "".join(lines))
+
+
+def _manifest(cfg: IngestConfig, plan: Plan, identity: RunIdentity, counts: dict[str, Any],
+              shards: list[ShardInfo], pseudonyms: Pseudonymizer | None) -> Manifest:
+    return Manifest(
         format_version=FORMAT_VERSION,
-        params=identity["params"],
-        params_hash=identity["params_hash"],
+        params=identity.params,
+        params_hash=identity.params_hash,
         packages=package_versions(),
         source=_source_record(cfg, plan, identity, pseudonyms),
         counts=counts,
         shards=shards,
     )
-    write_manifest(cfg.out, manifest)
-    return IngestSummary(
-        out=cfg.out, counts=counts, rejects_by_reason=dict(rejects_by), problems_by_reason=dict(problems_by),
-        shards_built=built, shards_reused=len(plan.tasks) - built, seconds=time.perf_counter() - t0,
-    )
 
 
-def _source_record(cfg: IngestConfig, plan: Plan, identity: dict[str, Any],
+def _source_record(cfg: IngestConfig, plan: Plan, identity: RunIdentity,
                    pseudonyms: Pseudonymizer | None) -> dict[str, Any]:
     """The manifest's ``source``; pseudonymized, each path is its pseudonym, each file its sha256."""
     def where(path: Path | None) -> str | None:
@@ -422,9 +446,9 @@ def _source_record(cfg: IngestConfig, plan: Plan, identity: dict[str, Any],
     source = {
         "dicom_dir": where(cfg.dicom_dir),
         "files": len(plan.inputs),
-        "fingerprint": identity["source_fingerprint"],
+        "fingerprint": identity.source_fingerprint,
         "labels": where(cfg.labels),
-        "labels_sha256": identity["labels_sha256"],
+        "labels_sha256": identity.labels_sha256,
         "class_info": where(cfg.class_info),
     }
     if pseudonyms:

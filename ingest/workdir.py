@@ -5,7 +5,7 @@ under it; the driver removes it once ``manifest.json`` is written (``shards.veri
 left behind as ``ingest_unfinished``).
 
 =====================  ============================================================
-``params.json``        the identity of the run that owns OUT    
+``params.json``        the run's identity (:class:`shards.manifest.RunIdentity`)
 ``done/<shard>.json``  each finished shard's record (:mod:`ingest.journal`)
 ``suspects/``          watchdog notes of files that hung a worker (:mod:`ingest.watchdog`)
 ``tags.json``          PatientID tags already read (:mod:`ingest.tags`)

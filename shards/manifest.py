@@ -111,6 +111,59 @@ def _shard_info(record: dict[str, Any]) -> ShardInfo:
     return ShardInfo(**{**record, "xxh3": xxh3})
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RunIdentity:
+    """What makes two ingests the same dataset: their parameters and their inputs. An ingest
+    into a folder that holds another identity's dataset, finished or not, is refused."""
+
+    params: dict[str, Any]
+    """The parameters that decide the output's bytes (the manifest's ``params``)."""
+    params_hash: str
+    source_fingerprint: str | None
+    """:func:`shards.source.source_fingerprint` of the input files."""
+    labels_sha256: str | None
+    """SHA-256 of the labels file; None for an unlabelled set."""
+    key_fingerprint: str | None = None
+    """``--pseudonymize``: the key's fingerprint (:mod:`shards.pseudonym`); None without."""
+
+    @classmethod
+    def of(cls, params: dict[str, Any], source_fingerprint: str, labels_sha256: str | None,
+           key_fingerprint: str | None = None) -> "RunIdentity":
+        return cls(params=params, params_hash=params_hash(params), source_fingerprint=source_fingerprint,
+                   labels_sha256=labels_sha256, key_fingerprint=key_fingerprint)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "RunIdentity":
+        """From :meth:`to_json`'s form; raises KeyError or TypeError on another."""
+        return cls(params=dict(data["params"] or {}), params_hash=str(data["params_hash"]),
+                   source_fingerprint=data["source_fingerprint"], labels_sha256=data["labels_sha256"],
+                   key_fingerprint=data.get("key_fingerprint"))
+
+    @classmethod
+    def from_manifest(cls, data: dict[str, Any]) -> "RunIdentity":
+        """The identity a parsed ``manifest.json`` records, of any format version."""
+        source = data.get("source") or {}
+        return cls(params=dict(data.get("params") or {}), params_hash=str(data.get("params_hash")),
+                   source_fingerprint=source.get("fingerprint"), labels_sha256=source.get("labels_sha256"),
+                   key_fingerprint=(source.get("pseudonym") or {}).get("key_fingerprint"))
+
+    def difference(self, other: "RunIdentity") -> str | None:
+        """What makes ``other`` another dataset than this one, in words; None if nothing does
+        (the key is compared apart: its message names the keys)."""
+        if self.params_hash != other.params_hash:
+            changes = ", ".join(f"{k} {v!r} -> {other.params.get(k)!r}"
+                                for k, v in self.params.items() if other.params.get(k) != v)
+            return f"made with other parameters ({changes})"
+        if self.source_fingerprint != other.source_fingerprint:
+            return "made from a different set of source files"
+        if self.labels_sha256 != other.labels_sha256:
+            return "made with a different labels file"
+        return None
+
+
 def read_manifest(root: Path | str) -> Manifest:
     """Read ``root/manifest.json``; raise FileNotFoundError or :class:`FormatError`."""
     path = Path(root) / MANIFEST_NAME

@@ -133,6 +133,35 @@ def test_other_parameters_stop_before_work(ingested_small: Path, synth_small, ca
     assert "other parameters" in err and "clahe_clip" in err and err.count("\n") == 1
 
 
+def _fewer_sources(synth, tmp_path: Path) -> list[str]:
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in sorted(synth.images_dir.iterdir())[1:]:
+        (images / path.name).symlink_to(path)
+    return ["--dicom-dir", str(images)]
+
+
+def _other_labels(synth, tmp_path: Path) -> list[str]:
+    labels = tmp_path / "labels.csv"
+    labels.write_text(synth.labels_csv.read_text() + "not-in-the-images,,,,,0\n")
+    return ["--labels", str(labels)]
+
+
+@pytest.mark.parametrize(
+    "change, expect",
+    [(_fewer_sources, "made from a different set of source files"), (_other_labels, "made with a different labels file")],
+    ids=["one-source-file-fewer", "another-labels-file"],
+)
+def test_other_inputs_stop_before_work(ingested_small: Path, synth_small, tmp_path: Path, capsys, change, expect) -> None:
+    """An OUT holds one dataset: the same parameters over other inputs are refused (exit 2,
+    one line naming what differs), and the dataset is left as it was."""
+    before = _shard_bytes(ingested_small)
+    assert ingest_main([*_args(synth_small, ingested_small), *change(synth_small, tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err == f"error: --out {ingested_small} holds a dataset {expect}; use a new --out or delete it\n"
+    assert _shard_bytes(ingested_small) == before and not (ingested_small / ".ingest").exists()
+
+
 @pytest.mark.parametrize(
     "content, expect",
     [
