@@ -9,6 +9,7 @@ side by side: area | dct | difference x8, with a zoomed crop of each below.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import tempfile
 from pathlib import Path
@@ -19,6 +20,7 @@ import numpy as np
 from ingest.render import render
 from ingest.synth import make_dataset
 from shards.cli import configure_logging
+from shards.manifest import ProcessingParams
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +86,12 @@ def main(argv: list[str] | None = None) -> int:
         tmp = Path(tempfile.mkdtemp(prefix="ingest-compare-"))
         args.dicom_dir = make_dataset(tmp / "rsna", args.n, seed=0, progress=False).images_dir
     files = sorted(f for f in args.dicom_dir.rglob("*") if f.is_file())
-    processing = {"size": args.size, "clahe_clip": 2.0, "clahe_grid": 8}
+    processing = ProcessingParams(size=args.size, clahe_clip=2.0, clahe_grid=8)
     rows = []
     for i, f in enumerate(files):
         data = f.read_bytes()
-        area = render(data, {**processing, "resample": "area"}).image
-        dct = render(data, {**processing, "resample": "dct"}).image
+        area = render(data, dataclasses.replace(processing, resample="area")).image
+        dct = render(data, dataclasses.replace(processing, resample="dct")).image
         rows.append(differences(area, dct))
         if i == 0 and args.png:
             args.png.parent.mkdir(parents=True, exist_ok=True)

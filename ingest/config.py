@@ -6,13 +6,12 @@ import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 
+from shards.manifest import DEFAULT_MAX_PIXELS, ProcessingParams
+
 CLUSTERS = ("local", "slurm")
 RESAMPLE_MODES = ("dct", "area")
-PROCESSING_FIELDS = ("size", "clahe_clip", "clahe_grid", "resample", "max_pixels", "sop_classes")
+PROCESSING_FIELDS = tuple(f.name for f in dataclasses.fields(ProcessingParams))
 """The fields of :class:`IngestConfig` that decide a sample's pixels; the worker gets these."""
-DEFAULT_MAX_PIXELS = 8192 * 8192
-"""Largest Rows x Columns decoded (67 MP): above every real radiograph (large flat-panel
-detectors are about 4300 x 4300, mammograms 4096 x 5625, film digitisers about 60 MP)."""
 PATIENT_ID_SOURCES = ("name", "tag")
 SOP_CLASS_POLICIES = ("radiograph", "any-image")
 """Values of ``sop_classes`` (:mod:`ingest.sop` judges by them)."""
@@ -112,14 +111,14 @@ class IngestConfig:
         if self.class_info and not self.labels:
             raise ValueError("class_info given without labels")
 
-    def processing_params(self) -> dict[str, Any]:
-        """The parameters that decide the pixels of a sample (:data:`PROCESSING_FIELDS`)."""
-        return {name: getattr(self, name) for name in PROCESSING_FIELDS}
+    def processing_params(self) -> ProcessingParams:
+        """The parameters that decide the pixels of a sample."""
+        return ProcessingParams(**{name: getattr(self, name) for name in PROCESSING_FIELDS})
 
     def dataset_params(self) -> dict[str, Any]:
         """All parameters that decide the bytes of the output (recorded in the manifest)."""
         return {
-            **self.processing_params(),
+            **self.processing_params().to_params(),
             "shard_size": self.shard_size,
             "val_fraction": self.val_fraction,
             "seed": self.seed,

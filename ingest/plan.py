@@ -15,6 +15,7 @@ from pathlib import Path
 from shards.archive import ArchiveIndex
 from shards.format import SPLITS, key_for, shard_name
 from shards.label_csv import LabelProblem, PatientLabel
+from shards.manifest import ProcessingParams
 from shards.pseudonym import Pseudonymizer
 from shards.records import Reject
 from shards.seeds import shard_order_hash
@@ -51,7 +52,7 @@ class ShardTask:
     samples: tuple[PlannedSample, ...]
     dicom_dir: str
     out: str
-    processing: dict
+    processing: ProcessingParams
     archive: ArchiveIndex | None = None
     """When ``dicom_dir`` is an archive: where this shard's samples lie in it."""
 
@@ -104,7 +105,7 @@ def make_plan(
     shard_size: int,
     val_fraction: float,
     seed: int,
-    processing: dict,
+    processing: ProcessingParams,
     inputs: list[tuple[str, int]],
     ignored: int = 0,
     patient_ids: dict[str, str] | None = None,
@@ -179,7 +180,7 @@ def make_plan(
                     samples=tuple(samples),
                     dicom_dir=str(dicom_dir),
                     out=str(out),
-                    processing=dict(processing),
+                    processing=processing,
                     archive=archive.subset([s.path for s in samples]) if archive is not None else None,
                 )
             )

@@ -15,15 +15,17 @@ their sampling grid read the image back from memory, and cost twice as much.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
 
 from ingest import transforms
-from ingest.config import DEFAULT_MAX_PIXELS, RESAMPLE_MODES
+from ingest.config import RESAMPLE_MODES
 from ingest.dicom import DecodedDicom, decode_dicom
 from ingest.qa import qa_flags
 from shards.geometry import Letterbox, letterbox_geometry
+from shards.manifest import ProcessingParams
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,31 +40,31 @@ class Rendered:
     """The image's QA flags (:func:`ingest.qa.qa_flags`)."""
 
 
-def render(data: bytes, processing: dict[str, Any]) -> Rendered:
+def render(data: bytes, processing: ProcessingParams | Mapping[str, Any]) -> Rendered:
     """Decode, CLAHE and letterbox one DICOM file by the ingest's processing parameters.
 
     Args:
         data: The whole DICOM file.
-        processing: ``size``, ``clahe_clip``, ``clahe_grid``, and optionally ``resample``
-            (default ``area``, what datasets recorded before the option existed) and
-            ``max_pixels`` and ``sop_classes`` (default: none judged, what datasets recorded
-            before the option existed).
+        processing: The parameters, or a manifest's ``params`` holding them
+            (:meth:`ProcessingParams.from_params`).
 
     Raises:
         DicomRejected: the file cannot become a sample.
     """
-    size, resample = int(processing["size"]), processing.get("resample", "area")
+    if not isinstance(processing, ProcessingParams):
+        processing = ProcessingParams.from_params(processing)
+    size, resample = int(processing.size), processing.resample
     if resample not in RESAMPLE_MODES:
         raise ValueError(f"resample={resample!r}; allowed: {', '.join(RESAMPLE_MODES)}")
     decoded = decode_dicom(
         data,
-        max_pixels=int(processing.get("max_pixels", DEFAULT_MAX_PIXELS)),
+        max_pixels=int(processing.max_pixels),
         fit=size if resample == "dct" else None,
-        sop_classes=processing.get("sop_classes"),
+        sop_classes=processing.sop_classes,
     )
     flags = qa_flags(decoded)
     geom = letterbox_geometry(decoded.rows, decoded.cols, size)
-    clip, grid = processing["clahe_clip"], processing["clahe_grid"]
+    clip, grid = processing.clahe_clip, processing.clahe_grid
     if decoded.resampled:
         resized = transforms.resize_area(decoded.pixels, geom.new_shape)
         image = transforms.pad_letterbox(transforms.clahe(resized, clip, grid), geom)

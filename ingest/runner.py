@@ -129,7 +129,7 @@ def _submit_shard(client: Client, cfg: IngestConfig, state: _ShardState) -> Futu
     state.attempt += 1
     isolated = state.tries.isolated
     fn = build_shard_isolated if isolated else build_shard
-    key = f"shard-{state.task.name}-{state.task.processing['size']}-{'isolated-' if isolated else ''}{state.attempt}"
+    key = f"shard-{state.task.name}-{state.task.processing.size}-{'isolated-' if isolated else ''}{state.attempt}"
     return client.submit(fn, state.task, cfg.sample_timeout, state.known, key=key, pure=False, retries=0)
 
 

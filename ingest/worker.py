@@ -25,6 +25,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+
 from ingest import transforms
 from ingest.announce import announce_start
 from ingest.dicom import DicomRejected, describe
@@ -39,7 +40,7 @@ from shards.archive import ArchiveIndex, MemberError
 from shards.diskspace import NoSpace, is_out_of_space
 from shards.geometry import boxes_to_letterbox
 from shards.label_csv import LabelProblem
-from shards.manifest import SHARDS_DIR
+from shards.manifest import SHARDS_DIR, ProcessingParams
 from shards.records import BuildStats, ShardRecord
 from shards.writer import ShardWriter
 
@@ -59,7 +60,7 @@ class ProcessedSample:
     fast_path: bool
 
 
-def process_sample(data: bytes, sample: PlannedSample, processing: dict) -> ProcessedSample:
+def process_sample(data: bytes, sample: PlannedSample, processing: ProcessingParams) -> ProcessedSample:
     """Decode one DICOM's bytes and make the training sample (raises DicomRejected)."""
     rendered = render(data, processing)
     image, geom, decoded = rendered.image, rendered.geom, rendered.decoded
@@ -106,7 +107,7 @@ def mismatch(path: str, tag: str, name_id: str, used: str) -> LabelProblem:
 
 
 def sample_outcome(
-    dicom_dir: str, sample: PlannedSample, processing: dict, archive: ArchiveIndex | None = None
+    dicom_dir: str, sample: PlannedSample, processing: ProcessingParams, archive: ArchiveIndex | None = None
 ) -> ProcessedSample | Reject:
     """Read and process one planned sample (a member of ``archive`` when given); every failure
     is a :class:`Reject`, never raised.
@@ -117,7 +118,7 @@ def sample_outcome(
     return read_outcome(lambda: read_input(dicom_dir, archive, sample.path), sample, processing)
 
 
-def read_outcome(read: Callable[[], bytes], sample: PlannedSample, processing: dict) -> ProcessedSample | Reject:
+def read_outcome(read: Callable[[], bytes], sample: PlannedSample, processing: ProcessingParams) -> ProcessedSample | Reject:
     """:func:`sample_outcome`, the file's bytes coming from ``read`` (see :mod:`ingest.readahead`)."""
     try:
         data = read()
@@ -166,7 +167,7 @@ def build_shard(task: ShardTask, timeout_s: float = 300.0, known: dict[str, Reje
 
 
 def _isolated_outcome(
-    dicom_dir: str, sample: PlannedSample, processing: dict, archive: ArchiveIndex | None = None
+    dicom_dir: str, sample: PlannedSample, processing: ProcessingParams, archive: ArchiveIndex | None = None
 ) -> tuple[Any, ...]:
     """:func:`sample_outcome` as it travels back from the child: plain, picklable values."""
     result = sample_outcome(dicom_dir, sample, processing, archive)

@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 from shards.atomic import atomic_write_text
@@ -19,6 +20,9 @@ LABELS_NAME = "labels.zarr"
 REJECTS_NAME = "rejects.jsonl"
 WORK_DIR = ".ingest"
 """Scratch folder of an unfinished ingest (removed when ``manifest.json`` is written)."""
+DEFAULT_MAX_PIXELS = 8192 * 8192
+"""Largest Rows x Columns decoded (67 MP): above every real radiograph (large flat-panel
+detectors are about 4300 x 4300, mammograms 4096 x 5625, film digitisers about 60 MP)."""
 READ_CHUNK = 4 << 20
 """Bytes per read when a whole file is read and hashed (shards, source files)."""
 
@@ -109,6 +113,35 @@ def _shard_info(record: dict[str, Any]) -> ShardInfo:
                 raise FormatError(f"malformed manifest: {exc}") from None
         xxh3 = tuple(tuple(pair) for pair in xxh3)
     return ShardInfo(**{**record, "xxh3": xxh3})
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ProcessingParams:
+    """The parameters that decide a sample's pixels: part of the manifest's ``params``."""
+
+    size: int
+    """Side of the square output images."""
+    clahe_clip: float
+    """CLAHE clip limit (OpenCV ``clipLimit``)."""
+    clahe_grid: int
+    """CLAHE tile grid (``grid`` x ``grid`` tiles)."""
+    resample: str = "area"
+    """``dct`` or ``area``; ``area`` for datasets recorded before the parameter existed."""
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Images with more Rows x Columns are rejected (``too_large``) before decoding."""
+    sop_classes: str | None = None
+    """Which SOP classes are ingested (``--sop-classes``); None, for datasets recorded before
+    the parameter existed, judges none."""
+
+    @classmethod
+    def from_params(cls, params: Mapping[str, Any]) -> "ProcessingParams":
+        """The processing parameters among a manifest's ``params`` (others are ignored)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in params.items() if k in names})
+
+    def to_params(self) -> dict[str, Any]:
+        """The entries of the manifest's ``params`` these make."""
+        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -15,10 +16,10 @@ from ingest.config import IngestConfig
 from ingest.dicom import decode_dicom
 from ingest.render import render
 from shards.geometry import letterbox_geometry
-from shards.manifest import params_hash
+from shards.manifest import ProcessingParams, params_hash
 from tests import dicom_factory as df
 
-PARAMS = {"size": 64, "clahe_clip": 2.0, "clahe_grid": 8}
+PARAMS = ProcessingParams(size=64, clahe_clip=2.0, clahe_grid=8)
 
 
 def _original_pipeline(path: Path, size: int) -> np.ndarray:
@@ -33,7 +34,7 @@ def _original_pipeline(path: Path, size: int) -> np.ndarray:
 @pytest.mark.parametrize("rows, cols", [(256, 256), (200, 320), (48, 40)])
 def test_area_reproduces_the_original_bytes(tmp_path: Path, rows: int, cols: int) -> None:
     path = df.make_rsna_like(tmp_path / "c.dcm", "c", rows=rows, cols=cols)
-    got = render(path.read_bytes(), {**PARAMS, "resample": "area"})
+    got = render(path.read_bytes(), replace(PARAMS, resample="area"))
     np.testing.assert_array_equal(got.image, _original_pipeline(path, 64))
     assert not got.decoded.resampled
 
@@ -52,8 +53,8 @@ def test_dct_decodes_at_the_smallest_scale_covering_the_output(tmp_path: Path, r
     decoded = decode_dicom(data, fit=size)
     assert decoded.resampled and decoded.pixels.shape == decoded_shape
     assert (decoded.rows, decoded.cols) == (rows, cols)
-    dct = render(data, {**PARAMS, "size": size, "resample": "dct"})
-    area = render(data, {**PARAMS, "size": size, "resample": "area"})
+    dct = render(data, replace(PARAMS, size=size, resample="dct"))
+    area = render(data, replace(PARAMS, size=size, resample="area"))
     assert dct.image.shape == (size, size) and dct.geom == area.geom
     # the same picture (CLAHE at a tiny output size shifts grey levels, not structure)
     assert np.corrcoef(dct.image.ravel(), area.image.ravel())[0, 1] > 0.9
@@ -65,15 +66,15 @@ def test_dct_decodes_at_the_smallest_scale_covering_the_output(tmp_path: Path, r
 @pytest.mark.parametrize("write", [df.write_jpeg2000_lossless, df.write_16bit_voi_lut], ids=["jpeg2000", "voi_lut"])
 def test_dct_leaves_other_files_as_area_does(tmp_path: Path, write) -> None:
     data = write(tmp_path).read_bytes()
-    dct = render(data, {**PARAMS, "size": 32, "resample": "dct"})
-    area = render(data, {**PARAMS, "size": 32, "resample": "area"})
+    dct = render(data, replace(PARAMS, size=32, resample="dct"))
+    area = render(data, replace(PARAMS, size=32, resample="area"))
     np.testing.assert_array_equal(dct.image, area.image)
 
 
 def test_dct_when_enlarging_is_area(tmp_path: Path) -> None:
     data = df.make_rsna_like(tmp_path / "c.dcm", "c", rows=48, cols=40).read_bytes()
-    dct = render(data, {**PARAMS, "resample": "dct"})
-    np.testing.assert_array_equal(dct.image, render(data, {**PARAMS, "resample": "area"}).image)
+    dct = render(data, replace(PARAMS, resample="dct"))
+    np.testing.assert_array_equal(dct.image, render(data, replace(PARAMS, resample="area")).image)
 
 
 def test_resample_is_a_recorded_parameter(tmp_path: Path) -> None:
