@@ -68,7 +68,7 @@ import simplejpeg
 from ingest import codestream, dicom_header, qa, render, sop, transforms, worker
 from ingest.bench_archive import run_archive_bench
 from ingest.config import IngestConfig
-from ingest.dicom import _fast_header, decode_dicom
+from ingest.dicom import _read_raw, decode_dicom
 from ingest.pipeline import run_ingest
 from ingest.plan import PlannedSample
 from ingest.readahead import read_file
@@ -245,7 +245,7 @@ def steps(files: list[Path], size: int, work: Path) -> list[tuple[str, float]]:
 
     datas = timed("read the file", lambda f: read_file(str(f)), files)
     timed("sha256 of the source (provenance)", lambda d: hashlib.sha256(d).hexdigest(), datas)
-    headers = timed("header walk + frame location (no pydicom)", _fast_header, datas)
+    headers = timed("header walk + frame location (no pydicom)", _read_raw, datas)
     frames = [h.frame for h in headers]
     timed("SOP-class judgement (from the walked header)", lambda h: sop.judge(h.sop_class, "radiograph"), headers)
     timed("(for comparison: pydicom dcmread)", lambda d: pydicom.dcmread(io.BytesIO(d)), datas)

@@ -1,10 +1,18 @@
-"""DICOM decoding to an 8-bit greyscale image, with a fast path for RSNA's JPEG Baseline.
+"""DICOM decoding to an 8-bit greyscale image, with a short way for RSNA's JPEG Baseline.
 
-Fast path: 8-bit single-frame monochrome JPEG Baseline without LUTs, the whole RSNA set. Its
-header is read without pydicom (:mod:`ingest.dicom_header`), its one frame located directly
-and decoded strictly by libjpeg-turbo (:mod:`ingest.codestream`), optionally at a reduced
-n/8 scale. Everything else goes through pydicom and its plugins, then Modality LUT (rescale),
-VOI LUT or window, MONOCHROME1 inversion and colour-to-grey.
+Two readers, and two decoders:
+
+- the *raw reader* (:func:`_read_raw`) walks the header without pydicom
+  (:mod:`ingest.dicom_header`) and locates the one frame; it takes a file only when the tags
+  it needs are plain, and steps aside (None) otherwise. The whole RSNA set is read this way.
+- the *pydicom reader* (:func:`_decode_parsed`) takes every other file.
+- the *libjpeg decode* (:func:`_decode_libjpeg`) decodes a JPEG frame strictly with
+  libjpeg-turbo (:mod:`ingest.codestream`), optionally at a reduced n/8 scale; either reader
+  hands it the frame of a file that :func:`libjpeg_decodes` accepts (``fast_path``).
+- the *general decode* (:func:`_decode_general`) goes through pydicom and its plugins, then
+  Modality LUT (rescale), VOI LUT or window, and colour-to-grey.
+
+Both readers end in :func:`_result`, which turns MONOCHROME1 into MONOCHROME2.
 
 Before any pixel is decoded (or inflated) the image size is checked: Rows x Columns against
 ``max_pixels``, and a compressed frame's own header (JPEG SOF, JPEG 2000 SIZ) against
@@ -18,13 +26,14 @@ foresaw becomes ``decode_error`` with its type and message.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import re
 import struct
 import warnings
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import cv2
@@ -43,9 +52,6 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEGBaseline8Bit
 from ingest import codestream, dicom_header, sop, transforms
 from ingest.config import DEFAULT_MAX_PIXELS
 from shards.geometry import letterbox_geometry
-
-# RSNA's PatientAge ('43') is not a conformant AS value; we parse it ourselves (parse_age).
-pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
 
 REASONS = {
@@ -67,7 +73,7 @@ _DETAIL_CHARS = 300
 _INFLATE_CHUNK = 1 << 20
 _HEADER_INFLATE_LIMIT = 64 << 20  # a header larger than this is not a radiograph's
 _TRAILER_SLACK = 1 << 20  # elements after the pixel data (padding, signatures)
-_NOT_FAST_TAGS = frozenset((dicom_header.WINDOW_CENTER, dicom_header.RESCALE_SLOPE, dicom_header.RESCALE_INTERCEPT, dicom_header.MODALITY_LUT_SEQUENCE, dicom_header.VOI_LUT_SEQUENCE))
+_LUT_TAGS = frozenset((dicom_header.WINDOW_CENTER, dicom_header.RESCALE_SLOPE, dicom_header.RESCALE_INTERCEPT, dicom_header.MODALITY_LUT_SEQUENCE, dicom_header.VOI_LUT_SEQUENCE))
 
 
 class DicomRejected(Exception):
@@ -101,6 +107,7 @@ class DecodedDicom:
     age: int | None
     transfer_syntax: str
     fast_path: bool
+    """The frame went straight to the libjpeg decode (:func:`libjpeg_decodes`), by either reader."""
     resampled: bool = False
     """``pixels`` come from a JPEG decode at a reduced n/8 scale (see ``fit``)."""
     body_part: str | None = None
@@ -121,6 +128,21 @@ def parse_age(value: Any) -> int | None:
     n, unit = int(m.group(1)), m.group(2).upper()
     years = n if unit in ("", "Y") else 0
     return years if 0 <= years <= 130 else None
+
+
+@contextlib.contextmanager
+def lenient_values() -> Iterator[None]:
+    """pydicom's value validation off while a file's values are read: RSNA's PatientAge ('43')
+    is not a conformant AS value (:func:`parse_age` reads it), and a file's odd value is its
+    own concern, not a warning per file. pydicom's setting is process-wide, so it is restored
+    on the way out, as pydicom's own ``disable_value_validation`` does."""
+    settings = pydicom.config.settings
+    before = settings.reading_validation_mode
+    settings.reading_validation_mode = pydicom.config.IGNORE
+    try:
+        yield
+    finally:
+        settings.reading_validation_mode = before
 
 
 def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
@@ -248,8 +270,8 @@ def decode_dicom(
     Args:
         data: The whole file.
         max_pixels: Reject (``too_large``) an image of more pixels, before decoding it.
-        fit: The side of the square the image will be letterboxed into. A JPEG frame on the
-            fast path is then decoded at the smallest n/8 scale that still covers the
+        fit: The side of the square the image will be letterboxed into. A JPEG frame the
+            libjpeg decode takes is then decoded at the smallest n/8 scale that still covers the
             letterboxed size (``resampled``); None decodes at full size.
         sop_classes: Which SOP classes become samples (:func:`ingest.sop.judge`), judged
             from the header before any pixel; None judges none.
@@ -259,11 +281,12 @@ def decode_dicom(
             including any unforeseen exception (``decode_error``).
     """
     try:
-        fast = _fast_header(data)
-        if fast:
-            sop.judge(fast.sop_class, sop_classes)
-            return _decode_fast_header(fast, max_pixels, fit)
-        return _decode_parsed(data, max_pixels, fit, sop_classes)
+        raw = _read_raw(data)
+        if raw is not None:
+            sop.judge(raw.sop_class, sop_classes)
+            return _decode_raw(raw, max_pixels, fit)
+        with lenient_values():
+            return _decode_parsed(data, max_pixels, fit, sop_classes)
     except DicomRejected:
         raise
     except sop.NotAccepted as exc:
@@ -272,8 +295,27 @@ def decode_dicom(
         raise DicomRejected("decode_error", describe(exc)) from exc
 
 
+def libjpeg_decodes(transfer_syntax: str, photometric: str, bits_allocated: Callable[[], Any],
+                    samples_per_pixel: Callable[[], Any], has_lut: Callable[[], bool]) -> bool:
+    """True for a file whose frame libjpeg-turbo decodes straight to the image: 8-bit
+    monochrome JPEG Baseline with no LUT, rescale or window to apply.
+
+    Each reader passes how it reads the values; they are read in this order and only as far as
+    needed (a garbled value of a file that fails an earlier test is left to the general decode).
+    """
+    return (
+        transfer_syntax == JPEGBaseline8Bit
+        and bits_allocated() == 8
+        and samples_per_pixel() == 1
+        and photometric in ("MONOCHROME1", "MONOCHROME2")
+        and not has_lut()
+    )
+
+
 @dataclasses.dataclass(frozen=True)
-class _FastFile:
+class _RawFile:
+    """What the raw reader found: the one JPEG frame and the header's values."""
+
     frame: bytes
     rows: int
     cols: int
@@ -282,23 +324,26 @@ class _FastFile:
     sop_class: str | None
 
 
-def _fast_header(data: bytes) -> _FastFile | None:
-    """The fast path's header and frame, read without pydicom; None if the file is anything
-    but a plain single-frame 8-bit monochrome JPEG Baseline without LUTs."""
+def _read_raw(data: bytes) -> _RawFile | None:
+    """The header and frame of a file :func:`libjpeg_decodes`, read without pydicom; None for
+    any other file, or one whose header the raw reader does not follow."""
     try:
         meta, body_at = dicom_header.read_meta(data)
-        if meta.values.get(dicom_header.TRANSFER_SYNTAX_UID) != JPEGBaseline8Bit:
+        ts = meta.values.get(dicom_header.TRANSFER_SYNTAX_UID)
+        if ts != JPEGBaseline8Bit:
             return None
         header = dicom_header.walk(data, body_at)
         v = header.values
-        if header.pixel_data is None or header.pixel_data[1] != dicom_header.UNDEFINED or header.present & _NOT_FAST_TAGS:
+        if header.pixel_data is None or header.pixel_data[1] != dicom_header.UNDEFINED:
             return None
         if str(v.get(dicom_header.NUMBER_OF_FRAMES, "") or "1") != "1":
             return None
         if str(v.get(dicom_header.SPECIFIC_CHARACTER_SET, "") or "ISO_IR 6") not in pydicom.charset.python_encoding:
             return None  # pydicom judges an unknown character set
         photometric = str(v.get(dicom_header.PHOTOMETRIC, "")).upper()
-        if v.get(dicom_header.BITS_ALLOCATED) != 8 or v.get(dicom_header.SAMPLES_PER_PIXEL, 1) != 1 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
+        # Any LUT tag at all steps aside: the pydicom reader judges its values.
+        if not libjpeg_decodes(ts, photometric, lambda: v.get(dicom_header.BITS_ALLOCATED),
+                               lambda: v.get(dicom_header.SAMPLES_PER_PIXEL, 1), lambda: bool(header.present & _LUT_TAGS)):
             return None
         rows, cols = int(v.get(dicom_header.ROWS, 0)), int(v.get(dicom_header.COLUMNS, 0))
         if rows <= 0 or cols <= 0:
@@ -307,16 +352,14 @@ def _fast_header(data: bytes) -> _FastFile | None:
     except (dicom_header.Unfollowed, dicom_header.HeaderIncomplete, struct.error, RecursionError):
         return None
     sop_class = v.get(dicom_header.SOP_CLASS_UID) or meta.values.get(dicom_header.MEDIA_STORAGE_SOP_CLASS_UID)
-    return _FastFile(frame, rows, cols, photometric, v, str(sop_class) if sop_class else None)
+    return _RawFile(frame, rows, cols, photometric, v, str(sop_class) if sop_class else None)
 
 
-def _decode_fast_header(f: _FastFile, max_pixels: int, fit: int | None) -> DecodedDicom:
+def _decode_raw(f: _RawFile, max_pixels: int, fit: int | None) -> DecodedDicom:
     v = f.values
-    pixels, resampled = _decode_jpeg_frame(f.frame, f.rows, f.cols, max_pixels, fit)
-    if f.photometric == "MONOCHROME1":
-        pixels = 255 - pixels
-    return DecodedDicom(
-        pixels=pixels, rows=f.rows, cols=f.cols,
+    pixels, resampled = _decode_libjpeg(f.frame, f.rows, f.cols, max_pixels, fit)
+    return _result(
+        pixels, f.photometric, rows=f.rows, cols=f.cols,
         patient_id=str(v.get(dicom_header.PATIENT_ID, "")) or None,
         view_position=str(v.get(dicom_header.VIEW_POSITION, "")) or None,
         sex=str(v.get(dicom_header.PATIENT_SEX, "")) or None,
@@ -325,6 +368,13 @@ def _decode_fast_header(f: _FastFile, max_pixels: int, fit: int | None) -> Decod
         body_part=str(v.get(dicom_header.BODY_PART_EXAMINED, "")) or None,
         burned_in_annotation=str(v.get(dicom_header.BURNED_IN_ANNOTATION, "")) or None,
     )
+
+
+def _result(pixels: np.ndarray, photometric: str, **fields: Any) -> DecodedDicom:
+    """The decoded image in MONOCHROME2 sense (bright = dense), whichever reader read it."""
+    if photometric == "MONOCHROME1":
+        pixels = 255 - pixels
+    return DecodedDicom(pixels=pixels, **fields)
 
 
 def _decode_parsed(data: bytes, max_pixels: int, fit: int | None, sop_classes: str | None = None) -> DecodedDicom:
@@ -342,26 +392,19 @@ def _decode_parsed(data: bytes, max_pixels: int, fit: int | None, sop_classes: s
     _check_size(rows, cols, max_pixels)
     ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
-    fast = (
-        ts == JPEGBaseline8Bit
-        and int(ds.get("BitsAllocated", 0)) == 8
-        and int(ds.get("SamplesPerPixel", 1)) == 1
-        and photometric in ("MONOCHROME1", "MONOCHROME2")
-        and not _has_voi_or_rescale(ds)
-    )
+    fast = libjpeg_decodes(ts, photometric, lambda: int(ds.get("BitsAllocated", 0)),
+                           lambda: int(ds.get("SamplesPerPixel", 1)), lambda: _has_voi_or_rescale(ds))
     resampled = False
     if fast:
-        pixels, resampled = _decode_jpeg_frame(_first_frame(ds), rows, cols, max_pixels, fit)
+        pixels, resampled = _decode_libjpeg(_first_frame(ds), rows, cols, max_pixels, fit)
     else:
         if pydicom.uid.UID(ts).is_compressed and ts != DeflatedExplicitVRLittleEndian:
             _check_compressed(ds, ts, rows, cols)
         pixels = _decode_general(ds, photometric)
         if pixels.shape != (rows, cols):
             raise DicomRejected("bad_geometry", f"pixels {pixels.shape} but Rows={rows} Columns={cols}")
-    if photometric == "MONOCHROME1":
-        pixels = 255 - pixels
-    return DecodedDicom(
-        pixels=pixels, rows=rows, cols=cols,
+    return _result(
+        pixels, photometric, rows=rows, cols=cols,
         patient_id=_text(ds, "PatientID"),
         view_position=_text(ds, "ViewPosition"),
         sex=_text(ds, "PatientSex"),
@@ -420,9 +463,9 @@ def _check_compressed(ds: pydicom.Dataset, ts: str, rows: int, cols: int) -> Non
             raise DicomRejected("corrupt_pixel_data", str(exc)) from exc
 
 
-def _decode_jpeg_frame(frame: bytes, rows: int, cols: int, max_pixels: int, fit: int | None) -> tuple[np.ndarray, bool]:
-    """The fast path's decode: header checks, then one strict libjpeg-turbo decode, at a
-    reduced n/8 scale when ``fit`` asks for a smaller image."""
+def _decode_libjpeg(frame: bytes, rows: int, cols: int, max_pixels: int, fit: int | None) -> tuple[np.ndarray, bool]:
+    """The libjpeg decode: header checks, then one strict libjpeg-turbo decode, at a reduced
+    n/8 scale when ``fit`` asks for a smaller image; True with the pixels if it did."""
     _check_size(rows, cols, max_pixels)
     geom = _check_frame(frame, JPEGBaseline8Bit, rows, cols)
     assert geom is not None
@@ -431,7 +474,7 @@ def _decode_jpeg_frame(frame: bytes, rows: int, cols: int, max_pixels: int, fit:
     target = None
     if fit is not None:
         new_shape = letterbox_geometry(rows, cols, fit).new_shape
-        target = new_shape if new_shape[0] < rows else None  # shrinking only; enlarging stays as today
+        target = new_shape if new_shape[0] < rows else None  # a smaller image is enlarged after decoding
     try:
         pixels = codestream.decode_jpeg(frame, target)
     except codestream.CorruptPixelData as exc:
@@ -475,7 +518,7 @@ def grey_to_uint8(arr: np.ndarray, ds: pydicom.Dataset) -> np.ndarray:
     """Stored greyscale values -> 8 bits: Modality LUT, then VOI LUT or window, else min-max.
 
     An 8-bit unsigned image with no LUT or window is kept as it is, so the general and the
-    fast path agree on the same pixels.
+    libjpeg decode agree on the same pixels.
     """
     if arr.dtype == np.uint8 and not _has_voi_or_rescale(ds):
         return arr

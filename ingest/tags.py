@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pydicom
 
-from ingest.dicom import describe
+from ingest.announce import announce_start
+from ingest.dicom import describe, lenient_values
 from ingest.inputs import read_input
 from ingest.plan import Reject
-from ingest.announce import announce_start
 from ingest.watchdog import WATCHDOG
 from ingest.workdir import tags_file
 from shards.archive import ArchiveIndex, MemberError
@@ -45,8 +45,9 @@ def read_patient_id(path: Path | io.BytesIO) -> str | None:
     Raises:
         Exception: whatever pydicom raises on an unreadable header.
     """
-    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
-    value = str(ds.get("PatientID", "") or "").strip()
+    with lenient_values():
+        ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["PatientID"])
+        value = str(ds.get("PatientID", "") or "").strip()
     return value or None
 
 

@@ -11,16 +11,16 @@ from pydicom.dataset import Dataset
 from pydicom.sequence import Sequence
 
 from ingest.config import DEFAULT_MAX_PIXELS
-from ingest.dicom import _decode_parsed, _fast_header, decode_dicom
+from ingest.dicom import _decode_parsed, _read_raw, decode_dicom
 from tests import dicom_factory as df
 
 FAST_CASES = {"jpeg_baseline", "uid_named", "rsna_like"}
 
 
 @pytest.mark.parametrize("case", df.CASES, ids=lambda c: c.name)
-def test_fast_header_agrees_with_pydicom_or_steps_aside(tmp_path: Path, case: df.FactoryCase) -> None:
+def test_read_raw_agrees_with_pydicom_or_steps_aside(tmp_path: Path, case: df.FactoryCase) -> None:
     data = case.write(tmp_path).read_bytes()
-    fast = _fast_header(data)
+    fast = _read_raw(data)
     assert (fast is not None) == (case.name in FAST_CASES)
     if fast is None:
         return
@@ -48,7 +48,7 @@ def test_undefined_length_sequence_before_the_pixels_is_walked(tmp_path: Path) -
     ds.save_as(path)
     data = path.read_bytes()
     assert b"\xfe\xff\xdd\xe0" in data[: data.find(b"\xe0\x7f\x10\x00")]  # a sequence delimiter
-    assert _fast_header(data) is not None
+    assert _read_raw(data) is not None
     got = decode_dicom(data)
     assert (got.rows, got.cols, got.patient_id) == (64, 48, "seq")
 
@@ -66,7 +66,7 @@ def test_undefined_length_sequence_before_the_pixels_is_walked(tmp_path: Path) -
 def test_anything_unusual_goes_through_pydicom(tmp_path: Path, edit) -> None:
     path = df.make_rsna_like(tmp_path / "odd.dcm", "odd")
     data = _rewrite(path, edit)
-    assert _fast_header(data) is None
+    assert _read_raw(data) is None
 
 
 def test_non_ascii_patient_id_is_read_by_pydicom(tmp_path: Path) -> None:
