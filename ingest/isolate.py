@@ -1,6 +1,9 @@
 """Run one call at a time in a child Python process, so that a call that kills or hangs its
 process costs only that call.
 
+Hand-written because Dask's workers are daemonic processes, which multiprocessing (and so
+pebble and loky, built on it) refuses to give children; a plain subprocess it allows.
+
 A shard whose Dask worker died twice is rebuilt through an :class:`IsolatedProcess`: each
 file is decoded in the child; when the child dies (a segfault in a C decoder, the OOM killer,
 ``os._exit``) the file in flight is the culprit, and when it does not answer within the

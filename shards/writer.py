@@ -136,15 +136,12 @@ class _DirectFile(io.RawIOBase):
     """A new file written past the page cache (``O_DIRECT``), for files this process will not
     read again: the ingest's shards.
 
-    Writing 11 GB of shards through the page cache cost each byte a copy into a fresh page,
-    then its write-back and the page's drop (:class:`_Flusher`). On a VM that hands freed
-    memory back to its host, that copy into long-freed pages was the largest single cost of a
-    cold full-set ingest (``copy_folio_from_iter_atomic``, 7.6% of its CPU samples). Here the
-    bytes are copied into one of two page-aligned chunks, and a thread of its own writes each
-    full chunk straight to the device while the caller fills the other. Writing 256 MB took
-    0.03 s of CPU this way, against 0.14 s through the page cache into just-freed pages and
-    0.63 s into long-freed ones; the caller waits for the disk only when it is a whole chunk
-    ahead of it.
+    Through the page cache each byte costs a copy into a fresh page, then its write-back and
+    the page's drop (:class:`_Flusher`); on a VM that hands freed memory back to its host, that
+    copy into long-freed pages is the largest single cost of a cold ingest. Here the bytes are
+    copied into one of two page-aligned chunks, and a thread of its own writes each full chunk
+    straight to the device while the caller fills the other; the caller waits for the disk only
+    when it is a whole chunk ahead of it.
 
     The tail, less than a page, is written through the page cache. A filesystem that takes
     the flag at ``open`` but refuses such writes (``EINVAL``) gets the rest through the page
