@@ -19,76 +19,39 @@ Before any pixel is decoded (or inflated) the image size is checked: Rows x Colu
 Rows/Columns. Compressed JPEG data is decoded strictly: libjpeg's corrupt-data warnings are
 errors.
 
-Every way a file can fail becomes a :class:`DicomRejected` with a short machine-readable
-``reason`` (see :data:`REASONS`) and a one-line human ``detail``; an exception nobody
-foresaw becomes ``decode_error`` with its type and message.
+Every way a file can fail becomes a :class:`~ingest.dicom_read.DicomRejected` with a short
+machine-readable ``reason`` (see :data:`~ingest.dicom_read.REASONS`) and a one-line human
+``detail``; an exception nobody foresaw becomes ``decode_error`` with its type and message.
+Reading the bytes into a pydicom dataset, bounded, is :mod:`ingest.dicom_read`'s.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import io
 import re
 import struct
-import warnings
-import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import cv2
 import numpy as np
 import pydicom
 import pydicom.charset
-import pydicom.config
 import pydicom.encaps
 import pydicom.pixels
-from pydicom.dataset import FileDataset, FileMetaDataset
-from pydicom.errors import InvalidDicomError
-from pydicom.filebase import DicomBytesIO
-from pydicom.filereader import read_dataset
 from pydicom.uid import DeflatedExplicitVRLittleEndian, JPEGBaseline8Bit
 
-from ingest import codestream, dicom_header, sop, transforms
-from ingest.config import DEFAULT_MAX_PIXELS
+from ingest import codestream, dicom_header, dicom_read, sop, transforms
+from ingest.dicom_read import DETAIL_CHARS, DicomRejected, check_size, describe, lenient_values, read_header
 from shards.geometry import letterbox_geometry
+from shards.manifest import DEFAULT_MAX_PIXELS
 
+__all__ = ["REASONS", "DecodedDicom", "DicomRejected", "decode_dicom", "describe", "libjpeg_decodes", "parse_age"]
 
-REASONS = {
-    "not_dicom": "not a DICOM file (no 'DICM' preamble, or unparseable header)",
-    "truncated": "the file ends before its pixel data does",
-    "no_pixel_data": "the dataset has no PixelData element",
-    "multi_frame": "more than one frame; this pipeline takes single radiographs",
-    "bad_geometry": "Rows/Columns missing, zero or inconsistent with the pixels or the codestream header",
-    "too_large": "more pixels than --max-pixels; rejected before they are decoded or inflated",
-    "unsupported_transfer_syntax": "no installed decoder handles this transfer syntax",
-    "corrupt_pixel_data": "the compressed pixel data is damaged or truncated (the decoder's message)",
-    "decode_error": "reading, parsing or decoding the file raised an error (its type and message)",
-    "unsupported_photometric": "photometric interpretation this pipeline cannot convert",
-    **sop.REASONS,
-}
+REASONS = {**dicom_read.REASONS, **sop.REASONS}
 """Reject reasons raised by :func:`decode_dicom`, with what they mean."""
 
-_DETAIL_CHARS = 300
-_INFLATE_CHUNK = 1 << 20
-_HEADER_INFLATE_LIMIT = 64 << 20  # a header larger than this is not a radiograph's
-_TRAILER_SLACK = 1 << 20  # elements after the pixel data (padding, signatures)
 _LUT_TAGS = frozenset((dicom_header.WINDOW_CENTER, dicom_header.RESCALE_SLOPE, dicom_header.RESCALE_INTERCEPT, dicom_header.MODALITY_LUT_SEQUENCE, dicom_header.VOI_LUT_SEQUENCE))
-
-
-class DicomRejected(Exception):
-    """A file that cannot become a sample; ``reason`` is a key of :data:`REASONS`."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason, self.detail = reason, detail
-
-
-def describe(exc: BaseException) -> str:
-    """``Type: message`` of an exception on one line, cut to a readable length."""
-    msg = " ".join(str(exc).split())
-    text = f"{type(exc).__name__}: {msg}" if msg else type(exc).__name__
-    return text if len(text) <= _DETAIL_CHARS else text[: _DETAIL_CHARS - 3] + "..."
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,7 +79,6 @@ class DecodedDicom:
     """BurnedInAnnotation (read for the QA flags, not kept)."""
 
 
-_PIXEL_DATA_TAG = b"\xe0\x7f\x10\x00"  # (7FE0,0010) little endian
 _AGE = re.compile(r"^\s*0*(\d{1,3})\s*([YMWD]?)\s*$", re.IGNORECASE)
 
 
@@ -130,141 +92,13 @@ def parse_age(value: Any) -> int | None:
     return years if 0 <= years <= 130 else None
 
 
-@contextlib.contextmanager
-def lenient_values() -> Iterator[None]:
-    """pydicom's value validation off while a file's values are read: RSNA's PatientAge ('43')
-    is not a conformant AS value (:func:`parse_age` reads it), and a file's odd value is its
-    own concern, not a warning per file. pydicom's setting is process-wide, so it is restored
-    on the way out, as pydicom's own ``disable_value_validation`` does."""
-    settings = pydicom.config.settings
-    before = settings.reading_validation_mode
-    settings.reading_validation_mode = pydicom.config.IGNORE
-    try:
-        yield
-    finally:
-        settings.reading_validation_mode = before
-
-
 def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
     value = ds.get(keyword)
     value = str(value).strip() if value not in (None, "") else ""
     return value or None
 
 
-def _parse(read: Callable[[], pydicom.Dataset]) -> pydicom.Dataset:
-    """Run a pydicom read, mapping its failures and end-of-file warnings onto rejects."""
-    try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            ds = read()
-    except InvalidDicomError as exc:
-        raise DicomRejected("not_dicom", str(exc)) from exc
-    except (EOFError, struct.error, OverflowError) as exc:
-        raise DicomRejected("truncated", f"header ends early ({exc})") from exc
-    except Exception as exc:  # pydicom raises many types on a garbled header
-        raise DicomRejected("not_dicom", f"unparseable header ({describe(exc)})") from exc
-    ended_early = [str(w.message) for w in caught if "End of file reached" in str(w.message)]
-    if ended_early:
-        raise DicomRejected("truncated", ended_early[0])
-    return ds
-
-
-def read_header(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> pydicom.Dataset:
-    """Parse a whole DICOM file held in memory; reject non-DICOM and truncated headers.
-
-    A Deflated Explicit VR file is inflated here, in steps: its header first, then no more
-    than the pixel data that header declares, so a small file cannot inflate into gigabytes.
-    """
-    if len(data) < 132 or data[128:132] != b"DICM":
-        raise DicomRejected("not_dicom", "no 'DICM' marker at byte 128")
-    try:
-        meta, body_at = dicom_header.read_meta(data)
-        deflated = meta.values.get(dicom_header.TRANSFER_SYNTAX_UID) == DeflatedExplicitVRLittleEndian
-    except (dicom_header.Unfollowed, dicom_header.HeaderIncomplete, struct.error, RecursionError):
-        if DeflatedExplicitVRLittleEndian.encode() in data[132:4096]:
-            # pydicom would inflate the whole dataset unbounded: no bounded reading, no decoding
-            raise DicomRejected("not_dicom", "Deflated Explicit VR file with a file meta group the bounded reader cannot follow") from None
-        deflated = False  # pydicom judges the meta
-    if deflated:
-        body = _inflate_bounded(data[body_at:], max_pixels)
-
-        def read() -> pydicom.Dataset:
-            file_meta = FileMetaDataset(read_dataset(io.BytesIO(data[132:body_at]), False, True))
-            dataset = read_dataset(DicomBytesIO(body), False, True)
-            return FileDataset(io.BytesIO(b""), dataset, data[:128], file_meta, False, True)
-
-        ds = _parse(read)
-        raw = body
-    else:
-        ds = _parse(lambda: pydicom.dcmread(io.BytesIO(data)))
-        raw = data
-    if "PixelData" not in ds and _PIXEL_DATA_TAG in raw:
-        raise DicomRejected("truncated", "PixelData (7FE0,0010) element is cut short")
-    return ds
-
-
-def _inflate_bounded(zipped: bytes, max_pixels: int) -> bytes:
-    """Inflate a deflated dataset, refusing to produce more than its header declares."""
-    d = zlib.decompressobj(-zlib.MAX_WBITS)
-    pending = [zipped]  # the input not yet consumed
-
-    def more(limit: int) -> bytes:
-        try:
-            chunk = d.decompress(pending[0], limit)
-        except zlib.error as exc:
-            raise DicomRejected("corrupt_pixel_data", f"deflated dataset is damaged (zlib: {exc})") from exc
-        pending[0] = d.unconsumed_tail
-        return chunk
-
-    out = bytearray(more(_INFLATE_CHUNK))
-    limit: int | None = None
-    while limit is None:
-        try:
-            header = dicom_header.walk(out, 0)
-            if header.pixel_data is not None:
-                limit = _declared_end(header, max_pixels)
-            elif d.eof or len(out) >= _HEADER_INFLATE_LIMIT:
-                limit = _HEADER_INFLATE_LIMIT
-        except (dicom_header.Unfollowed, struct.error, RecursionError):
-            limit = _HEADER_INFLATE_LIMIT + 8 * max_pixels  # 16-bit RGB and then some
-        except dicom_header.HeaderIncomplete:
-            if d.eof or len(out) >= _HEADER_INFLATE_LIMIT:
-                limit = _HEADER_INFLATE_LIMIT + 8 * max_pixels
-        if limit is None:
-            chunk = more(_INFLATE_CHUNK)
-            if not chunk:
-                break  # the deflate stream ends early: pydicom reports the truncation
-            out += chunk
-    while limit is not None and not d.eof:
-        chunk = more(limit + 1 - len(out))
-        if not chunk:
-            break
-        out += chunk
-        if len(out) > limit:
-            raise DicomRejected("too_large", f"deflated dataset inflates past the {limit:,} bytes its header declares")
-    return bytes(out)
-
-
-def _declared_end(header: dicom_header.Header, max_pixels: int) -> int:
-    """Where a dataset's bytes should end, from its header's geometry (too_large if too many)."""
-    v = header.values
-    rows, cols = int(v.get(dicom_header.ROWS, 0)), int(v.get(dicom_header.COLUMNS, 0))
-    frames_text = str(v.get(dicom_header.NUMBER_OF_FRAMES, "") or "1")
-    frames = int(frames_text) if frames_text.isdigit() else 1
-    _check_size(rows, cols * max(frames, 1), max_pixels)
-    sample_bytes = int(v.get(dicom_header.SAMPLES_PER_PIXEL, 1)) * max(1, -(-int(v.get(dicom_header.BITS_ALLOCATED, 16)) // 8))
-    assert header.pixel_data is not None
-    return header.pixel_data[0] + rows * cols * max(frames, 1) * sample_bytes + _TRAILER_SLACK
-
-
-def _check_size(rows: int, cols: int, max_pixels: int) -> None:
-    if rows * cols > max_pixels:
-        raise DicomRejected("too_large", f"{cols}x{rows} = {rows * cols:,} pixels > --max-pixels {max_pixels:,}")
-
-
-def decode_dicom(
-    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, fit: int | None = None, sop_classes: str | None = "radiograph"
-) -> DecodedDicom:
+def decode_dicom(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, fit: int | None = None) -> DecodedDicom:
     """Decode a DICOM file's bytes to an 8-bit greyscale image.
 
     Args:
@@ -389,7 +223,7 @@ def _decode_parsed(data: bytes, max_pixels: int, fit: int | None, sop_classes: s
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if rows <= 0 or cols <= 0:
         raise DicomRejected("bad_geometry", f"Rows={rows} Columns={cols}")
-    _check_size(rows, cols, max_pixels)
+    check_size(rows, cols, max_pixels)
     ts = str(ds.file_meta.get("TransferSyntaxUID", ""))
     photometric = str(ds.get("PhotometricInterpretation", "")).strip().upper()
     fast = libjpeg_decodes(ts, photometric, lambda: int(ds.get("BitsAllocated", 0)),
@@ -466,7 +300,7 @@ def _check_compressed(ds: pydicom.Dataset, ts: str, rows: int, cols: int) -> Non
 def _decode_libjpeg(frame: bytes, rows: int, cols: int, max_pixels: int, fit: int | None) -> tuple[np.ndarray, bool]:
     """The libjpeg decode: header checks, then one strict libjpeg-turbo decode, at a reduced
     n/8 scale when ``fit`` asks for a smaller image; True with the pixels if it did."""
-    _check_size(rows, cols, max_pixels)
+    check_size(rows, cols, max_pixels)
     geom = _check_frame(frame, JPEGBaseline8Bit, rows, cols)
     assert geom is not None
     if geom.components != 1:
@@ -489,7 +323,7 @@ def _decode_general(ds: pydicom.Dataset, photometric: str) -> np.ndarray:
         msg = " ".join(str(exc).split())
         if "plugin" in msg or "decoder" in msg.lower() or "not supported" in msg:
             ts = ds.file_meta.get("TransferSyntaxUID", "?")
-            raise DicomRejected("unsupported_transfer_syntax", f"{ts}: {msg[:_DETAIL_CHARS]}") from exc
+            raise DicomRejected("unsupported_transfer_syntax", f"{ts}: {msg[:DETAIL_CHARS]}") from exc
         raise DicomRejected("decode_error", describe(exc)) from exc
     except (ValueError, EOFError, struct.error) as exc:
         msg = str(exc).splitlines()[0] if str(exc) else type(exc).__name__

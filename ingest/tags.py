@@ -20,7 +20,7 @@ from pathlib import Path
 import pydicom
 
 from ingest.announce import announce_start
-from ingest.dicom import describe, lenient_values
+from ingest.dicom_read import describe, lenient_values
 from ingest.inputs import read_input
 from ingest.plan import Reject
 from ingest.watchdog import WATCHDOG
