@@ -31,7 +31,8 @@ from distributed.comm import connect
 from distributed.security import Security
 
 from ingest.config import IngestConfig
-from ingest.slurm import UnstartedJobReplacer, open_slurm_client, redact
+from ingest.slurm import open_slurm_client, redact
+from ingest.slurm_jobs import UnstartedJobReplacer
 
 if TYPE_CHECKING:  # a runtime import would load the plugin before pytest can rewrite it
     from tests.slurm_fixture import SlurmInfo

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import dask
 import pytest
 
-from ingest import slurm
+from ingest import slurm, slurm_jobs
 from ingest.cluster_base import QUIET_WORKERS, ClusterError, env_name
 from ingest.config import IngestConfig
 from tests.fault_injection import fault_env
@@ -87,7 +87,7 @@ def test_lifetime_args_retire_workers_before_the_walltime(walltime: str | None, 
     ],
 )
 def test_expand_filename_pattern(pattern: str, expected: str) -> None:
-    assert slurm.expand_filename_pattern(pattern, "42", "dask-worker", "alice(1000)") == expected
+    assert slurm_jobs.expand_filename_pattern(pattern, "42", "dask-worker", "alice(1000)") == expected
 
 
 def _cfg(tmp_path: Path, **kw: Any) -> IngestConfig:
