@@ -6,9 +6,11 @@ Modules, one per stage:
 * :mod:`ingest.plan`: patient-level split and the shard plan (the inputs come from
   :mod:`shards.source`); :mod:`ingest.tags`: PatientID tags read on the workers
   (``--patient-id tag``, ``patient_id_mismatch``).
-* :mod:`ingest.dicom`: strict decoding of one DICOM to uint8 pixels (or a reject reason), with
-  :mod:`ingest.dicom_header` (the fast path's header read without pydicom) and
-  :mod:`ingest.codestream` (JPEG SOF / JPEG 2000 SIZ geometry, strict libjpeg-turbo decoding);
+* :mod:`ingest.dicom`: strict decoding of one DICOM to uint8 pixels (or a reject reason): the
+  raw reader, the pydicom reader, the libjpeg and the general decode; with
+  :mod:`ingest.dicom_read` (the bounded pydicom parse and ``DicomRejected``),
+  :mod:`ingest.dicom_header` (the raw reader's header walk) and :mod:`ingest.codestream`
+  (JPEG SOF / JPEG 2000 SIZ geometry, strict libjpeg-turbo decoding);
   :mod:`ingest.sop`: which SOP classes become samples (``--sop-classes``), judged from the header.
 * :mod:`ingest.qa`: the image QA flags of one decoded file (the names and bits are
   :mod:`shards.qa`).
@@ -17,21 +19,30 @@ Modules, one per stage:
 * :mod:`ingest.render`: one file's bytes -> the training image under ``--resample dct|area``.
 * :mod:`ingest.transforms`: CLAHE and the letterbox resize (the geometry is
   :mod:`shards.geometry`).
-* :mod:`ingest.worker`: one shard task: decode, transform, write the shard; its watchdog
-  (``--sample-timeout``) and the file-by-file rebuild in :mod:`ingest.isolate` child processes.
-* :mod:`ingest.runner`: the driver's side of the tasks: what a worker death means (retry,
-  isolate, give up), never ``KilledWorker``.
+* :mod:`ingest.worker`: one shard task: decode, transform, write the shard, or rebuild it file
+  by file in :mod:`ingest.isolate` child processes; :mod:`ingest.readahead` asks the kernel
+  for the next files.
+* in a worker process: :mod:`ingest.watchdog` (``--sample-timeout``: note the file, kill the
+  process), :mod:`ingest.announce` (each task says that it started), :mod:`ingest.memory`
+  (glibc ``malloc`` tuning).
+* :mod:`ingest.workdir`: the layout of ``OUT/.ingest/``; :mod:`ingest.journal`: each finished
+  shard's record there, for a resumed run.
+* :mod:`ingest.retry`: what a worker death or a task's error means (retry, isolate, split,
+  give up, stop), one pure function per kind of task; :mod:`ingest.runner` observes each event
+  on the cluster and carries the step out, never ``KilledWorker``.
 * :mod:`ingest.pipeline`: ``run_ingest``, the driver: plan, Dask tasks, labels, manifest last.
-* :mod:`ingest.cluster`, :mod:`ingest.slurm`, :mod:`ingest.cluster_base`: the Dask cluster
-  (a ``LocalCluster`` or Slurm worker jobs).
+* :mod:`ingest.cluster`, :mod:`ingest.cluster_base`, :mod:`ingest.slurm` (the worker jobs'
+  script, credentials and life cycle), :mod:`ingest.slurm_jobs` (watching them): the Dask
+  cluster (a ``LocalCluster`` or Slurm worker jobs).
 * :mod:`ingest.synth`: RSNA-like synthetic DICOMs and label CSVs, for demos and tests, and
   ``make_ingested``: such a set, ingested (the data of the benches and tests);
   :mod:`ingest.synth_archive` packs such a set as the competition's zip.
 * entry points: ``python -m ingest``, ``ingest.synth``, ``ingest.bench``, ``ingest.compare``,
   ``ingest.slurm_bench``; :mod:`ingest.bench_archive` is ``ingest.bench --archive``.
 
-The dataset format itself (and the label CSV reader verify shares) is :mod:`shards`; ingest
-stands on it and never on :mod:`train`. The names below are imported lazily, so
+The dataset format itself, and the records the driver and the verifier share (the shard record,
+the label row, the processing parameters, the run's identity), are :mod:`shards`; ingest stands
+on it and never on :mod:`train`. The names below are imported lazily, so
 ``import ingest.dicom`` does not import Dask.
 """
 

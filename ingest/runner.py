@@ -21,13 +21,13 @@ import dask
 from distributed import Client, Future, KilledWorker, as_completed
 from tqdm import tqdm
 
+from ingest.announce import STARTED_TOPIC
 from ingest.cluster import open_client
 from ingest.config import IngestConfig
+from ingest.journal import reusable_record
 from ingest.plan import Reject, ShardTask
 from ingest.retry import ISOLATED_TRIES, Event, Step, Tries, event_of_error, next_shard_step, next_tag_step
 from ingest.tags import BATCH, NOTE_SHARD, TagResult, load_cached, read_patient_ids, save_cache
-from ingest.announce import STARTED_TOPIC
-from ingest.journal import reusable_record
 from ingest.watchdog import read_suspects
 from ingest.worker import abandon_shard, build_shard, build_shard_isolated
 from shards.archive import ArchiveIndex

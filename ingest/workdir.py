@@ -4,13 +4,11 @@ Everything a run keeps for a resumed run, and every note a worker leaves for the
 under it; the driver removes it once ``manifest.json`` is written (``shards.verify`` reports one
 left behind as ``ingest_unfinished``).
 
-=====================  ============================================================
-``params.json``        the run's identity (:class:`shards.manifest.RunIdentity`)
-``done/<shard>.json``  each finished shard's record (:mod:`ingest.journal`)
-``suspects/``          watchdog notes of files that hung a worker (:mod:`ingest.watchdog`)
-``tags.json``          PatientID tags already read (:mod:`ingest.tags`)
-``tls-*/``             a Slurm run's private credentials (:mod:`ingest.slurm`)
-=====================  ============================================================
+- ``params.json``: the run's identity (:class:`shards.manifest.RunIdentity`);
+- ``done/<shard>.json``: each finished shard's record (:mod:`ingest.journal`);
+- ``suspects/``: watchdog notes of files that hung a worker (:mod:`ingest.watchdog`);
+- ``tags.json``: PatientID tags already read (:mod:`ingest.tags`);
+- ``tls-*/``: a Slurm run's private credentials (:mod:`ingest.slurm`).
 """
 
 from __future__ import annotations

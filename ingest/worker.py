@@ -5,9 +5,10 @@ journalled (:mod:`ingest.journal`), so a restarted driver skips it.
 
 Poison files: while a file is decoded, the process's watchdog (:mod:`ingest.watchdog`) watches
 the clock; a file still busy after ``sample_timeout`` seconds is noted and the process killed.
-The driver reads the note and rebuilds the shard without that file. A shard whose worker dies with no note (a segfault, the OOM killer) is retried,
-then rebuilt by :func:`build_shard_isolated`, which decodes each file in a child process.
-Every path writes the same bytes for the same set of rejects: the samples in plan order.
+What the driver does then, and when a worker dies with no note (a segfault, the OOM killer),
+is :mod:`ingest.retry`'s; one of its steps is :func:`build_shard_isolated`, which decodes each
+file in a child process. Every path writes the same bytes for the same set of rejects: the
+samples in plan order.
 """
 
 from __future__ import annotations
@@ -50,9 +51,10 @@ log = logging.getLogger(__name__)
 # only fight the other workers for the same cores.
 cv2.setNumThreads(1)
 
+
 @dataclasses.dataclass
 class ProcessedSample:
-    """A sample ready to write: the image, its JSON, its label row, box problems."""
+    """A sample ready to write: the image, its JSON, its label problems."""
 
     image: np.ndarray
     meta: dict[str, Any]
