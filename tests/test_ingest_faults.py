@@ -8,6 +8,7 @@ one named file crash or sleep.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
@@ -23,8 +24,8 @@ import pytest
 from ingest import runner
 from ingest.config import IngestConfig
 from ingest.isolate import ChildDied, ChildTimedOut, IsolatedProcess
-from ingest.pipeline import run_ingest
-from ingest.retry import Event
+from ingest.pipeline import IngestOutOfSpace, run_ingest
+from ingest.retry import RAISED_RETRIES, Event
 from shards.manifest import read_manifest
 from tests.fault_injection import fault_env
 
@@ -104,6 +105,32 @@ def test_local_cluster_poison_files_cost_one_reject_each(
     assert "rebuilding it file by file in isolated processes" in text
     assert "sample_timeout" in text and "its files are rejected as worker_crashed" in text
     assert not (out / ".ingest").exists()
+
+
+@pytest.mark.parametrize(
+    "error, resubmits",
+    [("ENOSPC", 0), ("EIO", RAISED_RETRIES)],
+    ids=["disk-full-stops-at-once", "other-error-is-retried-then-stops"],
+)
+def test_a_shard_task_that_raises_is_retried_by_the_policy(
+    synth_small: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    error: str, resubmits: int,
+) -> None:
+    """A task's own error (here, opening its shard) is no worker death: the driver submits it
+    again as ``ingest.retry`` says, then ends the run with that error; a full disk ends it at
+    once (IngestOutOfSpace)."""
+    for name, value in fault_env(f".train-000000.tar.tmp-*=errno:{error}").items():
+        monkeypatch.setenv(name, value)  # the LocalCluster's worker processes inherit it
+    cfg = IngestConfig(
+        dicom_dir=synth_small.images_dir, out=tmp_path / "ds", labels=synth_small.labels_csv, size=64, shard_size=4,
+        workers=1, val_fraction=0.25, progress=False,
+    )
+    with caplog.at_level(logging.WARNING, logger="ingest"), pytest.raises((OSError, IngestOutOfSpace)) as raised:
+        run_ingest(cfg)
+    cause = raised.value if isinstance(raised.value, OSError) else raised.value.__cause__
+    assert isinstance(cause, OSError) and cause.errno == getattr(errno, error)
+    assert caplog.text.count("shard train-000000.tar: its task raised; submitting it again") == resubmits
+    assert not (tmp_path / "ds" / "manifest.json").exists()
 
 
 def _sleep_then(seconds: float, value: float) -> float:

@@ -9,7 +9,8 @@ on ``PYTHONPATH`` (see :mod:`tests.fault_injection`) gets, in every Python proce
 
 Each rule is ``GLOB=ACTION`` matched against the file's name (first match wins); actions:
 ``segv`` (SIGSEGV, a crashing C decoder), ``kill`` (SIGKILL, the OOM killer), ``exit``
-(``os._exit(3)``), ``sleep:S`` (a decoder busy for S seconds). Without ``PNEUMO_FAULTS`` this
+(``os._exit(3)``), ``sleep:S`` (a decoder busy for S seconds), ``errno:NAME`` (an ``OSError``
+of that errno, e.g. ``errno:ENOSPC`` for a full disk). Without ``PNEUMO_FAULTS`` this
 module does nothing.
 
 ``PNEUMO_KILL`` SIGKILLs a torchrun rank at a named function instead: see :mod:`rank_killer`.
@@ -23,6 +24,7 @@ from __future__ import annotations
 import builtins
 import fnmatch
 import io
+import errno
 import os
 import signal
 import time
@@ -39,6 +41,9 @@ def _act(action: str) -> None:
         os._exit(3)
     elif action.startswith("sleep:"):
         time.sleep(float(action.split(":", 1)[1]))
+    elif action.startswith("errno:"):
+        code = getattr(errno, action.split(":", 1)[1])
+        raise OSError(code, os.strerror(code))
 
 
 def _meet(file: object) -> None:
