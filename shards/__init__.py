@@ -6,10 +6,14 @@ stand on it and never on each other. Modules:
 
 * :mod:`shards.format`: member names, encode/decode (never pickled), classes, splits.
 * :mod:`shards.geometry`: the letterbox every sample records as ``transform``.
-* :mod:`shards.manifest`: ``manifest.json`` and its ``params_hash``; the dataset's file names.
+* :mod:`shards.manifest`: ``manifest.json`` and its ``params_hash``; the dataset's file names;
+  a shard as the manifest records it (``ShardInfo``), the processing parameters and the run's
+  identity (``ProcessingParams``, ``RunIdentity``).
 * :mod:`shards.atomic`: the one way every file and folder is written (temporary name, rename).
-* :mod:`shards.labels`: ``labels.zarr``; :mod:`shards.label_csv`: RSNA's label CSVs.
+* :mod:`shards.labels`: ``labels.zarr`` and its row (``LabelRow``, from a sample's JSON);
+  :mod:`shards.label_csv`: RSNA's label CSVs.
 * :mod:`shards.qa`: the image QA flags: names, rules, their bits in ``labels.zarr``'s ``qa``.
+* :mod:`shards.records`: what an ingest's workers hand its driver (``ShardRecord``, ``Reject``).
 * :mod:`shards.source`: the source folder: its inputs, fingerprint, patient ids by name;
   :mod:`shards.archive`: a source ``.zip``/``.tar`` read in place (member index, reads by offset).
 * :mod:`shards.writer`: the deterministic shard writer; :mod:`shards.tar`: the one tar parser;
@@ -51,13 +55,15 @@ from shards.format import (
 )
 from shards.geometry import Letterbox, boxes_from_letterbox, boxes_to_letterbox, letterbox_geometry
 from shards.label_csv import LabelFileError, read_label_csv
-from shards.labels import LabelTable, read_labels, write_labels
+from shards.labels import LabelRow, LabelTable, read_labels, write_labels
 from shards.manifest import (
     LABELS_NAME,
     MANIFEST_NAME,
     REJECTS_NAME,
     SHARDS_DIR,
     Manifest,
+    ProcessingParams,
+    RunIdentity,
     ShardInfo,
     params_hash,
     read_manifest,
@@ -65,6 +71,7 @@ from shards.manifest import (
 )
 from shards.qa import QA_FLAGS, QA_RULES, parse_qa_flags, qa_mask, qa_names
 from shards.reader import Sample, SampleChecksumError, SampleMeta, ShardChecksumError, iter_samples, read_into
+from shards.records import BuildStats, Reject, ShardRecord
 from shards.report import CHECKS, Problem, VerifyReport
 from shards.scan import ShardScan, scan_shard
 from shards.verify import VerifyConfig, VerifyUsageError, verify
@@ -86,17 +93,23 @@ __all__ = [
     "REJECTS_NAME",
     "SHARDS_DIR",
     "SPLITS",
+    "BuildStats",
     "FormatError",
     "LabelFileError",
+    "LabelRow",
     "LabelTable",
     "Letterbox",
     "Manifest",
     "Problem",
+    "ProcessingParams",
+    "Reject",
+    "RunIdentity",
     "Sample",
     "SampleChecksumError",
     "SampleMeta",
     "ShardChecksumError",
     "ShardInfo",
+    "ShardRecord",
     "ShardScan",
     "ShardWriter",
     "VerifyConfig",
