@@ -24,6 +24,7 @@ from tqdm import tqdm
 from ingest.announce import STARTED_TOPIC
 from ingest.cluster import open_client
 from ingest.config import IngestConfig
+from ingest.dicom_read import describe
 from ingest.journal import reusable_record
 from ingest.plan import Reject, ShardTask
 from ingest.retry import ISOLATED_TRIES, Event, Step, Tries, event_of_error, next_shard_step, next_tag_step
@@ -153,13 +154,13 @@ def _death_event(cfg: IngestConfig, client: Client, key: str, state: _ShardState
     return Event.QUEUED_BEHIND if behind else Event.QUEUED
 
 
-def _log_step(state: _ShardState, event: Event, step: Step) -> None:
+def _log_step(state: _ShardState, event: Event, step: Step, error: BaseException | None = None) -> None:
     name = state.task.name
     if step is Step.DROP_NOTED:
         for rej in state.known.values():
             log.warning("shard %s: %s: %s (%s); rebuilding the shard without it", name, rej.path, rej.reason, rej.detail)
     elif step is Step.RESUBMIT and event is Event.RAISED:
-        log.warning("shard %s: its task raised; submitting it again", name)
+        log.warning("shard %s: its task raised %s; submitting it again", name, describe(error) if error else "")
     elif step is Step.RESUBMIT:
         log.info("shard %s was queued on a worker that died%s; submitting it again", name,
                  " behind another task" if event is Event.QUEUED_BEHIND else "")
@@ -193,7 +194,7 @@ def _shard_outcome(cfg: IngestConfig, client: Client, future: Future, state: _Sh
         state.tries, step = next_shard_step(state.tries, event)
         if step is Step.STOP:
             raise
-        _log_step(state, event, step)
+        _log_step(state, event, step, exc)
         return None
     state.tries, step = next_shard_step(state.tries, event)
     if step is not Step.GIVE_UP:

@@ -129,7 +129,7 @@ def test_a_shard_task_that_raises_is_retried_by_the_policy(
         run_ingest(cfg)
     cause = raised.value if isinstance(raised.value, OSError) else raised.value.__cause__
     assert isinstance(cause, OSError) and cause.errno == getattr(errno, error)
-    assert caplog.text.count("shard train-000000.tar: its task raised; submitting it again") == resubmits
+    assert caplog.text.count(f"shard train-000000.tar: its task raised OSError: [Errno {getattr(errno, error)}]") == resubmits
     assert not (tmp_path / "ds" / "manifest.json").exists()
 
 
