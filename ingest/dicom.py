@@ -98,7 +98,9 @@ def _text(ds: pydicom.Dataset, keyword: str) -> str | None:
     return value or None
 
 
-def decode_dicom(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, fit: int | None = None) -> DecodedDicom:
+def decode_dicom(
+    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, fit: int | None = None, sop_classes: str | None = "radiograph"
+) -> DecodedDicom:
     """Decode a DICOM file's bytes to an 8-bit greyscale image.
 
     Args:
