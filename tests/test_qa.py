@@ -16,7 +16,7 @@ from ingest import qa
 from ingest.dicom import decode_dicom
 from ingest.synth import synthetic_chest, write_dicom
 from shards.format import FORMAT_VERSION, META_FIELDS_BY_VERSION
-from shards.labels import LabelTable, read_labels, write_labels
+from shards.labels import LabelRow, LabelTable, read_labels, write_labels
 from shards.manifest import read_manifest
 from shards.qa import QA_FLAGS, QA_RULES, parse_qa_flags, qa_mask, qa_names
 from shards.reader import iter_samples
@@ -281,6 +281,6 @@ def test_verify_finds_zarr_and_json_flags_that_disagree(ingested_small: Path, tm
 
 
 def test_label_table_without_qa_is_unflagged() -> None:
-    rows = [{"key": "a", "patient_id": "a", "split": "train", "target": 0, "class_id": 0, "shard": 0,
-             "view_position": "PA", "sex": "M", "age": 3, "boxes": []}]
+    rows = [LabelRow.from_meta({"key": "a", "patient_id": "a", "split": "train", "target": 0, "class": "Normal",
+                                "view_position": "PA", "sex": "M", "age": 3, "boxes": []}, 0)]
     assert LabelTable.from_rows(rows).qa.tolist() == [0]
