@@ -42,7 +42,6 @@ def check_manifest(m: Manifest, problems: list[Problem]) -> int | None:
             "params_hash: edited after the ingest?", f"{m.params_hash[:16]}...")
 
     seen: set[str] = set()
-    per_split: dict[str, list[ShardInfo]] = collections.defaultdict(list)
     for info in m.shards:
         name = info.name if isinstance(info.name, str) else None
         for p in schema.SHARD.problems(_entry(info)):
@@ -53,13 +52,9 @@ def check_manifest(m: Manifest, problems: list[Problem]) -> int | None:
         if info.name in seen:
             bad("manifest_field", "shard listed twice", shard=info.name)
         seen.add(info.name)
+        # Numbers need not follow on: a dataset's change adds shards with new numbers.
         if match is None or match.group(1) != info.split:
             bad("manifest_field", f"name does not follow <split>-NNNNNN.tar for split {info.split!r}", shard=info.name)
-        else:
-            per_split[info.split].append(info)
-            if int(match.group(2)) != len(per_split[info.split]) - 1:
-                bad("manifest_field", f"shard index {int(match.group(2))}",
-                    f"{len(per_split[info.split]) - 1} (consecutive per split)", shard=info.name)
         if isinstance(info.samples, int) and (info.samples == 0) != (info.first_key is None or info.last_key is None):
             bad("manifest_field", f"{info.samples} samples with first/last key {info.first_key!r}/{info.last_key!r}",
                 shard=info.name)
@@ -96,12 +91,13 @@ def _entry(info: ShardInfo) -> dict[str, Any]:
     return {f.name: getattr(info, f.name) for f in dataclasses.fields(info)}
 
 
-def shard_files(out: Path, m: Manifest, problems: list[Problem]) -> dict[str, Path]:
-    """Listed shards missing from ``shards/`` and files there the manifest does not list;
-    returns the files present by name."""
+def shard_files(out: Path, m: Manifest, problems: list[Problem], kept: frozenset[str] = frozenset()) -> dict[str, Path]:
+    """Listed shards missing from ``shards/`` and files there the manifest does not list
+    (other than ``kept``: the shards of the dataset's other readable versions); returns the
+    files present by name."""
     shard_dir = out / SHARDS_DIR
     present = {p.name: p for p in shard_dir.iterdir()} if shard_dir.is_dir() else {}
-    listed = {s.name for s in m.shards}
+    listed = {s.name for s in m.shards} | kept
     missing = [s for s in m.shards if s.name not in present]
     for info in missing:
         problems.append(Problem("shard_missing", "listed in the manifest but not in shards/", shard=info.name))

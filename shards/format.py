@@ -17,13 +17,14 @@ from typing import Any
 
 import numpy as np
 
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
 """Version of the dataset layout that writers write; bumped on any change to the format.
 Readers accept this version and every earlier one (:data:`FORMAT_VERSIONS`)."""
 FORMAT_VERSIONS = {
     1: "the layout, with a sha256 per shard",
     2: "an xxh3-128 per sample member in the manifest (shards.checksum)",
     3: "QA flags: a ``qa`` list in each sample's JSON, a ``qa`` bitmask array in labels.zarr",
+    4: "the manifest names its dataset version; versions/ holds the earlier ones (shards.versions)",
 }
 """What each version added; readers accept every version listed here (a dataset before
 version 3 reads as unflagged)."""

@@ -62,6 +62,9 @@ class Manifest:
     source: dict[str, Any]
     counts: dict[str, Any]
     shards: list[ShardInfo]
+    version: int = 1
+    """The dataset version this manifest describes (``shards.versions``); a manifest of format
+    1 to 3 (before versions) is version 1 of its dataset."""
 
     @property
     def size(self) -> int:
@@ -88,6 +91,9 @@ class Manifest:
                        if isinstance(version, int) and version > FORMAT_VERSION else "")
                 )
             shards = [_shard_info(s) for s in data["shards"]]
+            number = data.get("version", 1)
+            if not isinstance(number, int) or isinstance(number, bool) or number < 1:
+                raise FormatError(f"manifest version {number!r}: want a whole number >= 1")
             return cls(
                 format_version=data["format_version"],
                 params=dict(data["params"]),
@@ -96,6 +102,7 @@ class Manifest:
                 source=dict(data["source"]),
                 counts=dict(data["counts"]),
                 shards=shards,
+                version=number,
             )
         except (KeyError, TypeError) as exc:
             raise FormatError(f"malformed manifest: {exc!r}") from exc
@@ -205,6 +212,12 @@ def read_manifest(root: Path | str) -> Manifest:
     except json.JSONDecodeError as exc:
         raise FormatError(f"{path}: not valid JSON ({exc})") from exc
     return Manifest.from_dict(data)
+
+
+def manifest_sha256(manifest: Manifest) -> str:
+    """SHA-256 of the manifest's canonical text: of ``manifest.json``'s bytes as
+    :func:`write_manifest` writes them, and of the manifest a version record holds."""
+    return hashlib.sha256(manifest.to_json().encode()).hexdigest()
 
 
 def write_manifest(root: Path | str, manifest: Manifest) -> Path:
