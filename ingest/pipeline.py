@@ -44,6 +44,7 @@ from shards.manifest import (
 from shards.pseudonym import SCHEME, KeyFileError, Pseudonymizer
 from shards.records import Reject, ShardRecord
 from shards.source import discover, patient_id_of, source_fingerprint
+from shards.versions import recorded_shards
 
 log = logging.getLogger(__name__)
 
@@ -338,6 +339,7 @@ def _remove_stale(out: Path, names: set[str]) -> None:
     """Delete what ``OUT/shards/`` holds besides the shards ``names``: temporary files of
     shards stopped mid-write, and any other file, which the manifest would not vouch for."""
     _remove_temporaries(out)
+    names = names | recorded_shards(out)  # a kept version's shards are never stale
     for path in (out / SHARDS_DIR).iterdir():
         if path.name not in names:
             log.warning("removing %s: not part of this dataset's plan", path)

@@ -16,6 +16,8 @@ stand on it and never on each other. Modules:
 * :mod:`shards.records`: what an ingest's workers hand its driver (``ShardRecord``, ``Reject``).
 * :mod:`shards.source`: the source folder: its inputs, fingerprint, patient ids by name;
   :mod:`shards.archive`: a source ``.zip``/``.tar`` read in place (member index, reads by offset).
+* :mod:`shards.versions`: version records (``versions/vNNNN.json``), ``OUT@vN``, gc;
+  :mod:`shards.withdraw`: erasing patients in a new version.
 * :mod:`shards.writer`: the deterministic shard writer; :mod:`shards.tar`: the one tar parser;
   :mod:`shards.reader`: the readers, which check what they read (each sample against its
   xxh3 digests, :mod:`shards.checksum`; a format 1 shard against its sha256).
@@ -26,8 +28,9 @@ stand on it and never on each other. Modules:
 * integrity checks: :mod:`shards.verify` (the driver), :mod:`shards.scan` (one shard in one
   pass), :mod:`shards.crosschecks` (dataset-level checks), :mod:`shards.schema` (the JSON
   Schemas of the manifest's fields), :mod:`shards.report` (the check table and the report).
-* entry points: ``python -m shards`` (verify / stats / show), ``shards.bench`` (its sections
-  in :mod:`shards.remote_bench`, what they share in :mod:`shards.bench_common`);
+* entry points: ``python -m shards`` (verify / stats / show / versions / withdraw / gc),
+  ``shards.bench`` (its sections in :mod:`shards.remote_bench`, what they share in
+  :mod:`shards.bench_common`);
   :mod:`shards.cli` is what every entry point of the project shares (logging, exit codes).
 
 :mod:`shards.stats` and :mod:`shards.show` need matplotlib and are not imported here.

@@ -157,6 +157,7 @@ class ShardCache:
         """Drop the copy of ``shard`` (found damaged while it was read)."""
         self.path_of(shard).unlink(missing_ok=True)
 
+
     def _valid_copy(self, path: Path, shard: ShardInfo, store: Store) -> VerifiedShard | None:
         """The cached copy read whole and hashed, or None when it is missing or differs."""
         try:
@@ -295,3 +296,27 @@ def cache_error(root: Path, exc: OSError, what: str) -> OSError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return CacheFullError(exc.errno, f"cache {root}: no space left on the device ({what})")
     return OSError(exc.errno, f"cache {root}: {what}: {exc.strerror}")
+
+
+def drop_unlisted(cache: ShardCache, store: Store) -> int:
+    """Delete the cached copies of the shards that only unavailable versions of the dataset
+    list (a withdrawal deleted them at the source: erasure reaches this node when a reader
+    opens the dataset next); return how many went. A dataset of one version has none."""
+    from shards.store import list_records_from, read_latest_manifest
+
+    if read_latest_manifest(store).version == 1 or not (cache.root / SHARDS_DIR).is_dir():
+        return 0
+    records = list_records_from(store)
+    kept = {s.sha256 for r in records if r.unavailable is None for s in r.manifest.shards}
+    gone = {s.sha256: s for r in records if r.unavailable is not None for s in r.manifest.shards}
+    dropped = 0
+    for sha, shard in gone.items():
+        if sha in kept or not cache.path_of(shard).exists():
+            continue
+        cache._prepare()
+        with cache._fetch_lock(shard):
+            cache.discard(shard)
+        dropped += 1
+    if dropped:
+        log.info("%s: dropped %d cached shards that no kept version lists", store.display, dropped)
+    return dropped

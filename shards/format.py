@@ -194,5 +194,5 @@ META_FIELDS = (
     "qa",
 )
 """The fields of a sample's JSON: nothing else from the DICOM header leaves the source."""
-META_FIELDS_BY_VERSION = {1: META_FIELDS[:-1], 2: META_FIELDS[:-1], 3: META_FIELDS}
+META_FIELDS_BY_VERSION = {1: META_FIELDS[:-1], 2: META_FIELDS[:-1], 3: META_FIELDS, 4: META_FIELDS}
 """The fields of a sample's JSON in each format version."""

@@ -122,6 +122,18 @@ class LabelTable:
         """Map each key to its row."""
         return {str(k): i for i, k in enumerate(self.key)}
 
+    def take(self, rows: np.ndarray) -> "LabelTable":
+        """The table of the rows ``rows`` (indices, in the order given), boxes included."""
+        rows = np.asarray(rows, dtype=np.int64)
+        starts, ends = self.box_offsets[rows], self.box_offsets[rows + 1]
+        offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+        np.cumsum(ends - starts, out=offsets[1:])
+        picked = [np.arange(a, b) for a, b in zip(starts, ends)]
+        box_rows = np.concatenate(picked) if picked else np.zeros(0, dtype=np.int64)
+        cols = {f.name: getattr(self, f.name)[rows] for f in dataclasses.fields(self)
+                if f.name not in ("boxes", "box_offsets")}
+        return type(self)(**cols, boxes=self.boxes[box_rows].reshape(-1, 4), box_offsets=offsets)
+
     @classmethod
     def from_rows(cls, rows: Sequence[LabelRow]) -> "LabelTable":
         """Build from rows in sample order."""

@@ -1,5 +1,6 @@
-"""Whole remote datasets copied to a local folder, for the tools that read a dataset as files
-(``python -m shards verify|stats``), which check what they read."""
+"""Whole remote datasets copied to a local folder, and one version of a local dataset seen as a
+folder, for the tools that read a dataset as files (``python -m shards verify|stats|show``),
+which check what they read."""
 
 from __future__ import annotations
 
@@ -14,7 +15,15 @@ from pathlib import Path
 from shards.atomic import atomic_path
 from shards.cache import CacheFullError, cache_error, tries_failed
 from shards.manifest import LABELS_NAME, MANIFEST_NAME, REJECTS_NAME, SHARDS_DIR
-from shards.store import DatasetNotFoundError, Store, open_store, read_manifest_from, retrying
+from shards.store import (
+    DatasetNotFoundError,
+    Store,
+    open_store,
+    read_latest_manifest,
+    read_manifest_from,
+    retrying,
+    version_rels,
+)
 
 log = logging.getLogger(__name__)
 
@@ -25,32 +34,63 @@ def copy_dataset(store: Store, dest: Path, *, shards: bool = True, progress: boo
 
     Copies ``manifest.json``, ``rejects.jsonl``, ``labels.zarr/`` and, with ``shards``, every
     file the server lists under ``shards/`` (or, when it cannot list, the manifest's shards).
-    Each file is retried like a shard fetch.
+    A store naming a version (``@vN``) is copied as that version alone: its manifest, rejects,
+    label store and shards under the names above; so is a dataset with several versions,
+    whose ``shards/`` holds the other versions' shards too. Each file is retried like a shard
+    fetch.
 
     Raises:
         DatasetNotFoundError: No ``manifest.json`` at the URL.
+        VersionNotFoundError, VersionUnavailableError: The version named cannot be read.
         ShardFetchError, CacheFullError: As for a shard fetch.
     """
-    manifest = read_manifest_from(store)  # a wrong URL fails here, with its one-line reason
+    latest = read_latest_manifest(store)  # a wrong URL fails here, with its one-line reason
+    manifest = read_manifest_from(store)
+    labels, rejects = version_rels(store, latest)
     dest.mkdir(parents=True, exist_ok=True)
-    rels = [MANIFEST_NAME, REJECTS_NAME]
+    pairs = [(REJECTS_NAME, rejects)]
+    if manifest is latest:
+        pairs.append((MANIFEST_NAME, MANIFEST_NAME))
+    else:
+        (dest / MANIFEST_NAME).write_text(manifest.to_json())
     try:
-        rels += [f"{LABELS_NAME}/{p}" for p in _walk(store, LABELS_NAME)]
+        pairs += [(f"{LABELS_NAME}/{p}", f"{labels}/{p}") for p in _walk(store, labels)]
     except (FileNotFoundError, NotImplementedError, ValueError):
-        rels += [f"{LABELS_NAME}/zarr.json"]  # verify then names what is missing
+        pairs += [(f"{LABELS_NAME}/zarr.json", f"{labels}/zarr.json")]  # verify then names what is missing
     if shards:
-        names = store.list_shards()
-        rels += [f"{SHARDS_DIR}/{n}" for n in (names if names is not None else [s.name for s in manifest.shards])]
+        names = store.list_shards() if latest.version == 1 else None
+        names = names if names is not None else [s.name for s in manifest.shards]
+        pairs += [(f"{SHARDS_DIR}/{n}", f"{SHARDS_DIR}/{n}") for n in names]
     from tqdm import tqdm
 
     missing = []
-    for rel in tqdm(rels, desc=f"copy {store.display}", unit="file", disable=not progress):
+    for rel, src in tqdm(pairs, desc=f"copy {store.named}", unit="file", disable=not progress):
         (dest / rel).parent.mkdir(parents=True, exist_ok=True)
         try:
-            _copy_file(store, rel, dest / rel)
+            _copy_file(store, src, dest / rel)
         except DatasetNotFoundError:
-            missing.append(rel)
+            missing.append(src)
     return missing
+
+
+def version_view(store: Store, dest: Path) -> Path:
+    """A folder at ``dest`` that holds one version of a local dataset under the usual names:
+    its manifest and rejects as files, its label store and shards as links into the dataset
+    (nothing is copied); for the readers that take a folder (verify, stats, show)."""
+    assert store.local is not None
+    latest = read_latest_manifest(store)
+    manifest = read_manifest_from(store)
+    labels, rejects = version_rels(store, latest)
+    (dest / SHARDS_DIR).mkdir(parents=True)
+    (dest / MANIFEST_NAME).write_text(manifest.to_json())
+    if (store.local / rejects).exists():
+        shutil.copyfile(store.local / rejects, dest / REJECTS_NAME)
+    if (store.local / labels).exists():
+        (dest / LABELS_NAME).symlink_to((store.local / labels).resolve(), target_is_directory=True)
+    for s in manifest.shards:
+        if (store.local / SHARDS_DIR / s.name).exists():
+            (dest / SHARDS_DIR / s.name).symlink_to((store.local / SHARDS_DIR / s.name).resolve())
+    return dest
 
 
 def _walk(store: Store, rel: str) -> list[str]:
@@ -89,15 +129,19 @@ def _copy_file(store: Store, rel: str, dest: Path) -> None:
 def local_copy(location: str | Path, *, shards: bool = True, work_dir: Path | None = None,
                progress: bool = False) -> Iterator[tuple[Path, str]]:
     """``(folder, display)``: the dataset itself when local, else a temporary copy of it
-    (removed on exit) and its redacted URL."""
+    (removed on exit), and its redacted name. A version (``OUT@vN``) of a local dataset is a
+    temporary :func:`version_view` of it."""
     store = open_store(location)
-    if store.local is not None:
+    if store.local is not None and store.version is None:
         yield store.local, store.display
         return
     tmp = Path(tempfile.mkdtemp(prefix="pneumo-copy-", dir=work_dir))
     try:
-        log.info("copying %s to %s", store.display, tmp)
+        if store.local is not None:
+            yield version_view(store, tmp / "ds"), store.named
+            return
+        log.info("copying %s to %s", store.named, tmp)
         copy_dataset(store, tmp / "ds", shards=shards, progress=progress)
-        yield tmp / "ds", store.display
+        yield tmp / "ds", store.named
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

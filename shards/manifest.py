@@ -63,8 +63,8 @@ class Manifest:
     counts: dict[str, Any]
     shards: list[ShardInfo]
     version: int = 1
-    """The dataset version this manifest describes (``shards.versions``); a manifest of format
-    1 to 3 (before versions) is version 1 of its dataset."""
+    """The dataset version this manifest describes (``shards.versions``), read from a manifest of
+    any format; absent (a dataset made before versions) it is version 1."""
 
     @property
     def size(self) -> int:

@@ -14,7 +14,7 @@ import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
-from shards.cache import ShardCache
+from shards.cache import ShardCache, drop_unlisted
 from shards.manifest import ShardInfo
 from shards.prefetch import PREFETCH_DEPTH, Prefetcher
 from shards.store import Store, open_store
@@ -62,7 +62,9 @@ def open_origin(location: str | Path, *, cache_dir: Path | str | None = None,
         raise ValueError(f"--cache-limit {cache_limit_gb}: must be >= 0 GB")
     limit = None if cache_limit_gb is None else int(cache_limit_gb * 1e9)
     if cache_dir is not None:
-        return ShardOrigin(store, ShardCache(Path(cache_dir), limit))
+        cache = ShardCache(Path(cache_dir), limit)
+        drop_unlisted(cache, store)
+        return ShardOrigin(store, cache)
     if store.local is not None:
         return ShardOrigin(store, None)
     tmp = Path(tempfile.mkdtemp(prefix="pneumo-shards-"))

@@ -25,7 +25,17 @@ from urllib.parse import urlsplit, urlunsplit
 
 from shards.format import FormatError
 from shards.labels import LabelTable, read_labels
-from shards.manifest import LABELS_NAME, MANIFEST_NAME, SHARDS_DIR, Manifest
+from shards.manifest import LABELS_NAME, MANIFEST_NAME, REJECTS_NAME, SHARDS_DIR, Manifest
+from shards.versions import (
+    VersionNotFoundError,
+    VersionRecord,
+    VersionUnavailableError,
+    labels_rel,
+    record_rel,
+    rejects_rel,
+    split_version,
+    with_version,
+)
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +149,8 @@ class Store:
     """fsspec protocol: ``file``, ``http``, ``https`` or ``s3``."""
     root: str
     """The root in the filesystem's own path form (no trailing slash)."""
+    version: int | None = None
+    """The version named by ``@vN`` (None: the latest)."""
 
     @property
     def fs(self) -> Any:
@@ -160,6 +172,11 @@ class Store:
     def display(self) -> str:
         """The location as it may be logged and stored."""
         return redact_url(self.location)
+
+    @property
+    def named(self) -> str:
+        """The location and its ``@vN``, redacted, as a user names the dataset."""
+        return with_version(self.display, self.version)
 
     @property
     def local(self) -> Path | None:
@@ -265,19 +282,81 @@ def open_store(location: str | Path) -> Store:
         ValueError: An unsupported URL scheme.
         RemoteReadError: The fsspec backend for the scheme is not installed.
     """
-    where = normalize_location(location)
+    base, version = split_version(location)
+    where = normalize_location(base)
     if isinstance(where, Path):
-        return Store(where, "file", str(where.resolve()))
+        return Store(where, "file", str(where.resolve()), version)
     scheme = scheme_of(where)
     assert scheme is not None
-    store = Store(where, scheme, where)
+    store = Store(where, scheme, where, version)
     if scheme not in ("http", "https"):
         store = dataclasses.replace(store, root=str(store.fs._strip_protocol(where)).rstrip("/"))
     return store
 
 
 def read_manifest_from(store: Store) -> Manifest:
-    """``manifest.json`` of the dataset at ``store``.
+    """The manifest of the dataset at ``store``, of its version when it names one.
+
+    Raises:
+        DatasetNotFoundError: No manifest there (a wrong URL, or an unfinished ingest).
+        RemoteReadError: The server could not be read.
+        FormatError: Not a valid manifest.
+        VersionNotFoundError, VersionUnavailableError: The version named cannot be read.
+    """
+    latest = read_latest_manifest(store)
+    if store.version is None or store.version == latest.version:
+        return latest
+    return read_record_from(store, latest).manifest
+
+
+def read_record_from(store: Store, latest: Manifest) -> VersionRecord:
+    """The record of ``store``'s version (not the latest), checked to be readable."""
+    assert store.version is not None
+    if store.version > latest.version:
+        raise VersionNotFoundError(f"{store.named}: no such version (the dataset has versions 1 to "
+                                   f"{latest.version}; python -m shards versions {store.display} lists them)")
+    try:
+        record = VersionRecord.from_dict(json.loads(store.read_bytes(record_rel(store.version))))
+    except json.JSONDecodeError as exc:
+        raise FormatError(f"{store.url(record_rel(store.version))}: not valid JSON ({exc})") from exc
+    if record.unavailable is not None:
+        raise VersionUnavailableError(f"{store.named}: cannot be read or checked: its shards were deleted on "
+                                      f"{record.unavailable.date} ({record.unavailable.reason})")
+    return record
+
+
+def list_records_from(store: Store) -> list[VersionRecord]:
+    """Every version record of the dataset at ``store``, unavailable ones included, the latest
+    last. The latest manifest numbers them (a server need not list folders); a dataset made
+    before versions existed is version 1 of itself."""
+    from shards.versions import first_record
+
+    latest = read_latest_manifest(store)
+    records = []
+    for n in range(1, latest.version + 1):
+        try:
+            data = store.read_bytes(record_rel(n))
+        except DatasetNotFoundError:
+            if n == latest.version == 1:
+                records.append(first_record(latest, "-"))
+                continue
+            raise
+        try:
+            records.append(VersionRecord.from_dict(json.loads(data)))
+        except json.JSONDecodeError as exc:
+            raise FormatError(f"{store.url(record_rel(n))}: not valid JSON ({exc})") from exc
+    return records
+
+
+def version_rels(store: Store, latest: Manifest) -> tuple[str, str]:
+    """``(labels store, rejects file)`` of ``store``'s version, relative to the root."""
+    if store.version is None or store.version == latest.version:
+        return LABELS_NAME, REJECTS_NAME
+    return labels_rel(store.version), rejects_rel(store.version)
+
+
+def read_latest_manifest(store: Store) -> Manifest:
+    """``manifest.json`` of the dataset at ``store``: its latest version.
 
     Raises:
         DatasetNotFoundError: No manifest there (a wrong URL, or an unfinished ingest).
@@ -296,10 +375,17 @@ def read_manifest_from(store: Store) -> Manifest:
 
 
 def read_labels_from(store: Store) -> LabelTable:
-    """``labels.zarr`` of the dataset at ``store`` (zarr v3, read over fsspec when remote)."""
+    """The label store of the dataset at ``store``, of its version when it names one (zarr v3,
+    read over fsspec when remote)."""
+    rel = LABELS_NAME
+    if store.version is not None:
+        latest = read_latest_manifest(store)
+        if store.version != latest.version:
+            read_record_from(store, latest)  # an unreadable version says why
+        rel = version_rels(store, latest)[0]
     try:
-        return read_labels(store.zarr_store(LABELS_NAME))
+        return read_labels(store.zarr_store(rel))
     except FormatError as exc:
-        raise FormatError(f"{store.url(LABELS_NAME)}: {str(exc).split(': ', 1)[-1]}") from exc
+        raise FormatError(f"{store.url(rel)}: {str(exc).split(': ', 1)[-1]}") from exc
     except (FileNotFoundError, PermissionError, OSError) as exc:
-        raise remote_error(store.url(LABELS_NAME), exc) from exc
+        raise remote_error(store.url(rel), exc) from exc

@@ -56,6 +56,7 @@ from shards.pseudonym import KeyFileError, Pseudonymizer
 from shards.report import Problem, VerifyReport
 from shards.scan import ShardScan, hash_files, scan_shard
 from shards.source import discover, source_fingerprint
+from shards.versions import VERSIONS_DIR, kept_shards, list_records
 
 log = logging.getLogger(__name__)
 
@@ -191,7 +192,7 @@ def verify(cfg: VerifyConfig) -> VerifyReport:
     if not all(crosschecks.usable(s) for s in manifest.shards):
         return _done(report, t0)  # a shard list with wrong field types (reported) cannot guide the scan
 
-    present = crosschecks.shard_files(out, manifest, problems)
+    present = crosschecks.shard_files(out, manifest, problems, _other_versions_shards(out, manifest, problems))
     calls = _shard_calls(manifest, present, size, cfg, problems)
     inputs: list[tuple[str, int]] = []
     if cfg.source is not None and reconcile:
@@ -285,6 +286,19 @@ def _unmask(m: Manifest, scans: list[ShardScan], pseudonyms: Pseudonymizer, inpu
     if inputs and source.get("fingerprint") == pseudonyms.fingerprint_files(inputs):
         source["fingerprint"] = source_fingerprint(inputs)  # the keyed one holds
     return dataclasses.replace(m, source=source), unmasked
+
+
+def _other_versions_shards(out: Path, m: Manifest, problems: list[Problem]) -> frozenset[str]:
+    """The shards that the dataset's other readable versions list: not strays in ``shards/``
+    (a folder without ``versions/`` holds one version: a dataset made before versions existed,
+    or the view of one version that ``OUT@vN`` reads)."""
+    if m.version == 1 or not (out / VERSIONS_DIR).is_dir():
+        return frozenset()
+    try:
+        return frozenset(kept_shards(list_records(out, m)))
+    except (FileNotFoundError, FormatError, ValueError) as exc:
+        problems.append(Problem("manifest_unreadable", f"version records: {exc}", where="versions"))
+        return frozenset()
 
 
 def _shard_calls(m: Manifest, present: dict[str, Path], size: int | None, cfg: VerifyConfig,

@@ -483,3 +483,32 @@ def test_two_ranks_train_from_http_through_one_cache_and_store_no_credentials(ng
         if f.is_file():
             assert b"s3cret" not in f.read_bytes(), f
     assert "http://***@127.0.0.1" in (run / "config.toml").read_text()
+
+
+def test_versions_of_a_served_dataset(nginx, s3_env, served_root, ingested_small, tmp_path, capsys):
+    """``URL@vN`` over HTTP and S3: the latest version reads like the folder, an unavailable one
+    says why, ``versions`` lists them, and a node cache drops what a withdrawal deleted."""
+    from shards.__main__ import main as shards_main
+    from shards.labels import read_labels
+    from shards.withdraw import withdraw
+
+    local = served_root / "bkt" / "versioned"
+    shutil.copytree(ingested_small, local)
+    url, cache = nginx["url"] + "bkt/versioned", tmp_path / "cache"
+    _epoch(url, cache_dir=cache)  # the cache now holds version 1's train shards
+    first = read_manifest(local).shards[0]
+    withdraw(local, [str(read_labels(local / "labels.zarr").patient_id[0])])  # a patient of shard 0
+    capsys.readouterr()
+    for base in (url, "s3://bkt/versioned"):
+        assert shards_main(["verify", f"{base}@v2", "--deep", "--workers", "1", "--no-progress"]) == 0
+        assert f"{base}@v2" in capsys.readouterr().out
+        assert shards_main(["verify", f"{base}@v1", "--no-progress"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "cannot be read or checked" in err and "withdrew patients" in err
+        assert shards_main(["versions", base]) == 0
+        assert [line.split()[0] for line in capsys.readouterr().out.splitlines()[1:]] == ["v1", "v2"]
+    assert ShardCache(cache).path_of(first).exists()
+    keys, images = _epoch(f"{url}@v2", cache_dir=cache)
+    assert not ShardCache(cache).path_of(first).exists()  # dropped when the dataset was opened
+    local_keys, local_images = _epoch(local)
+    assert keys == local_keys and np.array_equal(images, local_images)

@@ -192,7 +192,8 @@ def start_s3(root: Path, state: Path, port: int | None = None) -> ServerInfo:
     with open(log, "ab") as out:
         proc = subprocess.Popen(
             [rclone, "serve", "s3", "--addr", f"127.0.0.1:{port}", "--log-file", str(log),
-             "--vfs-cache-mode", "off", str(root.resolve())],
+             # A dataset changes in place (a new version): folder listings are never served stale.
+             "--vfs-cache-mode", "off", "--dir-cache-time", "0s", str(root.resolve())],
             stdin=subprocess.DEVNULL, stdout=out, stderr=out, env=env, start_new_session=True,
         )
     _wait_listening(port, proc, log)
