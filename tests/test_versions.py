@@ -335,3 +335,29 @@ def test_a_change_keeps_the_dataset_format_and_numbers_its_version(dataset):
     m = read_manifest(dataset)
     assert (m.format_version, m.version) == (1, 2)  # the samples are copied as format 1 wrote them
     assert read_record(dataset, 1).manifest.format_version == 1
+
+
+def test_a_run_records_its_version_and_resume_refuses_another(two_versions, tmp_path):
+    from tests.conftest import train_cli
+    from train.checkpoint import load_export
+    from train.config import load_toml
+
+    out = two_versions[0]
+    run = tmp_path / "run"
+    common = ["--out", str(run), "--task", "classify", "--strategy", "ddp", "--image-size", "64", "--batch-size", "4",
+              "--eval-batch-size", "4", "--workers", "0", "--epochs", "1", "--ckpt-every", "2", "--seed", "3"]
+    done = train_cli("--data", f"{out}@v1", *common, "--max-steps", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    v1 = read_manifest_from(open_store(f"{out}@v1"))
+    data = load_toml(run / "config.toml")["data"]
+    assert (data["path"], data["version"], data["manifest_sha256"]) == (f"{out}@v1", 1, manifest_sha256(v1))
+
+    refused = train_cli("--out", str(run), "--resume", "--data", str(out))
+    assert refused.returncode == 2
+    line = refused.stderr.strip().splitlines()[-1]
+    assert f"{out}@v1" in line and f"{out}@v2" in line and "cannot resume" in line
+
+    done = train_cli("--out", str(run), "--resume")  # config.toml names OUT@v1
+    assert done.returncode == 0, done.stderr[-3000:]
+    exported = load_export(run)["config"]["data"]
+    assert (exported["version"], exported["manifest_sha256"]) == (1, manifest_sha256(v1))

@@ -13,9 +13,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from shards.manifest import manifest_sha256
 from shards.origin import open_origin
 from shards.qa import qa_mask
-from shards.store import DatasetNotFoundError, RemoteReadError, read_labels_from, read_manifest_from
+from shards.store import DatasetNotFoundError, RemoteReadError, read_labels_from, read_manifest_from, redact_url
+from shards.versions import split_version
 from train.checkpoint import latest_checkpoint, load_checkpoint
 from train.config import ModelConfig, TrainConfig, dump_toml
 from train.data import ShardLoader, read_split
@@ -88,6 +90,7 @@ def build_run(cfg: TrainConfig, env: DistEnv) -> Run:
         labels = read_labels_from(source.store)
     except (DatasetNotFoundError, RemoteReadError) as exc:
         raise ValueError(f"{exc} (run `python -m ingest --out DATASET ...` first, or check --data)") from exc
+    cfg.data.version, cfg.data.manifest_sha256 = manifest.version, manifest_sha256(manifest)
     world = env.world_size
     if cfg.data.batch_size % world or cfg.data.num_lanes % world:
         raise ValueError(f"the world size {world} must divide data.batch_size="
@@ -154,6 +157,18 @@ def build_run(cfg: TrainConfig, env: DistEnv) -> Run:
     return run
 
 
+def _check_same_version(path: Path, state: dict[str, Any], mine: dict[str, Any], data: Any) -> None:
+    """Refuse to resume a checkpoint on another dataset version than it trained on (a
+    checkpoint from before versions were recorded names none, and is let through)."""
+    was, now = state.get("manifest_sha256"), mine["manifest_sha256"]
+    if was is None or was == now:
+        return
+    base = redact_url(split_version(str(data))[0])
+    raise ValueError(f"cannot resume {path}: it trained on {base}@v{state.get('data_version')} "
+                     f"(manifest sha256 {str(was)[:12]}...), --data now gives {base}@v{mine['data_version']} "
+                     f"({now[:12]}...); pass --data {base}@v{state.get('data_version')}")
+
+
 def eval_loader(info: Any, env: DistEnv, *, batch_size: int, workers: int, prefetch: int = 2,
                 with_meta: bool = False) -> ShardLoader:
     """A loader that gives every sample of a split once over all ranks (padding masked).
@@ -178,6 +193,7 @@ def resume(run: Run) -> None:
     state = load_checkpoint(path, model=run.model, optimizer=run.optimizer,
                             scheduler=run.scheduler, scaler=run.scaler)
     mine = run.train_state()
+    _check_same_version(path, state, mine, run.cfg.data.path)  # first: another version changes the rest too
     before, now = list(state.get("exclude_qa") or []), mine["exclude_qa"]
     if before != now:
         raise ValueError(f"cannot resume {path}: it excluded QA flags [{', '.join(before)}], this run "

@@ -120,6 +120,11 @@ class DataConfig:
     exclude_qa_eval: bool = False
     """Evaluation leaves the ``exclude_qa`` samples out too (by default it keeps every sample
     and reports its metrics with and without them)."""
+    version: int | None = None
+    """The dataset version the run trains on (``--data OUT@vN``, else the latest when it
+    starts): recorded in ``config.toml`` by the run, not set by hand."""
+    manifest_sha256: str | None = None
+    """SHA-256 of that version's manifest, recorded beside it; ``--resume`` refuses another."""
 
     def __post_init__(self) -> None:
         self.path = normalize_location(self.path) if self.path is not None else None

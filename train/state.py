@@ -174,4 +174,5 @@ class Run:
             "global_batch": self.cfg.data.batch_size, "lanes": self.cfg.data.num_lanes,
             "seed": self.cfg.seed, "steps_per_epoch": self.train_loader.steps,
             "world_size": self.env.world_size, "exclude_qa": list(self.cfg.data.exclude_qa),
+            "data_version": self.cfg.data.version, "manifest_sha256": self.cfg.data.manifest_sha256,
         }
