@@ -13,6 +13,9 @@ Section ``verify`` (side by side in one run, over the same shard files, page cac
     samples/s (target >= 1000 per process);
 (d) quick verify on all cores (Dask LocalCluster, one task per shard): first task to last.
 
+Section ``lifecycle`` (:mod:`shards.lifecycle_bench`): withdrawing ``--withdraw`` patients,
+one per shard: shards rewritten and seconds.
+
 The training loader's own benchmark is ``python -m train.bench --loader-only`` (it belongs to
 the ``train`` layer).
 
@@ -35,6 +38,7 @@ from pathlib import Path
 
 from shards.bench_common import BenchData, Section
 from shards.cli import configure_logging
+from shards.lifecycle_bench import lifecycle_section
 from shards.manifest import READ_CHUNK, SHARDS_DIR, read_manifest
 from shards.remote_bench import remote_section
 from shards.report import VerifyReport
@@ -140,6 +144,7 @@ def verify_section(data: BenchData, args: argparse.Namespace) -> Section:
 SECTIONS: dict[str, Callable[[BenchData, argparse.Namespace], Section]] = {
     "verify": verify_section,
     "remote": remote_section,
+    "lifecycle": lifecycle_section,
 }
 """Bench sections by name, run in this order."""
 
@@ -151,6 +156,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat", type=int, default=3, help="runs of each contender; the best is reported")
     p.add_argument("--sections", nargs="+", choices=list(SECTIONS), default=["verify"], help="what to measure")
     p.add_argument("--no-cluster", action="store_true", help="skip the all-cores Dask run")
+    p.add_argument("--withdraw", type=int, default=10, metavar="N", help="patients the lifecycle section withdraws")
     p.add_argument("--workdir", type=Path, help="keep the data here (default: a temporary folder, removed)")
     return p
 

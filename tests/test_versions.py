@@ -361,3 +361,18 @@ def test_a_run_records_its_version_and_resume_refuses_another(two_versions, tmp_
     assert done.returncode == 0, done.stderr[-3000:]
     exported = load_export(run)["config"]["data"]
     assert (exported["version"], exported["manifest_sha256"]) == (1, manifest_sha256(v1))
+
+
+def test_lifecycle_bench_section_withdraws_one_shard_per_patient(dataset):
+    import argparse
+
+    from shards.bench_common import BenchData
+    from shards.lifecycle_bench import lifecycle_section
+
+    files = sorted((dataset / SHARDS_DIR).iterdir())
+    data = BenchData(out=dataset, shard_files=files, samples=24, bytes=0, cores=1)
+    sec = lifecycle_section(data, argparse.Namespace(withdraw=3))
+    rows = {r[0]: r[1] for r in sec.rows}
+    assert rows["patients withdrawn"] == "3" and rows["shards rewritten"] == "3" and rows["verify of the new version"] == "OK"
+    assert "PASS" in sec.notes[-1]
+    assert not (dataset / VERSIONS_DIR).exists()  # the section works on a copy
