@@ -198,8 +198,12 @@ def _withdraw(args: argparse.Namespace) -> int:
     except (WithdrawError, KeyFileError, FileNotFoundError, FormatError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if result.completed is not None:
+        print(f"version {result.completed}: finished its interrupted withdrawal (earlier versions erased, "
+              "replaced shards deleted)")
     if result.version is None:
-        print(f"none of the {len(ids)} listed patients is in {args.out}: nothing changed")
+        if result.completed is None:
+            print(f"none of the {len(ids)} listed patients is in {args.out}: nothing changed")
         return EXIT_OK
     print(f"version {result.version}: withdrew {result.patients} patients, {result.samples} samples; "
           f"{result.shards_rewritten} shards rewritten")

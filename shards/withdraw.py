@@ -11,7 +11,9 @@ patient afterwards:
 * every earlier version that listed a rewritten shard can no longer be read: its record is
   marked unavailable, its keys of those shards blanked, its label store and rejects deleted;
   the rejects of the other earlier versions lose those lines too (their counts follow);
-* the old shard files are deleted, last.
+* the old shard files are deleted, last. A withdrawal stopped before this point (after it
+  wrote its version) is finished by the next ``withdraw`` of the dataset, with the same
+  patients file; shards it wrote before its version existed are left for ``gc``.
 
 The record of the new version logs the date and how many patients and samples went, never
 an id (not even hashed). Copies outside the folder are out of reach: a node's shard cache
@@ -71,6 +73,9 @@ class WithdrawResult:
     """Shards written again without the patients (an emptied shard is dropped instead)."""
     versions_unavailable: tuple[int, ...]
     """Earlier versions that can no longer be read."""
+    completed: int | None = None
+    """An interrupted withdrawal's version whose erasure this call finished (None: none was
+    interrupted)."""
 
 
 def read_patient_file(path: Path) -> list[str]:
@@ -190,6 +195,7 @@ def withdraw(out: Path, ids: list[str], *, key: Path | None = None) -> WithdrawR
     """
     latest = read_manifest(out)
     targets = _targets(latest, ids, key)
+    completed = _finish_interrupted(out, latest, targets)
     table = read_labels(out / LABELS_NAME)
     lines = _read_lines(out / REJECTS_NAME)
     hit = np.zeros(len(table), dtype=bool)
@@ -202,7 +208,7 @@ def withdraw(out: Path, ids: list[str], *, key: Path | None = None) -> WithdrawR
     kept_lines, met_in_rejects, files_gone = _filter_rejects(lines, targets)
     met |= met_in_rejects
     if not met:
-        return WithdrawResult(None, 0, 0, 0, ())
+        return WithdrawResult(None, 0, 0, 0, (), completed)
 
     parent = save_current(out, latest)
     records = list_records(out, latest)
@@ -234,7 +240,30 @@ def withdraw(out: Path, ids: list[str], *, key: Path | None = None) -> WithdrawR
     for name in removed:
         (out / SHARDS_DIR / name).unlink(missing_ok=True)
     log.info("version %d: withdrew %d patients, %d samples", record.version, len(met), int(hit.sum()))
-    return WithdrawResult(record.version, len(met), int(hit.sum()), len(touched), tuple(unavailable))
+    return WithdrawResult(record.version, len(met), int(hit.sum()), len(touched), tuple(unavailable), completed)
+
+
+def _finish_interrupted(out: Path, latest: Manifest, targets: dict[str, set[str]]) -> int | None:
+    """Finish a withdrawal stopped after it wrote its version (before every earlier version was
+    erased and the replaced shards deleted); return that version, or None when there was none.
+    Run again with the same patients, the erasure is complete."""
+    if latest.version == 1:
+        return None
+    records = list_records(out, latest)
+    record = records[-1]
+    removed = set(record.change.shards_removed)
+    if record.change.kind != "withdraw" or not removed:
+        return None
+    earlier = records[:-1]
+    pending = any(r.unavailable is None and r.shard_names() & removed for r in earlier)
+    if not pending and not any((out / SHARDS_DIR / name).exists() for name in removed):
+        return None
+    log.warning("version %d: finishing its withdrawal (it stopped before every earlier version was erased)",
+                record.version)
+    _erase_from_earlier(out, earlier, removed, targets, record.version)
+    for name in removed:
+        (out / SHARDS_DIR / name).unlink(missing_ok=True)
+    return record.version
 
 
 def _erase_from_earlier(out: Path, records: list[VersionRecord], removed: set[str], targets: dict[str, set[str]],

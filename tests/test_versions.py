@@ -376,3 +376,30 @@ def test_lifecycle_bench_section_withdraws_one_shard_per_patient(dataset):
     assert rows["patients withdrawn"] == "3" and rows["shards rewritten"] == "3" and rows["verify of the new version"] == "OK"
     assert "PASS" in sec.notes[-1]
     assert not (dataset / VERSIONS_DIR).exists()  # the section works on a copy
+
+
+def test_a_withdrawal_stopped_after_its_version_finishes_when_run_again(dataset, tmp_path, monkeypatch, capsys):
+    import shards.withdraw
+
+    pid = str(read_labels(dataset / LABELS_NAME).patient_id[0])
+    replaced = read_manifest(dataset).shards[0].name
+    real = shards.withdraw._erase_from_earlier
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # stopped between writing version 2 and erasing version 1
+
+    monkeypatch.setattr(shards.withdraw, "_erase_from_earlier", killed)
+    with pytest.raises(KeyboardInterrupt):
+        withdraw(dataset, [pid])
+    assert read_manifest(dataset).version == 2 and (dataset / SHARDS_DIR / replaced).exists()
+    monkeypatch.setattr(shards.withdraw, "_erase_from_earlier", real)
+    patients = tmp_path / "p.txt"
+    patients.write_text(pid + "\n")
+    assert shards_main(["withdraw", str(dataset), "--patients", str(patients)]) == 0
+    said = capsys.readouterr().out
+    assert "version 2: finished its interrupted withdrawal" in said and "nothing changed" not in said
+    assert read_manifest(dataset).version == 2 and not (dataset / SHARDS_DIR / replaced).exists()
+    assert read_record(dataset, 1).unavailable is not None
+    for where, data in _every_byte(dataset):
+        assert pid.encode() not in data, where
+    assert shards_main(["verify", str(dataset), "--workers", "1", "--no-progress"]) == 0
