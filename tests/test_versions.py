@@ -403,3 +403,15 @@ def test_a_withdrawal_stopped_after_its_version_finishes_when_run_again(dataset,
     for where, data in _every_byte(dataset):
         assert pid.encode() not in data, where
     assert shards_main(["verify", str(dataset), "--workers", "1", "--no-progress"]) == 0
+
+
+def test_show_takes_a_version(two_versions, other_ingest, tmp_path, capsys):
+    out = two_versions[0]
+    old_key = str(read_labels(out / VERSIONS_DIR / "v0001.labels.zarr").key[0])
+    new_key = str(read_labels(other_ingest / LABELS_NAME).key[0])
+    png = tmp_path / "s.png"
+    assert shards_main(["show", f"{out}@v1", old_key, "-o", str(png)]) == 0 and png.stat().st_size > 0
+    assert shards_main(["show", f"{out}@v2", new_key, "-o", str(png)]) == 0
+    capsys.readouterr()
+    assert shards_main(["show", f"{out}@v1", new_key, "-o", str(png)]) == 2  # not in version 1
+    assert new_key in capsys.readouterr().err
