@@ -30,7 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dicom-dir", type=Path, required=True,
                    help="folder searched recursively for DICOMs, or a .zip / uncompressed .tar read in place")
     p.add_argument("--members", metavar="PREFIX",
-                   help="a folder inside the --dicom-dir archive to ingest, e.g. stage_2_train_images/ (default: all of it)")
+                   help="a folder inside the --dicom-dir archive to ingest, e.g. stage_2_train_images/; without it, the whole archive")
     p.add_argument("--out", type=Path, required=True, help="output dataset folder")
     p.add_argument("--labels", type=Path, help="stage_2_train_labels.csv (omit for an inference set)")
     p.add_argument("--class-info", type=Path, help="stage_2_detailed_class_info.csv")
