@@ -8,7 +8,6 @@ every run over the same inputs.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections import defaultdict
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from shards.label_csv import LabelProblem, PatientLabel
 from shards.manifest import ProcessingParams
 from shards.pseudonym import Pseudonymizer
 from shards.records import Reject
-from shards.seeds import shard_order_hash
+from shards.seeds import shard_order_hash, split_hash
 from shards.source import patient_id_of, source_fingerprint
 
 
@@ -72,12 +71,6 @@ class Plan:
         return source_fingerprint(self.inputs)
 
 
-def unit_hash(seed: int, text: str) -> float:
-    """A deterministic pseudo-random number in [0, 1) from (seed, text)."""
-    digest = hashlib.sha256(f"{seed}\x00{text}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") / 2**64
-
-
 def assign_splits(patients: dict[str, int], val_fraction: float, seed: int) -> dict[str, str]:
     """Patient-level split stratified by target (-1 = unlabelled is its own stratum).
 
@@ -89,7 +82,7 @@ def assign_splits(patients: dict[str, int], val_fraction: float, seed: int) -> d
         strata[target].append(pid)
     split: dict[str, str] = {}
     for members in strata.values():
-        members.sort(key=lambda p: (unit_hash(seed, p), p))
+        members.sort(key=lambda p: (split_hash(seed, p), p))
         n_val = round(val_fraction * len(members))
         for i, pid in enumerate(members):
             split[pid] = "val" if i < n_val else "train"
