@@ -33,7 +33,8 @@ def test_loader_bench_prints_every_loader(tmp_path: Path, peers: bool):
                           env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert done.returncode == 0, done.stderr
     rows = {line.split("|")[1].strip(): line for line in done.stdout.splitlines() if line.startswith("| ")}
-    expected = ["ours", "webdataset", "ours, 2 workers"] + (["streaming", "litdata"] if peers else [])
+    peer_rows = ["streaming", "streaming, unshuffled", "litdata", "litdata, unshuffled"]
+    expected = ["ours", "webdataset", "ours, 2 workers"] + (peer_rows if peers else [])
     assert set(expected) <= set(rows)
     assert all(rows[k].split("|")[3].strip().endswith("x") for k in expected if not k.startswith("ours"))
 

@@ -8,11 +8,15 @@ batch 32, one process, every image read in full, by:
 * ours: :class:`train.data.ShardLoader`, :data:`LANES` lanes (every sample checked against
   its xxh3 digests);
 * plain webdataset: ``WebDataset(urls).decode().to_tuple("npy", "json").batched(32)``;
-* MosaicML Streaming: the samples converted once by ``MDSWriter``, read by
-  ``StreamingDataset`` and a torch ``DataLoader``;
-* LitData: converted once by ``optimize``, read by ``StreamingDataset`` and
-  ``StreamingDataLoader``;
+* MosaicML Streaming: the samples converted once by ``MDSWriter`` (a fixed-shape uint8
+  column), read by ``StreamingDataset`` and a torch ``DataLoader``;
+* LitData: converted once by ``optimize`` (the image's raw bytes), read by
+  ``StreamingDataset(batch_decode=1)`` and ``StreamingDataLoader``;
 * ours again with 2 loader worker processes.
+
+Ours and the two peers read in a shuffled order; the peers also in their stored order (the
+rows marked "unshuffled"), and webdataset reads in file order (its shuffle is a buffer of
+decoded samples, which would cost it memory copies the others do not make).
 
 The peers need numpy < 2.2 and pull torchvision (and with it a CUDA build of torch): they run
 in a virtual environment of their own, made once under ``~/.cache/pneumo-hpc/peers-venv``
@@ -170,26 +174,34 @@ def _run(cmd: list[str]) -> str:
     return done.stdout
 
 
-def _peer(python: Path, which: str, root: Path) -> dict[str, float]:
-    out = _run([str(python), str(RUNNER), "read", which, str(root), "--batch", str(BATCH)])
+def _peer(python: Path, which: str, root: Path, *, size: int, shuffle: bool) -> dict[str, float]:
+    out = _run([str(python), str(RUNNER), "read", which, str(root), "--batch", str(BATCH), "--size", str(size),
+                *([] if shuffle else ["--no-shuffle"])])
     return json.loads(out.strip().splitlines()[-1])
 
 
-LOADERS = ("ours", "webdataset", "streaming", "litdata", "ours, 2 workers")
+LOADERS = ("ours", "webdataset", "streaming", "streaming, unshuffled", "litdata", "litdata, unshuffled",
+           "ours, 2 workers")
+CONVERSION = 2
+"""The layout of the peers' copies (:func:`train.peers_run.convert`): a copy made with another
+is made again."""
+SIZE = 640
+"""The images' side."""
 
 
 def peer_bench(work: Path, *, n: int = 2700, rounds: int = 3, peers: bool = True) -> dict[str, Any]:
     """Run every loader ``rounds`` times on the same ``n`` samples under ``work`` (made once,
     kept for the next run); return the per-round results and their medians."""
-    data = make_dataset(work / "ours", n)
+    data = make_dataset(work / "ours", n, size=SIZE)
     python = None
     if peers:
         python = peers_python()
-        if not (work / "converted").is_file() or (work / "converted").read_text() != str(n):
+        done = f"{n} samples, conversion {CONVERSION}"
+        if not (work / "converted").is_file() or (work / "converted").read_text() != done:
             for out in (work / "mds", work / "litdata"):
                 shutil.rmtree(out, ignore_errors=True)
             _run([str(python), str(RUNNER), "convert", str(data / "shards"), str(work / "mds"), str(work / "litdata")])
-            (work / "converted").write_text(str(n))
+            (work / "converted").write_text(done)
     for p in work.rglob("*"):  # into the page cache, for every loader alike
         if p.is_file():
             p.read_bytes()
@@ -200,8 +212,9 @@ def peer_bench(work: Path, *, n: int = 2700, rounds: int = 3, peers: bool = True
         for _ in range(rounds):
             r = {"ours": _ours(data, 0), "webdataset": _webdataset(data)}
             if python is not None:
-                r["streaming"] = _peer(python, "mds", work / "mds")
-                r["litdata"] = _peer(python, "litdata", work / "litdata")
+                for name, which in (("streaming", "mds"), ("litdata", "litdata")):
+                    r[name] = _peer(python, which, work / which, size=SIZE, shuffle=True)
+                    r[f"{name}, unshuffled"] = _peer(python, which, work / which, size=SIZE, shuffle=False)
             r["ours, 2 workers"] = _ours(data, 2)
             runs.append(r)
     finally:
@@ -219,8 +232,9 @@ def table(result: dict[str, Any]) -> str:
         return statistics.median(f(r) for r in runs)
 
     rate = {k: med(lambda r, k=k: r[k]["samples"] / r[k]["seconds"]) for k in names}
-    lines = [f"loader bench: {result['n']} samples 640x640 uint8 + JSON, batch {BATCH}, one process unless "
-             f"said, page cache warm; medians of {len(runs)} rounds (ratios within each round)", "",
+    lines = [f"loader bench: {result['n']} samples {SIZE}x{SIZE} uint8 + JSON, batch {BATCH}, one process unless "
+             f"said, shuffled unless said (webdataset: file order), page cache warm; medians of {len(runs)} rounds "
+             "(ratios within each round)", "",
              "| loader | samples/s | ours / it | CPU us/sample | first batch s |", "|---|---:|---:|---:|---:|"]
     for k in names:
         ratio = "" if k.startswith("ours") else \

@@ -2,14 +2,22 @@
 virtual environment (:mod:`train.peer_bench`), never imported by the project.
 
 ``python peers_run.py convert SHARDS_DIR MDS_DIR LITDATA_DIR``: our tar shards, once, into
-MosaicML Streaming's MDS (``MDSWriter``: an ``ndarray:uint8`` column and a ``json`` column)
-and LitData's chunks (``optimize``: a numpy array and the JSON text).
+MosaicML Streaming's MDS (``MDSWriter``: a fixed-shape ``ndarray:uint8:640,640`` column, read
+with ``np.frombuffer`` and no header, and a ``json`` column) and LitData's chunks
+(``optimize``: the image's raw bytes and the JSON text, each read back without a copy).
 
-``python peers_run.py read {mds,litdata} DIR --batch 32``: one epoch through the peer's
-documented loader in this process (Streaming: ``StreamingDataset`` + a torch ``DataLoader``;
-LitData: ``StreamingDataset`` + ``StreamingDataLoader``), ``num_workers=0``, shuffled, each
-sample's JSON parsed and every batch stacked (each image read in full); prints one JSON line:
-samples, seconds, CPU seconds, seconds to the first batch.
+``python peers_run.py read {mds,litdata} DIR --batch 32 --size 640 [--no-shuffle]``: one epoch through
+the peer's documented loader in this process (Streaming: ``StreamingDataset`` + a torch
+``DataLoader``; LitData: ``StreamingDataset(batch_decode=1)`` + ``StreamingDataLoader``),
+``num_workers=0``, shuffled unless told, each sample's JSON parsed and every batch stacked
+(each image read in full); prints one JSON line: samples, seconds, CPU seconds, seconds to the
+first batch.
+
+LitData's ``batch_decode`` is set to 1, the value its documentation gives for images (each row
+decoded once): its ``"auto"`` does not count a numpy or bytes leaf as an image and, for samples
+of 410 KB, deserializes an aligned window of 39 samples at once. Its shuffle permutes samples
+in blocks of 256, across several such windows, so a shuffled epoch dropped most windows after
+one sample: about 15 samples deserialized (and, for a numpy leaf, copied) per sample read.
 
 Only numpy, torch and the peers are imported here: the peers need numpy < 2.2, which the
 project's environment does not have.
@@ -72,8 +80,11 @@ def _samples(shards: Path):
 
 
 def _litdata_item(sample):
+    """A LitData sample: the image's C-order bytes (``BytesSerializer``, handed back as a view
+    of the chunk) and the JSON text (``StringSerializer``); the numpy serializer copies every
+    image once more on reading."""
     image, meta = sample
-    return {"image": image, "meta": meta}
+    return {"image": image.tobytes(), "meta": meta}
 
 
 def convert(shards: Path, mds: Path, lit: Path) -> None:
@@ -91,11 +102,10 @@ def convert(shards: Path, mds: Path, lit: Path) -> None:
              mode="overwrite")
 
 
-def read(which: str, root: Path, batch: int) -> dict:
+def read(which: str, root: Path, batch: int, *, size: int = 640, shuffle: bool = True) -> dict:
     _without_torchvision()
-    # The peers hand out read-only arrays; the batches are stacked copies, never written.
-    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-    import numpy as np
+    # The peers hand out read-only views of their files; the batches are stacked copies, never written.
+    warnings.filterwarnings("ignore", message="The given (NumPy array|buffer) is not writable")
     import torch
 
     torch.set_num_threads(THREADS)
@@ -109,7 +119,7 @@ def read(which: str, root: Path, batch: int) -> dict:
                 return torch.from_numpy(s["image"]), s["meta"]["target"]
 
         t0, c0 = time.perf_counter(), time.process_time()
-        loader = DataLoader(Images(local=str(root), batch_size=batch, shuffle=True, shuffle_seed=0),
+        loader = DataLoader(Images(local=str(root), batch_size=batch, shuffle=shuffle, shuffle_seed=0),
                             batch_size=batch, num_workers=0)
     else:
         from litdata import StreamingDataLoader, StreamingDataset
@@ -117,10 +127,12 @@ def read(which: str, root: Path, batch: int) -> dict:
         class Images(StreamingDataset):
             def __getitem__(self, i):
                 s = super().__getitem__(i)
-                return torch.from_numpy(np.asarray(s["image"])), json.loads(s["meta"])["target"]
+                image = torch.frombuffer(s["image"], dtype=torch.uint8).view(size, size)
+                return image, json.loads(s["meta"])["target"]
 
         t0, c0 = time.perf_counter(), time.process_time()
-        loader = StreamingDataLoader(Images(str(root), shuffle=True, seed=0), batch_size=batch, num_workers=0)
+        loader = StreamingDataLoader(Images(str(root), shuffle=shuffle, seed=0, batch_decode=1), batch_size=batch,
+                                     num_workers=0)
     n, first = 0, None
     for images, _ in loader:
         if first is None:
@@ -141,11 +153,13 @@ def main() -> int:
     r.add_argument("which", choices=["mds", "litdata"])
     r.add_argument("dir", type=Path)
     r.add_argument("--batch", type=int, default=32)
+    r.add_argument("--size", type=int, default=640, help="the images' side (LitData holds their bytes alone)")
+    r.add_argument("--no-shuffle", action="store_true", help="read in the peer's stored order")
     args = p.parse_args()
     if args.cmd == "convert":
         convert(args.shards, args.mds, args.litdata)
     else:
-        print(json.dumps(read(args.which, args.dir, args.batch)))
+        print(json.dumps(read(args.which, args.dir, args.batch, size=args.size, shuffle=not args.no_shuffle)))
     return 0
 
 
