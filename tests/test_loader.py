@@ -155,14 +155,16 @@ def test_resume_mid_epoch_continues_with_the_same_batches(ingested_small: Path):
     np.testing.assert_array_equal(_ids(list(single.epoch(3, first_step=2)))[:, 2:], expected[2:])
 
 
-def test_batch_memory_is_reused_only_once_the_consumer_drops_it(ingested_small: Path):
+@pytest.mark.parametrize("workers", [0, 2])  # 2: the workers' items are joined into pooled memory
+def test_batch_memory_is_reused_only_once_the_consumer_drops_it(ingested_small: Path, workers: int):
     info = read_split(ingested_small, "train")
-    loader = ShardLoader(info, rank=0, world=1, global_batch=4, lanes=2, workers=0, seed=4)
+    loader = ShardLoader(info, rank=0, world=1, global_batch=4, lanes=2, workers=workers, seed=4)
     held, copies = [], []
     for b in loader.epoch(0):  # every batch kept: none may be written again
         held.append(b)
         copies.append(b.images.clone())
     assert len({b.images.data_ptr() for b in held}) == len(held)
+    assert {b.images.data_ptr() for b in held} <= {a.ctypes.data for a in loader._pool._lent}
     assert all(torch.equal(b.images, c) for b, c in zip(held, copies))
     views = [b.images[1:] for b in held]  # a view keeps its batch's memory too
     del held

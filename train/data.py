@@ -682,28 +682,33 @@ class HostBatch:
         return len(self.keys)
 
 
-def _cat(parts: list[torch.Tensor], pin: bool) -> torch.Tensor:
-    """``torch.cat(parts)``, into page-locked memory when ``pin``.
+def _cat(parts: list[torch.Tensor], pin: bool, pool: _BufferPool | None = None) -> torch.Tensor:
+    """``torch.cat(parts)``, into page-locked memory when ``pin``, else into a buffer of
+    ``pool`` when one is given (uint8 parts).
 
     A plain ``torch.cat`` of pinned tensors returns pageable memory, from which a
     ``non_blocking`` copy to the GPU is synchronous: the DataLoader's pinning would be lost.
+    A fresh pageable buffer of a batch's images costs a page fault per 4 KiB as it is
+    written; a pooled one is already mapped.
     """
     if len(parts) == 1 and (not pin or parts[0].is_pinned()):
         return parts[0]
     shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
+    if pool is not None and not pin:
+        return torch.cat(parts, out=torch.from_numpy(pool.take(shape)))
     return torch.cat(parts, out=torch.empty(shape, dtype=parts[0].dtype, pin_memory=pin))
 
 
-def _join(items: list[dict[str, Any]], pin: bool = False) -> HostBatch:
+def _join(items: list[dict[str, Any]], pin: bool = False, pool: _BufferPool | None = None) -> HostBatch:
     """Concatenate the workers' items of one step, in worker (= lane) order (into pinned
-    memory when ``pin``)."""
+    memory when ``pin``; the images into a buffer of ``pool`` otherwise, when given)."""
     offsets = np.cumsum([0] + [len(it["keys"]) for it in items[:-1]])
     meta = None
     if "meta" in items[0]:
         meta = [m for it in items for m in it["meta"]]
     return HostBatch(
         step=int(items[0]["step"]),
-        images=_cat([it["images"] for it in items], pin),
+        images=_cat([it["images"] for it in items], pin, pool),
         target=_cat([it["target"] for it in items], pin),
         boxes=_cat([it["boxes"] for it in items], pin),
         box_index=_cat([it["box_index"] + int(o) for it, o in zip(items, offsets)], pin),
@@ -795,7 +800,7 @@ class ShardLoader:
             if got != [(step, w) for w in range(k)] or step != first_step:
                 raise RuntimeError(f"loader items out of order: expected step {first_step} "
                                    f"from workers 0..{k - 1}, got {got}")
-            yield _join(items, self.pin_memory)
+            yield _join(items, self.pin_memory, self._pool)
             items, first_step = [], first_step + 1
         if items or first_step != plan.steps:
             raise RuntimeError(f"loader stopped at step {first_step} of {plan.steps}")
