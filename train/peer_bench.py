@@ -98,10 +98,9 @@ def peers_python(venv: Path = PEERS_VENV, *, create: bool = True) -> Path:
 def make_dataset(root: Path, n: int, *, size: int = 640, shard_size: int = 256, seed: int = 0) -> Path:
     """``n`` training samples of ``size`` pixels in a dataset folder (format current),
     written straight by the shard writer (no DICOM, no ingest); reused when already there."""
-    from ingest.worker import label_row
     from shards.format import FORMAT_VERSION, shard_name
-    from shards.labels import LabelTable, write_labels
-    from shards.manifest import LABELS_NAME, SHARDS_DIR, Manifest, ShardInfo, read_manifest, write_manifest
+    from shards.labels import LabelRow, LabelTable, write_labels
+    from shards.manifest import LABELS_NAME, SHARDS_DIR, Manifest, read_manifest, write_manifest
     from shards.writer import ShardWriter
 
     try:
@@ -113,7 +112,7 @@ def make_dataset(root: Path, n: int, *, size: int = 640, shard_size: int = 256, 
     base = rng.integers(0, 256, (size, size), dtype=np.uint8)
     infos, rows = [], []
     for k, lo in enumerate(range(0, n, shard_size)):
-        with ShardWriter(root / SHARDS_DIR / shard_name("train", k)) as w:
+        with ShardWriter(root / SHARDS_DIR / shard_name("train", k), split="train") as w:
             for i in range(lo, min(n, lo + shard_size)):
                 key = f"bench{i:06d}"
                 target = int(i % 3 == 0)
@@ -121,13 +120,11 @@ def make_dataset(root: Path, n: int, *, size: int = 640, shard_size: int = 256, 
                         "split": "train", "target": target, "class": "Lung Opacity" if target else "Normal",
                         "boxes": [[100.0, 120.0, 300.0, 360.0]] if target else [],
                         "transform": {"scale": 0.625, "pad_x": 0.0, "pad_y": 0.0, "src_rows": 1024, "src_cols": 1024},
-                        "view_position": "PA", "sex": "F", "age": 40}
+                        "view_position": "PA", "sex": "F", "age": 40, "qa": []}
                 w.write(key, np.roll(base, i, axis=1), meta)
-                rows.append(label_row(meta, k))
-        r = w.result
-        assert r is not None
-        infos.append(ShardInfo(name=r.path.name, split="train", samples=r.samples, bytes=r.bytes, sha256=r.sha256,
-                               first_key=r.first_key, last_key=r.last_key, xxh3=r.xxh3))
+                rows.append(LabelRow.from_meta(meta, k))
+        assert w.result is not None
+        infos.append(w.result)
     write_labels(root / LABELS_NAME, LabelTable.from_rows(rows))
     write_manifest(root, Manifest(format_version=FORMAT_VERSION, params={"size": size}, params_hash="",
                                   packages={}, source={}, counts={}, shards=infos))
