@@ -44,7 +44,8 @@ from shards.manifest import (
 from shards.pseudonym import SCHEME, KeyFileError, Pseudonymizer
 from shards.records import Reject, ShardRecord
 from shards.source import discover, patient_id_of, source_fingerprint
-from shards.versions import recorded_shards
+from shards.source_index import INDEX_NAME, IndexEntry, SourceIndex, label_digest
+from shards.versions import VERSIONS_DIR, recorded_shards
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,10 @@ class IngestSummary:
     shards_reused: int
     seconds: float
     already_complete: bool = False
+    skipped: int = 0
+    """Input files already in the dataset (an append skips them)."""
+    version: int | None = None
+    """The dataset version an append made (or found complete)."""
     records: list[ShardRecord] = dataclasses.field(default_factory=list, repr=False)
     """Records of the shards built by this run (their ``stats``: timings, worker pid, peak RSS)."""
 
@@ -87,7 +92,11 @@ class IngestSummary:
             f"label problems: {c['label_problems']}"
             + "".join(f"\n  {r}: {n}" for r, n in sorted(self.problems_by_reason.items())),
         ]
-        if self.already_complete:
+        if self.version is not None:
+            out.insert(1, f"version: {self.version}; skipped {self.skipped} files already in the dataset")
+        if self.already_complete and self.version is not None:
+            out.insert(0, "nothing to append: every input file is already in the dataset")
+        elif self.already_complete:
             out.insert(0, "already complete: the manifest matches these inputs and parameters; nothing to do")
         return out
 
@@ -151,6 +160,9 @@ def _check_out(cfg: IngestConfig, identity: RunIdentity) -> bool:
         return False
     _check_key(out, previous.key_fingerprint, identity.key_fingerprint)
     if (difference := previous.difference(identity)) is not None:
+        if (out / VERSIONS_DIR).is_dir() and not params_file(out).exists():
+            raise IngestUsageError(f"--out {out} holds a dataset with versions, {difference}; "
+                                   "add --append to add these files to it as a new version")
         raise IngestUsageError(f"--out {out} holds a dataset {difference}; use a new --out or delete it")
     return (out / MANIFEST_NAME).exists() and not params_file(out).exists()
 
@@ -366,12 +378,24 @@ def _finish(
     counts = _counts(plan, outcome)
     _write_labels(cfg.out, outcome.rows)
     _write_rejects(cfg.out, outcome)
+    source_index(plan, records).write(cfg.out / INDEX_NAME)
     write_manifest(cfg.out, _manifest(cfg, plan, identity, counts, outcome.shards, pseudonyms))
     return IngestSummary(
         out=cfg.out, counts=counts, rejects_by_reason=counts["rejects_by_reason"],
         problems_by_reason=counts["label_problems_by_reason"],
         shards_built=built, shards_reused=len(plan.tasks) - built, seconds=time.perf_counter() - t0,
     )
+
+
+def source_index(plan: Plan, records: list[ShardRecord]) -> SourceIndex:
+    """The source index of the samples ``records`` hold (see :mod:`shards.source_index`)."""
+    planned = {s.key: s for t in plan.tasks for s in t.samples}
+    samples = {}
+    for rec in records:
+        for meta in rec.metas:
+            s = planned[meta["key"]]
+            samples[s.key] = IndexEntry(meta["source"]["sha256"], label_digest(s.target, s.class_name, s.boxes))
+    return SourceIndex(samples)
 
 
 def _collect(plan: Plan, records: list[ShardRecord]) -> _Outcome:

@@ -38,6 +38,7 @@ from shards.labels import LabelTable, read_labels
 from shards.manifest import LABELS_NAME, REJECTS_NAME, SHARDS_DIR, Manifest, ShardInfo, manifest_sha256, read_manifest
 from shards.pseudonym import Pseudonymizer
 from shards.reader import iter_samples
+from shards.source_index import erase_keys
 from shards.versions import (
     Change,
     Unavailable,
@@ -268,8 +269,9 @@ def _finish_interrupted(out: Path, latest: Manifest, targets: dict[str, set[str]
 
 def _erase_from_earlier(out: Path, records: list[VersionRecord], removed: set[str], targets: dict[str, set[str]],
                         by: int) -> list[int]:
-    """Erase the patients from the earlier versions' records, label stores and rejects;
-    return the versions that can no longer be read."""
+    """Erase the patients from the earlier versions' records, label stores, rejects and source
+    indexes; return the versions that can no longer be read."""
+    erase_keys(out, set().union(*targets.values()))
     gone = []
     for record in records:
         rejects_path = out / rejects_rel(record.version)

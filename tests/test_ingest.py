@@ -44,7 +44,7 @@ def _shard_bytes(out: Path) -> dict[str, bytes]:
 
 def test_layout_and_sample_format(ingested_small: Path, synth_small) -> None:
     out = ingested_small
-    assert sorted(p.name for p in out.iterdir()) == ["labels.zarr", "manifest.json", "rejects.jsonl", "shards"]
+    assert sorted(p.name for p in out.iterdir()) == ["labels.zarr", "manifest.json", "rejects.jsonl", "shards", "sources.json"]
     m = read_manifest(out)
     assert m.counts["samples"] == synth_small.n_images
     assert m.counts["positives"] == synth_small.n_positive

@@ -1,0 +1,100 @@
+"""The source index a dataset keeps for appends: which source files it holds, and each sample's labels.
+
+``OUT/sources.json`` (written by the first ingest) and ``OUT/versions/vNNNN.sources.json``
+(written by each append before its record) map each sample's key (the one its shard carries:
+the pseudonym under a key) to
+
+* ``sha256``: that of the source file it was made from, so that an append skips the files
+  already ingested without reading any shard;
+* ``label``: a digest of the label it was made with (target, detailed class, boxes in source
+  pixels), so that an append finds a labels file that changes it.
+
+A withdrawal erases its patients' entries from every index (:func:`erase_keys`): their files
+are then unknown, like any other.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+from shards.atomic import atomic_write_text
+from shards.format import FormatError
+from shards.versions import VERSIONS_DIR
+
+INDEX_NAME = "sources.json"
+
+
+def index_rel(version: int) -> str:
+    """The index an append writes for ``version``, relative to the dataset root."""
+    return f"{VERSIONS_DIR}/v{version:04d}.sources.json"
+
+
+def label_digest(target: int, class_name: str | None, boxes: Iterable[Sequence[float]]) -> str:
+    """A digest of a patient's label as the labels file gives it."""
+    text = json.dumps([int(target), class_name, [[float(v) for v in b] for b in boxes]])
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexEntry:
+    sha256: str
+    """Of the source file."""
+    label: str
+    """:func:`label_digest` of the sample's label."""
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceIndex:
+    samples: dict[str, IndexEntry]
+    """By sample key."""
+
+    def files(self) -> set[str]:
+        """The sha256 of every source file the dataset holds."""
+        return {e.sha256 for e in self.samples.values()}
+
+    def merged(self, other: "SourceIndex") -> "SourceIndex":
+        return SourceIndex({**self.samples, **other.samples})
+
+    def without(self, keys: set[str]) -> "SourceIndex":
+        return SourceIndex({k: e for k, e in self.samples.items() if k not in keys})
+
+    def to_json(self) -> str:
+        data = {k: dataclasses.asdict(e) for k, e in self.samples.items()}
+        return json.dumps({"samples": data}, indent=1, sort_keys=True) + "\n"
+
+    @classmethod
+    def read(cls, path: Path) -> "SourceIndex":
+        """Raises :class:`FormatError` on a malformed index."""
+        try:
+            data = json.loads(path.read_text())
+            return cls({str(k): IndexEntry(**e) for k, e in data["samples"].items()})
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise FormatError(f"{path}: not a source index ({exc})") from exc
+
+    def write(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, self.to_json())
+
+
+def read_index(root: Path, version: int) -> SourceIndex | None:
+    """The index of ``version`` of the dataset at ``root``: the nearest version at or before it
+    that wrote one (a withdrawal writes none), else the first ingest's; None for a dataset made before the
+    index existed."""
+    candidates = [root / index_rel(n) for n in range(version, 0, -1)] + [root / INDEX_NAME]
+    for path in candidates:
+        if path.is_file():
+            return SourceIndex.read(path)
+    return None
+
+
+def erase_keys(root: Path, keys: set[str]) -> None:
+    """Drop the samples ``keys`` from every source index of the dataset at ``root``."""
+    for path in [root / INDEX_NAME, *sorted((root / VERSIONS_DIR).glob("v[0-9][0-9][0-9][0-9].sources.json"))]:
+        if path.is_file():
+            index = SourceIndex.read(path)
+            if keys & index.samples.keys():
+                index.without(keys).write(path)
