@@ -64,6 +64,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sop-classes", choices=("radiograph", "any-image"), default=d["sop_classes"].default,
                    help="radiograph: CR, DX and Secondary Capture images only (other images are not_a_radiograph "
                    "rejects); any-image: every image class. Non-image objects (SEG, SR, PR, ...) are not_an_image rejects")
+    p.add_argument("--append", action="store_true",
+                   help="add the new files of --dicom-dir to the dataset at --out as a new version "
+                        "(same parameters; files already in it are skipped)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return p
@@ -90,7 +93,12 @@ def main(argv: list[str] | None = None) -> int:
         print(job_script(cfg))
         return 0
     try:
-        summary = run_ingest(cfg)
+        if cfg.append:
+            from ingest.append import run_append
+
+            summary = run_append(cfg)
+        else:
+            summary = run_ingest(cfg)
     except IngestUsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE

@@ -76,6 +76,9 @@ class IngestConfig:
     sop_classes: Literal["radiograph", "any-image"] = "radiograph"
     """SOP classes that become samples: CR, DX and Secondary Capture, or every image class
     (non-image objects are ``not_an_image`` rejects either way; see :mod:`ingest.sop`)."""
+    append: bool = False
+    """Add the new files of ``dicom_dir`` to the dataset at ``out`` as a new version
+    (:mod:`ingest.append`), under the parameters recorded there."""
 
     def __post_init__(self) -> None:
         self.dicom_dir, self.out = Path(self.dicom_dir), Path(self.out)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from shards.archive import ArchiveIndex
@@ -104,6 +105,9 @@ def make_plan(
     patient_ids: dict[str, str] | None = None,
     pseudonyms: Pseudonymizer | None = None,
     archive: ArchiveIndex | None = None,
+    existing: Mapping[str, str] | None = None,
+    split_of_new: Callable[[str], str] | None = None,
+    first_index: Mapping[str, int] | None = None,
 ) -> Plan:
     """Turn the file list (from :func:`shards.source.discover`) and the labels into shard
     tasks, early rejects and label problems.
@@ -117,7 +121,13 @@ def make_plan(
         pseudonyms: ``--pseudonymize``: keys, the split, the shard order and duplicate keys
             go by each patient's pseudonym; labels are matched by the real id.
         archive: The member index when ``dicom_dir`` is an archive (each task gets its part).
+        existing: An append's dataset: its patients' split by sample key. A file of one of
+            them is a ``duplicate_key`` reject, and a labelled one is no ``label_without_image``.
+        split_of_new: An append's split of a new patient, by the id the dataset records, in
+            place of the stratified split.
+        first_index: The number of each split's first shard (an append's follow its dataset's).
     """
+    existing = existing or {}
     rejects: list[Reject] = []
     problems = list(label_problems)
     chosen: dict[str, str] = {}  # patient id -> path
@@ -129,6 +139,8 @@ def make_plan(
         key = key_for(pseudonyms.patient(pid) if pseudonyms else pid)
         if pid in chosen:
             rejects.append(Reject(rel, "duplicate_patient", f"patient {pid} already ingested from {chosen[pid]}"))
+        elif key in existing:
+            rejects.append(Reject(rel, "duplicate_key", f"key {key} already in the dataset (patient {pid})"))
         elif key in by_key:
             rejects.append(Reject(rel, "duplicate_key", f"key {key} already used by patient {by_key[key]}"))
         elif labels is not None and pid not in labels:
@@ -137,18 +149,23 @@ def make_plan(
             chosen[pid] = rel
             by_key[key] = pid
     if labels is not None:
-        for pid in sorted(set(labels) - set(chosen)):
+        in_dataset = {pid for pid in labels if key_for(pseudonyms.patient(pid) if pseudonyms else pid) in existing}
+        for pid in sorted(set(labels) - set(chosen) - in_dataset):
             problems.append(LabelProblem("label_without_image", "labelled patient has no ingestable image file", pid))
 
     # Every function of the id takes what the dataset records: with a key, the pseudonym.
     shown = {pid: pseudonyms.patient(pid) if pseudonyms else pid for pid in chosen}
     targets = {shown[pid]: (labels[pid].target if labels is not None else -1) for pid in chosen}
-    split_of = assign_splits(targets, val_fraction, seed)
+    if split_of_new is None:
+        split_of = assign_splits(targets, val_fraction, seed)
+    else:
+        split_of = {p: split_of_new(p) for p in targets}
     tasks: list[ShardTask] = []
     for split in SPLITS:
         pids = sorted((p for p in chosen if split_of[shown[p]] == split),
                       key=lambda p: (shard_order_hash(seed, shown[p]), shown[p]))
-        for index, start in enumerate(range(0, len(pids), shard_size)):
+        first = (first_index or {}).get(split, 0)
+        for index, start in enumerate(range(0, len(pids), shard_size), start=first):
             samples = []
             for pid in pids[start : start + shard_size]:
                 label = labels.get(pid) if labels is not None else None

@@ -1,0 +1,292 @@
+"""``python -m ingest --append``: add new source files to a dataset as a new version.
+
+The new files become new shards, numbered after the highest shard any kept version lists; no
+shard of an earlier version is read or rewritten. What the append reads of the dataset is its
+manifest, its label store and its source index (:mod:`shards.source_index`).
+
+Splits. Existing patients keep their split. A new patient goes to ``val`` when
+``split_hash(seed, id) < val_fraction`` (:func:`shards.seeds.split_hash`, the id being the
+one the dataset records: the pseudonym under a key), else to ``train``: a pure function of
+(seed, patient id), whatever else the append holds. The first ingest ranks the patients of
+each target stratum by the same hash and sends the first ``round(val_fraction * n)`` to
+``val``; that is the threshold rule with the threshold moved to the stratum's
+``round(val_fraction * n)``-th hash. So the two agree for every patient whose hash is not
+between ``val_fraction`` and that stratum's threshold (a few patients near it), the val
+share of the appended patients is ``val_fraction`` in expectation (not exactly, and not per
+stratum), and one ingest of the union of the files may put those few new patients in the
+other split.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from distributed import Client
+
+from ingest.config import IngestConfig
+from ingest.pipeline import (
+    IngestOutOfSpace,
+    IngestSummary,
+    IngestUsageError,
+    _check_key,
+    _check_room,
+    _collect,
+    _counts,
+    _no_space,
+    _prepare_out,
+    _pseudonymizer,
+    _remove_stale,
+    _remove_temporaries,
+    _reusable,
+    package_versions,
+    source_index,
+)
+from ingest.plan import Plan, make_plan
+from ingest.runner import build_shards, cluster
+from ingest.workdir import params_file, work_dir
+from shards.archive import ArchiveError, hash_members, is_archive
+from shards.diskspace import is_out_of_space
+from shards.format import SHARD_NAME, SPLITS, key_for
+from shards.label_csv import LabelFileError, LabelProblem, read_label_csv
+from shards.labels import LabelTable, read_labels
+from shards.manifest import (
+    LABELS_NAME,
+    MANIFEST_NAME,
+    REJECTS_NAME,
+    SHARDS_DIR,
+    Manifest,
+    RunIdentity,
+    sha256_file,
+    sync_files,
+)
+from shards.pseudonym import Pseudonymizer
+from shards.records import ShardRecord
+from shards.scan import hash_files
+from shards.seeds import split_hash
+from shards.source import discover, source_fingerprint
+from shards.source_index import SourceIndex, index_rel, label_digest, read_index
+from shards.versions import Change, commit_version, recorded_shards, save_current
+
+log = logging.getLogger(__name__)
+
+RELABEL = "relabel_needs_rewrite"
+
+
+def new_patient_split(seed: int, patient_id: str, val_fraction: float) -> str:
+    """The split of a patient an append adds (see the module docstring)."""
+    return "val" if split_hash(seed, patient_id) < val_fraction else "train"
+
+
+def run_append(cfg: IngestConfig) -> IngestSummary:
+    """Append ``cfg.dicom_dir``'s new files to the dataset at ``cfg.out`` as a new version.
+
+    Raises:
+        IngestUsageError: no dataset at OUT, other parameters or another key than OUT's, a
+            dataset without a source index, bad inputs; before any decoding.
+        IngestOutOfSpace: as :func:`ingest.pipeline.run_ingest`; the same call resumes.
+    """
+    t0 = time.perf_counter()
+    out = cfg.out
+    if not (out / MANIFEST_NAME).is_file():
+        raise IngestUsageError(f"--append: --out {out} holds no dataset to append to; leave out --append to make one")
+    base = Manifest.from_dict(json.loads((out / MANIFEST_NAME).read_text()))
+    pseudonyms = _pseudonymizer(cfg)
+    previous = RunIdentity.from_manifest(json.loads((out / MANIFEST_NAME).read_text()))
+    key = pseudonyms.fingerprint if pseudonyms else None
+    _check_key(out, previous.key_fingerprint, key)
+    asked = RunIdentity.of(cfg.dataset_params(), previous.source_fingerprint, previous.labels_sha256, key_fingerprint=key)
+    if (difference := previous.difference(asked)) is not None:
+        raise IngestUsageError(f"--append: --out {out} holds a dataset {difference}; "
+                               "an append takes the parameters the dataset was made with")
+    index = read_index(out, base.version)
+    if index is None:
+        raise IngestUsageError(f"--append: --out {out} has no source index (sources.json: it was made before "
+                               "appends existed); re-ingest it once to append to it")
+    archive = is_archive(cfg.dicom_dir)
+    if not cfg.dicom_dir.is_dir() and not archive:
+        raise IngestUsageError(f"--dicom-dir {cfg.dicom_dir} is neither a folder nor a .zip or .tar archive")
+    labels, problems = None, []
+    if cfg.labels is not None:
+        try:
+            labels, problems = read_label_csv(cfg.labels, cfg.class_info)
+        except LabelFileError as exc:
+            raise IngestUsageError(str(exc)) from exc
+    try:
+        found = discover(cfg.dicom_dir, cfg.members)
+    except ArchiveError as exc:
+        raise IngestUsageError(f"--dicom-dir {exc}") from exc
+
+    rels = [rel for rel, _ in found.inputs]
+    hashes = hash_members(found.archive.subset(rels)) if found.archive else hash_files(cfg.dicom_dir, rels)
+    known = index.files()
+    inputs = [(rel, size) for rel, size in found.inputs if hashes[rel] not in known]
+    skipped = len(found.inputs) - len(inputs)
+    if not inputs:
+        return _nothing_new(out, base, skipped, t0)
+
+    identity = RunIdentity.of(
+        cfg.dataset_params(),
+        pseudonyms.fingerprint_files(inputs) if pseudonyms else source_fingerprint(inputs),
+        sha256_file(cfg.labels) if cfg.labels else None,
+        key_fingerprint=key,
+    )
+    if params_file(out).exists():
+        stopped = RunIdentity.from_json(json.loads(params_file(out).read_text()))
+        if (difference := stopped.difference(identity)) is not None:
+            raise IngestUsageError(f"--out {out} holds a stopped run {difference}; "
+                                   "run that command again to finish it first")
+    parent = save_current(out, base)  # before any clean-up: the first version's shards become kept
+    table = read_labels(out / LABELS_NAME)
+    existing = {str(k): str(s) for k, s in zip(table.key, table.split)}
+    if labels is not None:
+        problems = [*problems, *_relabels(labels, index, pseudonyms)]
+    _prepare_out(cfg, identity, len(inputs))
+
+    plan: Plan | None = None
+    records: dict[str, ShardRecord] = {}
+    pending = []
+    try:
+        with contextlib.ExitStack() as stack:
+            plan = make_plan(
+                inputs=inputs, ignored=found.ignored, patient_ids=None, dicom_dir=cfg.dicom_dir.resolve(),
+                out=out.resolve(), labels=labels, label_problems=problems, shard_size=cfg.shard_size,
+                val_fraction=cfg.val_fraction, seed=cfg.seed, processing=cfg.processing_params(),
+                pseudonyms=pseudonyms, archive=found.archive, existing=existing,
+                split_of_new=lambda pid: new_patient_split(cfg.seed, pid, cfg.val_fraction),
+                first_index=_first_index(out, base),
+            )
+            log.info("append: %d new files (%d already in the dataset), %d shards", len(inputs), skipped, len(plan.tasks))
+            records, pending = _reusable(out, plan.tasks)
+            _remove_temporaries(out)
+            _check_room(cfg, pending)
+            if pending:
+                client: Client = stack.enter_context(cluster(cfg))
+                build_shards(cfg, client, pending, records)
+                sync_files([out / SHARDS_DIR / t.name for t in pending])
+        _remove_stale(out, {t.name for t in plan.tasks})
+        summary = _commit(cfg, plan, [records[t.name] for t in plan.tasks], base, parent, index, identity,
+                          pseudonyms, skipped, t0, built=len(pending))
+    except OSError as exc:
+        if not is_out_of_space(exc):
+            raise
+        raise IngestOutOfSpace(_no_space(exc, cfg, plan, records)) from exc
+    summary.records = [records[t.name] for t in pending]
+    shutil.rmtree(work_dir(out), ignore_errors=True)
+    return summary
+
+
+def _relabels(labels: dict, index: SourceIndex, pseudonyms: Pseudonymizer | None) -> list[LabelProblem]:
+    """A ``relabel_needs_rewrite`` problem for each patient in the dataset whose label differs."""
+    out = []
+    for pid, label in sorted(labels.items()):
+        recorded = index.samples.get(key_for(pseudonyms.patient(pid) if pseudonyms else pid))
+        if recorded is not None and recorded.label != label_digest(label.target, label.class_name, label.boxes):
+            out.append(LabelProblem(RELABEL, "the labels file changes the label of a patient already in the "
+                                    "dataset; an append does not apply it (a relabel needs a new ingest)", pid))
+    return out
+
+
+def _first_index(out: Path, base: Manifest) -> dict[str, int]:
+    """Each split's first new shard number: after the highest that a kept version lists."""
+    top = {split: -1 for split in SPLITS}
+    for name in recorded_shards(out) | {s.name for s in base.shards}:
+        if m := SHARD_NAME.match(name):
+            top[m.group(1)] = max(top[m.group(1)], int(m.group(2)))
+    return {split: n + 1 for split, n in top.items()}
+
+
+def _concat(a: LabelTable, b: LabelTable, shard_offset: int) -> LabelTable:
+    cols = {}
+    for f in dataclasses.fields(LabelTable):
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if f.name == "shard":
+            y = y + shard_offset
+        elif f.name == "box_offsets":
+            x, y = x[:-1], y + x[-1]
+        cols[f.name] = np.concatenate([x, y])
+    return LabelTable(**cols)
+
+
+def _merge_counts(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    counts = dict(base)
+    for k in ("samples", "positives", "boxes", "inputs", "rejects", "label_problems"):
+        counts[k] = base.get(k, 0) + new.get(k, 0)
+    for split in SPLITS:
+        counts[split] = {k: base[split][k] + new[split][k] for k in base[split]}
+    for k in ("rejects_by_reason", "label_problems_by_reason"):
+        merged = dict(base.get(k, {}))
+        for reason, n in new.get(k, {}).items():
+            merged[reason] = merged.get(reason, 0) + n
+        counts[k] = dict(sorted(merged.items()))
+    return counts
+
+
+_PATIENT = re.compile(r'"patient_id": "([^"]*)"')
+
+
+def _commit(cfg: IngestConfig, plan: Plan, records: list[ShardRecord], base: Manifest, parent: Any,
+            index: SourceIndex, identity: RunIdentity, pseudonyms: Pseudonymizer | None, skipped: int,
+            t0: float, built: int) -> IngestSummary:
+    """Write the new version: the index, then (``commit_version``) labels, rejects, manifest."""
+    out = cfg.out
+    outcome = _collect(plan, records)
+    # A patient who now has a sample, or is reported again, leaves the parent's label_without_image lines.
+    now = {p.patient_id for p in outcome.problems if p.reason == "label_without_image"}
+    now |= {s.patient_id for t in plan.tasks for s in t.samples}
+    kept_lines = []
+    for line in (out / REJECTS_NAME).read_text().splitlines(True):
+        entry = json.loads(line)
+        if entry.get("reason") == "label_without_image" and entry.get("patient_id") in now:
+            continue
+        kept_lines.append(line)
+    dropped = len((out / REJECTS_NAME).read_text().splitlines()) - len(kept_lines)
+    new_counts = _counts(plan, outcome)
+    counts = _merge_counts(base.counts, new_counts)
+    counts["label_problems"] -= dropped
+    by = dict(counts["label_problems_by_reason"])
+    if dropped:
+        by["label_without_image"] -= dropped
+        if by["label_without_image"] == 0:
+            del by["label_without_image"]
+    counts["label_problems_by_reason"] = by
+    lines = [*kept_lines, *(json.dumps(r.to_json(), sort_keys=True) + "\n" for r in [*outcome.rejects, *outcome.problems])]
+    table = _concat(read_labels(out / LABELS_NAME), LabelTable.from_rows(outcome.rows), len(base.shards))
+
+    def where(path: Path | None) -> str | None:
+        if path is None:
+            return None
+        return pseudonyms.file(path) if pseudonyms else str(path.resolve())
+
+    sources = list(base.source.get("sources") or [base.source.get("dicom_dir")])
+    source = {**base.source, "dicom_dir": where(cfg.dicom_dir), "files": base.source.get("files", 0) + len(plan.inputs),
+              "fingerprint": identity.source_fingerprint, "labels": where(cfg.labels),
+              "labels_sha256": identity.labels_sha256, "class_info": where(cfg.class_info),
+              "sources": [*sources, where(cfg.dicom_dir)]}
+    manifest = dataclasses.replace(base, shards=[*base.shards, *outcome.shards], counts=counts, source=source,
+                                   packages=package_versions())
+    index.merged(source_index(plan, records)).write(out / index_rel(base.version + 1))
+    patients = len({s.patient_id for t in plan.tasks for s in t.samples})
+    change = Change(kind="append", patients=patients, samples=len(outcome.rows),
+                    shards_added=tuple(s.name for s in outcome.shards))
+    commit_version(out, parent, manifest, table, lines, change)
+    return IngestSummary(out=out, counts=counts, rejects_by_reason=counts["rejects_by_reason"],
+                         problems_by_reason=counts["label_problems_by_reason"], shards_built=built,
+                         shards_reused=len(plan.tasks) - built, seconds=time.perf_counter() - t0,
+                         skipped=skipped, version=base.version + 1)
+
+
+def _nothing_new(out: Path, base: Manifest, skipped: int, t0: float) -> IngestSummary:
+    c = base.counts
+    return IngestSummary(out=out, counts=c, rejects_by_reason=c["rejects_by_reason"],
+                         problems_by_reason=c["label_problems_by_reason"], shards_built=0, shards_reused=0,
+                         seconds=time.perf_counter() - t0, already_complete=True, skipped=skipped,
+                         version=base.version)

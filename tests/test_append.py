@@ -1,0 +1,180 @@
+"""``python -m ingest --append``: new files as new shards in a new version."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from ingest.__main__ import main as ingest_main
+from shards.__main__ import main as shards_main
+from shards.manifest import SHARDS_DIR, read_manifest
+from shards.seeds import split_hash
+from shards.store import open_store, read_labels_from
+from shards.versions import read_record
+
+OPTIONS = {"size": 64, "shard_size": 4, "workers": 1, "val_fraction": 0.25}
+FLAGS = ["--size", "64", "--shard-size", "4", "--workers", "1", "--val-fraction", "0.25", "--no-progress"]
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _parts(synth, root: Path, n: int) -> list[Path]:
+    """``synth``'s images dealt into ``n`` folders, in name order."""
+    files = sorted(synth.images_dir.glob("*.dcm"))
+    folders = []
+    for i in range(n):
+        folder = root / f"part{i + 1}"
+        folder.mkdir(parents=True)
+        for f in files[i::n]:
+            shutil.copyfile(f, folder / f.name)
+        folders.append(folder)
+    return folders
+
+
+def _args(synth, dicom_dir: Path, out: Path, *extra: str) -> list[str]:
+    return ["--dicom-dir", str(dicom_dir), "--labels", str(synth.labels_csv), "--class-info",
+            str(synth.class_info_csv), "--out", str(out), *FLAGS, *extra]
+
+
+def _rows(out: Path | str) -> dict[str, tuple]:
+    """Each sample's key -> (patient, split, target, class, boxes)."""
+    t = read_labels_from(open_store(out))
+    return {str(t.key[i]): (str(t.patient_id[i]), str(t.split[i]), int(t.target[i]), int(t.class_id[i]),
+                            t.boxes_of(i).tolist()) for i in range(len(t))}
+
+
+@pytest.fixture(scope="module")
+def appended(synth_small, tmp_path_factory):
+    """The 24 files in one ingest, and in three parts: an ingest and two appends (shard
+    hashes of each version taken before the next)."""
+    from ingest.pipeline import run_ingest
+
+    work = tmp_path_factory.mktemp("append")
+    union = work / "union"
+    run_ingest(synth_small.ingest_config(union, **OPTIONS))
+    parts = _parts(synth_small, work / "in", 3)
+    out = work / "ds"
+    assert ingest_main(_args(synth_small, parts[0], out)) == 0
+    hashes = [{p.name: _sha(p) for p in (out / SHARDS_DIR).iterdir()}]
+    for part in parts[1:]:
+        assert ingest_main(_args(synth_small, part, out, "--append")) == 0
+        hashes.append({p.name: _sha(p) for p in (out / SHARDS_DIR).iterdir()})
+    return union, out, parts, hashes
+
+
+def test_three_appends_give_the_samples_boxes_and_targets_of_one_ingest(appended):
+    union, out, _, _ = appended
+    one, three = _rows(union), _rows(out)
+    assert one.keys() == three.keys()
+    for key in one:
+        assert one[key][0] == three[key][0] and one[key][2:] == three[key][2:]
+    # The first part's patients keep the split of their first ingest; each later one's is (seed, id).
+    m = read_manifest(out)
+    assert m.version == 3 and m.counts["samples"] == 24 == read_manifest(union).counts["samples"]
+    first = _rows(f"{out}@v1")
+    for key, row in three.items():
+        if key in first:
+            assert row[1] == first[key][1]
+        else:
+            assert row[1] == ("val" if split_hash(0, row[0]) < 0.25 else "train")
+
+
+def test_old_shards_keep_their_bytes_and_every_version_verifies(appended, capsys):
+    _, out, _, hashes = appended
+    now = {p.name: _sha(p) for p in (out / SHARDS_DIR).iterdir()}
+    for before in hashes:
+        assert {name: now[name] for name in before} == before
+    added = [read_record(out, n).change.shards_added for n in (2, 3)]
+    assert added[0] and added[1] and not set(added[0]) & set(hashes[0])
+    for n in (1, 2, 3):
+        assert shards_main(["verify", f"{out}@v{n}"]) == 0, capsys.readouterr()
+    sources = read_manifest(out).source["sources"]
+    assert len(sources) == 3 and len(set(sources)) == 3
+
+
+def test_appending_the_same_files_again_skips_them_all(appended, synth_small, tmp_path, capsys):
+    _, out, parts, _ = appended
+    copy = tmp_path / "ds"
+    shutil.copytree(out, copy)
+    capsys.readouterr()
+    assert ingest_main(_args(synth_small, synth_small.images_dir, copy, "--append")) == 0
+    text = capsys.readouterr().out
+    assert "nothing to append" in text and "skipped 24 files" in text
+    assert read_manifest(copy).version == 3
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--size", "96"], "size 64 -> 96"),
+        (["--seed", "3"], "seed 0 -> 3"),
+    ],
+)
+def test_an_append_with_other_parameters_is_exit_2_naming_them(appended, synth_small, tmp_path, capsys, flags, message):
+    _, out, parts, _ = appended
+    args = _args(synth_small, parts[0], out, "--append")
+    args += flags  # the later flag wins
+    capsys.readouterr()
+    assert ingest_main(args) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_the_original_ingest_again_on_a_versioned_dataset_is_refused(appended, synth_small, capsys):
+    _, out, parts, _ = appended
+    capsys.readouterr()
+    assert ingest_main(_args(synth_small, parts[0], out)) == 2
+    err = capsys.readouterr().err
+    assert "--append" in err and len(err.strip().splitlines()) == 1
+    assert read_manifest(out).version == 3
+
+
+def test_append_to_nothing_is_exit_2(synth_small, tmp_path, capsys):
+    assert ingest_main(_args(synth_small, synth_small.images_dir, tmp_path / "none", "--append")) == 2
+    assert "no dataset to append to" in capsys.readouterr().err
+
+
+def test_a_new_file_of_a_patient_in_the_dataset_is_a_duplicate_key(appended, synth_small, tmp_path):
+    _, out, parts, _ = appended
+    copy = tmp_path / "ds"
+    shutil.copytree(out, copy)
+    new = tmp_path / "new"
+    new.mkdir()
+    source = sorted(parts[0].glob("*.dcm"))[0]
+    data = bytearray(source.read_bytes())
+    data[-1] ^= 0xFF  # another file (another sha256) of the same patient
+    (new / source.name).write_bytes(bytes(data))
+    assert ingest_main(_args(synth_small, new, copy, "--append")) == 0
+    m = read_manifest(copy)
+    assert m.version == 4 and m.counts["samples"] == 24
+    assert m.counts["rejects_by_reason"].get("duplicate_key") == 1
+
+
+def test_a_changed_label_of_a_patient_in_the_dataset_is_a_relabel_problem(appended, synth_small, tmp_path):
+    _, _, parts, _ = appended
+    out = tmp_path / "ds"
+    assert ingest_main(_args(synth_small, parts[0], out)) == 0
+    in_first = {f.stem for f in parts[0].glob("*.dcm")}
+    rows = synth_small.labels_csv.read_text().splitlines()
+    positive = next(i for i, r in enumerate(rows[1:], 1) if r.endswith(",1") and r.split(",")[0] in in_first)
+    patient = rows[positive].split(",")[0]
+    cells = rows[positive].split(",")
+    cells[1] = str(float(cells[1]) + 5)  # a moved box
+    rows[positive] = ",".join(cells)
+    csv = tmp_path / "labels.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    before = _rows(out)
+    args = _args(synth_small, parts[1], out, "--append")
+    args[args.index("--labels") + 1] = str(csv)
+    assert ingest_main(args) == 0
+    after = _rows(out)
+    assert {k: after[k] for k in before} == before
+    problems = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+    assert [p["patient_id"] for p in problems if p["reason"] == "relabel_needs_rewrite"] == [patient]
+    assert read_manifest(out).counts["label_problems_by_reason"]["relabel_needs_rewrite"] == 1
