@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +20,9 @@ from shards.manifest import SHARDS_DIR, read_manifest
 from shards.seeds import split_hash
 from shards.store import open_store, read_labels_from
 from shards.versions import read_record
+from tests.fault_injection import fault_env
+
+REPO = Path(__file__).resolve().parents[1]
 
 OPTIONS = {"size": 64, "shard_size": 4, "workers": 1, "val_fraction": 0.25}
 FLAGS = ["--size", "64", "--shard-size", "4", "--workers", "1", "--val-fraction", "0.25", "--no-progress"]
@@ -178,3 +186,93 @@ def test_a_changed_label_of_a_patient_in_the_dataset_is_a_relabel_problem(append
     problems = [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
     assert [p["patient_id"] for p in problems if p["reason"] == "relabel_needs_rewrite"] == [patient]
     assert read_manifest(out).counts["label_problems_by_reason"]["relabel_needs_rewrite"] == 1
+
+
+def _state(out: Path) -> dict[str, object]:
+    """What an append writes, but the version record's time."""
+    t = read_labels_from(open_store(out))
+    m = read_manifest(out)
+    return {
+        "shards": {p.name: p.read_bytes() for p in sorted((out / SHARDS_DIR).iterdir())},
+        "labels": {f: getattr(t, f).tolist() for f in ("key", "split", "target", "shard", "boxes", "box_offsets")},
+        "rejects": (out / "rejects.jsonl").read_bytes(),
+        "index": (out / "versions" / "v0002.sources.json").read_bytes(),
+        "manifest": (m.version, m.shards, m.counts),
+    }
+
+
+@pytest.mark.slow
+def test_an_append_killed_and_resumed_is_byte_identical_to_one_not_killed(appended, synth_small, tmp_path):
+    _, _, parts, _ = appended
+    new = tmp_path / "new"
+    new.mkdir()
+    for part in parts[1:]:
+        for f in part.glob("*.dcm"):
+            shutil.copyfile(f, new / f.name)
+    whole, killed = tmp_path / "whole", tmp_path / "killed"
+    assert ingest_main(_args(synth_small, parts[0], whole)) == 0
+    shutil.copytree(whole, killed)
+    assert ingest_main(_args(synth_small, new, whole, "--append")) == 0
+
+    cmd = [sys.executable, "-m", "ingest", *_args(synth_small, new, killed, "--append")]
+    # 0.5 s per 4-sample shard, so the kill lands mid-run (the decoder opens each file itself)
+    proc = subprocess.Popen(cmd, cwd=REPO, env=fault_env("*.dcm=sleep:0.125"), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = killed / ".ingest" / "done"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(done.glob("*.json"))) < 1:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local worker, mid-run
+    proc.wait(timeout=30)
+    assert read_manifest(killed).version == 1 and len(list(done.glob("*.json"))) < 4
+    res = subprocess.run(cmd[:-1] + ["--append"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    assert "reused" in res.stdout and not (killed / ".ingest").exists()
+    assert _state(killed) == _state(whole)
+
+
+def _keyfile(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    path.chmod(0o600)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pseudonymized(appended, synth_small, tmp_path_factory):
+    """The first part ingested under a key, then the second appended under the same key."""
+    _, _, parts, _ = appended
+    work = tmp_path_factory.mktemp("pseudo")
+    key = _keyfile(work / "key", b"a secret the hospital keeps, 41 bytes long")
+    out = work / "ds"
+    assert ingest_main(_args(synth_small, parts[0], out, "--pseudonymize", str(key))) == 0
+    assert ingest_main(_args(synth_small, parts[1], out, "--append", "--pseudonymize", str(key))) == 0
+    return out, key, work
+
+
+def test_a_pseudonymized_dataset_appends_under_its_key(pseudonymized, synth_small, capsys):
+    out, _, _ = pseudonymized
+    m = read_manifest(out)
+    assert m.version == 2 and m.counts["samples"] == 16
+    ids = {f.stem for f in synth_small.images_dir.glob("*.dcm")}
+    assert not ids & {row[0] for row in _rows(out).values()}  # pseudonyms only
+    for n in (1, 2):
+        assert shards_main(["verify", f"{out}@v{n}"]) == 0, capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    ("key", "message"),
+    [
+        ("other", "pseudonymized with another key"),
+        (None, "give the same --pseudonymize KEYFILE"),
+    ],
+    ids=["another-key", "no-key"],
+)
+def test_an_append_with_another_key_is_refused(pseudonymized, appended, synth_small, capsys, key, message):
+    out, _, work = pseudonymized
+    _, _, parts, _ = appended
+    extra = ["--pseudonymize", str(_keyfile(work / "other", b"another secret, also long enough: 41 bytes"))] if key else []
+    capsys.readouterr()
+    assert ingest_main(_args(synth_small, parts[2], out, "--append", *extra)) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+    assert read_manifest(out).version == 2
