@@ -294,6 +294,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "take it before and after a run whose absolute figures you keep")
     p.add_argument("--archive", action="store_true",
                    help="only compare ingesting a zip / tar in place with the unpacked folder, on all cores")
+    p.add_argument("--append", action="store_true",
+                   help="only compare appending --n new files (default 200) to a dataset of --existing samples "
+                        "with ingesting them alone, on all cores")
+    p.add_argument("--existing", type=int, default=1000, metavar="N", help="samples of the dataset --append appends to")
     return p
 
 
@@ -314,6 +318,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.archive:
         n = args.n or ARCHIVE_N
         print("\n".join(run_archive_bench(work, n, args.shard_size, args.repeat, cores)))
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+        return 0
+    if args.append:
+        from ingest.bench_append import run_append_bench
+
+        print("\n".join(run_append_bench(work, args.existing, args.n or 200, args.shard_size, args.repeat, cores)))
         if not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
         return 0
