@@ -42,6 +42,7 @@ from ingest.pipeline import (
     _collect,
     _counts,
     _no_space,
+    _plan,
     _prepare_out,
     _pseudonymizer,
     _remove_stale,
@@ -50,7 +51,7 @@ from ingest.pipeline import (
     package_versions,
     source_index,
 )
-from ingest.plan import Plan, make_plan
+from ingest.plan import Plan
 from ingest.runner import build_shards, cluster
 from ingest.workdir import params_file, work_dir
 from shards.archive import ArchiveError, hash_members, is_archive
@@ -107,6 +108,9 @@ def run_append(cfg: IngestConfig) -> IngestSummary:
     if (difference := previous.difference(asked)) is not None:
         raise IngestUsageError(f"--append: --out {out} holds a dataset {difference}; "
                                "an append takes the parameters the dataset was made with")
+    if (previous.labels_sha256 is None) != (cfg.labels is None):
+        made = "with a labels file; give --labels" if cfg.labels is None else "without labels; leave out --labels"
+        raise IngestUsageError(f"--append: --out {out} holds a dataset made {made}")
     index = read_index(out, base.version)
     if index is None:
         raise IngestUsageError(f"--append: --out {out} has no source index (sources.json: it was made before "
@@ -156,21 +160,22 @@ def run_append(cfg: IngestConfig) -> IngestSummary:
     pending = []
     try:
         with contextlib.ExitStack() as stack:
-            plan = make_plan(
-                inputs=inputs, ignored=found.ignored, patient_ids=None, dicom_dir=cfg.dicom_dir.resolve(),
-                out=out.resolve(), labels=labels, label_problems=problems, shard_size=cfg.shard_size,
-                val_fraction=cfg.val_fraction, seed=cfg.seed, processing=cfg.processing_params(),
-                pseudonyms=pseudonyms, archive=found.archive, existing=existing,
-                split_of_new=lambda pid: new_patient_split(cfg.seed, pid, cfg.val_fraction),
-                first_index=_first_index(out, base),
-            )
+            opened: list[Client] = []
+
+            def client() -> Client:  # the cluster starts only when there is work for it
+                if not opened:
+                    opened.append(stack.enter_context(cluster(cfg)))
+                return opened[0]
+
+            plan = _plan(cfg, client, inputs, found.ignored, labels, problems, pseudonyms, found.archive,
+                         existing=existing, first_index=_first_index(out, base),
+                         split_of_new=lambda pid: new_patient_split(cfg.seed, pid, cfg.val_fraction))
             log.info("append: %d new files (%d already in the dataset), %d shards", len(inputs), skipped, len(plan.tasks))
             records, pending = _reusable(out, plan.tasks)
             _remove_temporaries(out)
             _check_room(cfg, pending)
             if pending:
-                client: Client = stack.enter_context(cluster(cfg))
-                build_shards(cfg, client, pending, records)
+                build_shards(cfg, client(), pending, records)
                 sync_files([out / SHARDS_DIR / t.name for t in pending])
         _remove_stale(out, {t.name for t in plan.tasks})
         summary = _commit(cfg, plan, [records[t.name] for t in plan.tasks], base, parent, index, identity,

@@ -176,9 +176,11 @@ def _plan(
     problems: list[LabelProblem],
     pseudonyms: Pseudonymizer | None,
     archive: ArchiveIndex | None = None,
+    **append: Any,
 ) -> Plan:
     """The plan, by file names or (``--patient-id tag``) by PatientID tags, with the
-    ``patient_id_mismatch`` lines that can be known before decoding."""
+    ``patient_id_mismatch`` lines that can be known before decoding; ``append`` holds an
+    append's further arguments of :func:`ingest.plan.make_plan`."""
     by_tag = cfg.patient_id == "tag"
     tags = read_tags(cfg, client, [rel for rel, _ in inputs], archive) if by_tag else {}
     plan = make_plan(
@@ -195,6 +197,7 @@ def _plan(
         processing=cfg.processing_params(),
         pseudonyms=pseudonyms,
         archive=archive,
+        **append,
     )
     plan.rejects.extend(rej for _, rej in tags.values() if rej is not None)
     if not by_tag:  # a renamed file finds no label: show its tag (samples' tags the workers compare)

@@ -276,3 +276,31 @@ def test_an_append_with_another_key_is_refused(pseudonymized, appended, synth_sm
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
     assert read_manifest(out).version == 2
+
+
+def test_a_withdrawal_erases_an_appended_patient_from_every_source_index(appended, synth_small, tmp_path):
+    from shards.withdraw import withdraw
+
+    _, out, parts, _ = appended
+    copy = tmp_path / "ds"
+    shutil.copytree(out, copy)
+    patient = sorted(f.stem for f in parts[2].glob("*.dcm"))[0]
+    assert withdraw(copy, [patient]).patients == 1
+    indexes = [copy / "sources.json", *sorted((copy / "versions").glob("*.sources.json"))]
+    assert len(indexes) == 3
+    for path in indexes:
+        assert patient.encode() not in path.read_bytes(), path
+    # Its file is unknown again: appending it makes a new version with it.
+    new = tmp_path / "new"
+    new.mkdir()
+    shutil.copyfile(parts[2] / f"{patient}.dcm", new / f"{patient}.dcm")
+    assert ingest_main(_args(synth_small, new, copy, "--append")) == 0
+    m = read_manifest(copy)
+    assert m.version == 5 and m.counts["samples"] == 24
+
+
+def test_an_append_without_labels_to_a_labelled_dataset_is_refused(appended, tmp_path, capsys):
+    _, out, parts, _ = appended
+    capsys.readouterr()
+    assert ingest_main(["--dicom-dir", str(parts[0]), "--out", str(out), "--append", *FLAGS]) == 2
+    assert "give --labels" in capsys.readouterr().err
