@@ -304,3 +304,22 @@ def test_an_append_without_labels_to_a_labelled_dataset_is_refused(appended, tmp
     capsys.readouterr()
     assert ingest_main(["--dicom-dir", str(parts[0]), "--out", str(out), "--append", *FLAGS]) == 2
     assert "give --labels" in capsys.readouterr().err
+
+
+def test_an_archive_appends_its_new_members_and_skips_the_ones_already_in(appended, synth_small, tmp_path, capsys):
+    import zipfile
+
+    _, _, parts, _ = appended
+    out = tmp_path / "ds"
+    assert ingest_main(_args(synth_small, parts[0], out)) == 0
+    archive = tmp_path / "export.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        for f in [sorted(parts[0].glob("*.dcm"))[0], *parts[1].glob("*.dcm"), *parts[2].glob("*.dcm")]:
+            zf.write(f, f"stage_2_train_images/{f.name}")
+        zf.writestr("stage_2_train_labels.csv", synth_small.labels_csv.read_text())
+    capsys.readouterr()
+    assert ingest_main(_args(synth_small, archive, out, "--append", "--members", "stage_2_train_images/")) == 0
+    assert "skipped 1 files" in capsys.readouterr().out
+    m = read_manifest(out)
+    assert m.version == 2 and m.counts["samples"] == 24 and m.source["sources"][-1] == str(archive.resolve())
+    assert shards_main(["verify", str(out)]) == 0, capsys.readouterr()
