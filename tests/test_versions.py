@@ -27,7 +27,6 @@ from shards.versions import (
     split_version,
 )
 from shards.withdraw import WithdrawError, withdraw
-from tests.versioning import add_version
 
 
 def _epoch(location) -> tuple[list[str], np.ndarray]:
@@ -44,26 +43,37 @@ def _sha(path: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def other_ingest(tmp_path_factory) -> Path:
-    """8 other patients, ingested with the parameters of ``ingested_small``."""
-    from ingest.pipeline import run_ingest
+def other_synth(tmp_path_factory):
+    """8 other patients' files and labels."""
     from ingest.synth import make_dataset
 
-    work = tmp_path_factory.mktemp("other")
-    synth = make_dataset(work / "rsna", 8, seed=7, size=128, progress=False)
-    run_ingest(synth.ingest_config(work / "ds", size=64, shard_size=4, workers=1, val_fraction=0.25))
-    return work / "ds"
+    return make_dataset(tmp_path_factory.mktemp("other") / "rsna", 8, seed=7, size=128, progress=False)
+
+
+OPTIONS = {"size": 64, "shard_size": 4, "val_fraction": 0.25}
 
 
 @pytest.fixture(scope="module")
-def two_versions(ingested_small, other_ingest, tmp_path_factory):
+def other_ingest(other_synth, tmp_path_factory) -> Path:
+    """``other_synth`` ingested with the parameters of ``ingested_small``."""
+    from ingest.pipeline import run_ingest
+
+    out = tmp_path_factory.mktemp("other-ds") / "ds"
+    run_ingest(other_synth.ingest_config(out, workers=1, **OPTIONS))
+    return out
+
+
+@pytest.fixture(scope="module")
+def two_versions(ingested_small, other_synth, tmp_path_factory):
     """A copy of ``ingested_small`` (its epoch read before anything changed), then a second
-    version that adds ``other_ingest``'s shards."""
+    version that appends ``other_synth``'s files (``python -m ingest --append``)."""
+    from ingest.append import run_append
+
     out = tmp_path_factory.mktemp("versions") / "ds"
     shutil.copytree(ingested_small, out)
     before = _epoch(out)
     shard_bytes = {p.name: _sha(p) for p in (out / SHARDS_DIR).iterdir()}
-    add_version(out, other_ingest)
+    run_append(other_synth.ingest_config(out, workers=1, append=True, **OPTIONS))
     return out, before, shard_bytes
 
 
