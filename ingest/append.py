@@ -2,7 +2,8 @@
 
 The new files become new shards, numbered after the highest shard any kept version lists; no
 shard of an earlier version is read or rewritten. What the append reads of the dataset is its
-manifest, its label store and its source index (:mod:`shards.source_index`).
+manifest, its label store and its source index (:mod:`shards.source_index`; a dataset made
+before the index, format 4 or earlier, has its samples' JSON read once instead).
 
 Splits. Existing patients keep their split. A new patient goes to ``val`` when
 ``split_hash(seed, id) < val_fraction`` (:func:`shards.seeds.split_hash`, the id being the
@@ -74,7 +75,7 @@ from shards.records import ShardRecord
 from shards.scan import hash_files
 from shards.seeds import split_hash
 from shards.source import discover, source_fingerprint
-from shards.source_index import SourceIndex, index_rel, label_digest, read_index
+from shards.source_index import SourceIndex, index_from_shards, index_rel, label_digest, read_index
 from shards.versions import Change, commit_version, recorded_shards, save_current
 
 log = logging.getLogger(__name__)
@@ -91,8 +92,8 @@ def run_append(cfg: IngestConfig) -> IngestSummary:
     """Append ``cfg.dicom_dir``'s new files to the dataset at ``cfg.out`` as a new version.
 
     Raises:
-        IngestUsageError: no dataset at OUT, other parameters or another key than OUT's, a
-            dataset without a source index, bad inputs; before any decoding.
+        IngestUsageError: no dataset at OUT, other parameters or another key than OUT's, bad
+            inputs; before any decoding.
         IngestOutOfSpace: as :func:`ingest.pipeline.run_ingest`; the same call resumes.
     """
     t0 = time.perf_counter()
@@ -113,8 +114,8 @@ def run_append(cfg: IngestConfig) -> IngestSummary:
         raise IngestUsageError(f"--append: --out {out} holds a dataset made {made}")
     index = read_index(out, base.version)
     if index is None:
-        raise IngestUsageError(f"--append: --out {out} has no source index (sources.json: it was made before "
-                               "appends existed); re-ingest it once to append to it")
+        log.info("append: %s was made before the source index; reading its samples' JSON once", out)
+        index = index_from_shards(out, [s.name for s in base.shards])
     archive = is_archive(cfg.dicom_dir)
     if not cfg.dicom_dir.is_dir() and not archive:
         raise IngestUsageError(f"--dicom-dir {cfg.dicom_dir} is neither a folder nor a .zip or .tar archive")
@@ -194,7 +195,7 @@ def _relabels(labels: dict, index: SourceIndex, pseudonyms: Pseudonymizer | None
     out = []
     for pid, label in sorted(labels.items()):
         recorded = index.samples.get(key_for(pseudonyms.patient(pid) if pseudonyms else pid))
-        if recorded is not None and recorded.label != label_digest(label.target, label.class_name, label.boxes):
+        if recorded is not None and recorded.label and recorded.label != label_digest(label.target, label.class_name, label.boxes):
             out.append(LabelProblem(RELABEL, "the labels file changes the label of a patient already in the "
                                     "dataset; an append does not apply it (a relabel needs a new ingest)", pid))
     return out

@@ -44,7 +44,7 @@ class IndexEntry:
     sha256: str
     """Of the source file."""
     label: str
-    """:func:`label_digest` of the sample's label."""
+    """:func:`label_digest` of the sample's label; empty when unknown (:func:`index_from_shards`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,3 +98,16 @@ def erase_keys(root: Path, keys: set[str]) -> None:
             index = SourceIndex.read(path)
             if keys & index.samples.keys():
                 index.without(keys).write(path)
+
+
+def index_from_shards(root: Path, shards: Iterable[str]) -> SourceIndex:
+    """The index of a dataset made before the index existed (format 4 or earlier), from its
+    samples' JSON: read once, by the first append. The labels it was made with are not
+    recoverable exactly (the JSON holds the boxes in output pixels), so they are unknown."""
+    from shards.reader import iter_samples
+
+    samples = {}
+    for name in shards:
+        for sample in iter_samples(root / "shards" / name, decode=False):
+            samples[str(sample.meta["key"])] = IndexEntry(str(sample.meta["source"]["sha256"]), "")
+    return SourceIndex(samples)

@@ -323,3 +323,20 @@ def test_an_archive_appends_its_new_members_and_skips_the_ones_already_in(append
     m = read_manifest(out)
     assert m.version == 2 and m.counts["samples"] == 24 and m.source["sources"][-1] == str(archive.resolve())
     assert shards_main(["verify", str(out)]) == 0, capsys.readouterr()
+
+
+def test_a_dataset_made_before_the_source_index_is_appended_to(appended, synth_small, tmp_path, capsys):
+    """Format 4: no sources.json; the append reads its samples' JSON once instead."""
+    _, _, parts, _ = appended
+    out = tmp_path / "ds"
+    assert ingest_main(_args(synth_small, parts[0], out)) == 0
+    (out / "sources.json").unlink()
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["format_version"] = 4
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    capsys.readouterr()
+    assert ingest_main(_args(synth_small, synth_small.images_dir, out, "--append")) == 0
+    assert "skipped 8 files" in capsys.readouterr().out
+    m = read_manifest(out)
+    assert m.version == 2 and m.counts["samples"] == 24 and m.format_version == 4
+    assert shards_main(["verify", f"{out}@v1"]) == 0 and shards_main(["verify", str(out)]) == 0
