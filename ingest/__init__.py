@@ -30,7 +30,8 @@ Modules, one per stage:
 * :mod:`ingest.retry`: what a worker death or a task's error means (retry, isolate, split,
   give up, stop), one pure function per kind of task; :mod:`ingest.runner` observes each event
   on the cluster and carries the step out, never ``KilledWorker``.
-* :mod:`ingest.pipeline`: ``run_ingest``, the driver: plan, Dask tasks, labels, manifest last.
+* :mod:`ingest.pipeline`: ``run_ingest``, the driver: plan, Dask tasks, labels, manifest last;
+  :mod:`ingest.append`: ``run_append`` (``--append``), new files as new shards in a new version.
 * :mod:`ingest.cluster`, :mod:`ingest.cluster_base`, :mod:`ingest.slurm` (the worker jobs'
   script, credentials and life cycle), :mod:`ingest.slurm_jobs` (watching them): the Dask
   cluster (a ``LocalCluster`` or Slurm worker jobs).
@@ -38,7 +39,8 @@ Modules, one per stage:
   ``make_ingested``: such a set, ingested (the data of the benches and tests);
   :mod:`ingest.synth_archive` packs such a set as the competition's zip.
 * entry points: ``python -m ingest``, ``ingest.synth``, ``ingest.bench``, ``ingest.compare``,
-  ``ingest.slurm_bench``; :mod:`ingest.bench_archive` is ``ingest.bench --archive``.
+  ``ingest.slurm_bench``; :mod:`ingest.bench_archive` is ``ingest.bench --archive``,
+  :mod:`ingest.bench_append` ``ingest.bench --append``.
 
 The dataset format itself, and the records the driver and the verifier share (the shard record,
 the label row, the processing parameters, the run's identity), are :mod:`shards`; ingest stands
@@ -56,6 +58,7 @@ _EXPORTS = {
     "IngestSummary": "ingest.pipeline",
     "IngestUsageError": "ingest.pipeline",
     "run_ingest": "ingest.pipeline",
+    "run_append": "ingest.append",
     "ClusterError": "ingest.cluster_base",
     "DicomRejected": "ingest.dicom",
     "decode_dicom": "ingest.dicom",

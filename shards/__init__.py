@@ -17,7 +17,8 @@ stand on it and never on each other. Modules:
 * :mod:`shards.source`: the source folder: its inputs, fingerprint, patient ids by name;
   :mod:`shards.archive`: a source ``.zip``/``.tar`` read in place (member index, reads by offset).
 * :mod:`shards.versions`: version records (``versions/vNNNN.json``), ``OUT@vN``, gc;
-  :mod:`shards.withdraw`: erasing patients in a new version.
+  :mod:`shards.withdraw`: erasing patients in a new version; :mod:`shards.source_index`: the
+  source files and labels a dataset holds, by sample key, which an append reads.
 * :mod:`shards.writer`: the deterministic shard writer; :mod:`shards.tar`: the one tar parser;
   :mod:`shards.reader`: the readers, which check what they read (each sample against its
   xxh3 digests, :mod:`shards.checksum`; a format 1 shard against its sha256).
