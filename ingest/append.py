@@ -76,7 +76,7 @@ from shards.scan import hash_files
 from shards.seeds import split_hash
 from shards.source import discover, source_fingerprint
 from shards.source_index import SourceIndex, index_from_shards, index_rel, label_digest, read_index
-from shards.versions import Change, commit_version, recorded_shards, save_current
+from shards.versions import Change, commit_version, list_records, recorded_shards, save_current
 
 log = logging.getLogger(__name__)
 
@@ -202,9 +202,11 @@ def _relabels(labels: dict, index: SourceIndex, pseudonyms: Pseudonymizer | None
 
 
 def _first_index(out: Path, base: Manifest) -> dict[str, int]:
-    """Each split's first new shard number: after the highest that a kept version lists."""
+    """Each split's first new shard number: after the highest that any version ever listed (a
+    number is never used twice, so a node cache can never hold other bytes under a name)."""
     top = {split: -1 for split in SPLITS}
-    for name in recorded_shards(out) | {s.name for s in base.shards}:
+    names = {s.name for r in list_records(out, base) for s in r.manifest.shards}
+    for name in names | recorded_shards(out) | {s.name for s in base.shards}:
         if m := SHARD_NAME.match(name):
             top[m.group(1)] = max(top[m.group(1)], int(m.group(2)))
     return {split: n + 1 for split, n in top.items()}

@@ -297,6 +297,9 @@ def test_a_withdrawal_erases_an_appended_patient_from_every_source_index(appende
     assert ingest_main(_args(synth_small, new, copy, "--append")) == 0
     m = read_manifest(copy)
     assert m.version == 5 and m.counts["samples"] == 24
+    ever = {s.name for n in (1, 2, 3, 4) for s in read_record(copy, n).manifest.shards}
+    assert not set(read_record(copy, 5).change.shards_added) & ever  # no shard number used twice
+    assert shards_main(["verify", str(copy)]) == 0
 
 
 def test_an_append_without_labels_to_a_labelled_dataset_is_refused(appended, tmp_path, capsys):
