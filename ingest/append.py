@@ -24,7 +24,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import re
 import shutil
 import time
 from pathlib import Path
@@ -76,7 +75,7 @@ from shards.scan import hash_files
 from shards.seeds import split_hash
 from shards.source import discover, source_fingerprint
 from shards.source_index import SourceIndex, index_from_shards, index_rel, label_digest, read_index
-from shards.versions import Change, commit_version, list_records, recorded_shards, save_current
+from shards.versions import Change, VersionRecord, commit_version, list_records, recorded_shards, save_current
 
 log = logging.getLogger(__name__)
 
@@ -238,10 +237,7 @@ def _merge_counts(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return counts
 
 
-_PATIENT = re.compile(r'"patient_id": "([^"]*)"')
-
-
-def _commit(cfg: IngestConfig, plan: Plan, records: list[ShardRecord], base: Manifest, parent: Any,
+def _commit(cfg: IngestConfig, plan: Plan, records: list[ShardRecord], base: Manifest, parent: VersionRecord,
             index: SourceIndex, identity: RunIdentity, pseudonyms: Pseudonymizer | None, skipped: int,
             t0: float, built: int) -> IngestSummary:
     """Write the new version: the index, then (``commit_version``) labels, rejects, manifest."""
@@ -250,13 +246,10 @@ def _commit(cfg: IngestConfig, plan: Plan, records: list[ShardRecord], base: Man
     # A patient who now has a sample, or is reported again, leaves the parent's label_without_image lines.
     now = {p.patient_id for p in outcome.problems if p.reason == "label_without_image"}
     now |= {s.patient_id for t in plan.tasks for s in t.samples}
-    kept_lines = []
-    for line in (out / REJECTS_NAME).read_text().splitlines(True):
-        entry = json.loads(line)
-        if entry.get("reason") == "label_without_image" and entry.get("patient_id") in now:
-            continue
-        kept_lines.append(line)
-    dropped = len((out / REJECTS_NAME).read_text().splitlines()) - len(kept_lines)
+    parent_lines = (out / REJECTS_NAME).read_text().splitlines(True)
+    kept_lines = [line for line in parent_lines if not (
+        (entry := json.loads(line)).get("reason") == "label_without_image" and entry.get("patient_id") in now)]
+    dropped = len(parent_lines) - len(kept_lines)
     new_counts = _counts(plan, outcome)
     counts = _merge_counts(base.counts, new_counts)
     counts["label_problems"] -= dropped

@@ -85,6 +85,7 @@ def test_three_appends_give_the_samples_boxes_and_targets_of_one_ingest(appended
     # The first part's patients keep the split of their first ingest; each later one's is (seed, id).
     m = read_manifest(out)
     assert m.version == 3 and m.counts["samples"] == 24 == read_manifest(union).counts["samples"]
+    assert m.counts["label_problems_by_reason"] == read_manifest(union).counts["label_problems_by_reason"]
     first = _rows(f"{out}@v1")
     for key, row in three.items():
         if key in first:
