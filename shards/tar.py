@@ -17,6 +17,8 @@ import dataclasses
 from collections.abc import Iterator
 from typing import Protocol
 
+import numpy as np
+
 from shards.format import FormatError
 
 BLOCK = 512
@@ -211,8 +213,7 @@ class TarParser:
         except ValueError as exc:
             raise TarHeaderError(self._shard, f"damaged tar header at byte {at} ({exc})", at,
                                  None if named else name) from None
-        # the checksum counts its own field as eight spaces (POSIX.1-1988)
-        if stored != sum(block[:148]) + 8 * 32 + sum(block[156:]):
+        if stored != _checksum(block):
             raise TarHeaderError(self._shard, f"damaged tar header at byte {at} (bad checksum)", at,
                                  None if named else name)
         return block[156:157], name, size
@@ -255,6 +256,13 @@ def _number(field: bytes) -> int:
         return int(text, 8) if text else 0
     except ValueError:
         raise ValueError(f"field {bytes(field)!r} is not a number") from None
+
+
+def _checksum(block: bytes) -> int:
+    """The checksum a header block should store: the sum of its bytes with the checksum
+    field (bytes 148 to 155) counted as eight spaces (POSIX.1-1988). numpy sums the block
+    in one call, which costs the loader less than Python summing two slices of it."""
+    return int(np.frombuffer(block, np.uint8).sum(dtype=np.int64)) - sum(block[148:156]) + 8 * 32
 
 
 def _ustar_name(block: bytes) -> str:

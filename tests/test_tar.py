@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from shards.format import FormatError, encode_image
+from shards.format import FormatError, check_member_name, encode_image
 from shards.reader import iter_samples
 from shards.scan import scan_shard
 from shards.tar import BLOCK, TarHeaderError, TarParser, TarTruncatedError, padded
@@ -134,6 +134,39 @@ def test_damage_through_both_readers(tmp_path: Path, how: str, error: type, memb
     scan = scan_shard(path, split="train", size=8)
     assert [(p.check, p.key) for p in scan.problems] == [(check, key)]
     assert not scan.complete
+
+
+@pytest.mark.parametrize("at", [0, 99, 124, 147, 148, 153, 156, 257, 345, 511],
+                         ids=["name", "name-end", "size", "before-checksum", "checksum-first",
+                              "checksum-last-digit", "type", "magic", "prefix", "last-byte"])
+@pytest.mark.parametrize("delta", [1, 0x80], ids=["low-bit", "high-bit"])
+def test_a_changed_byte_anywhere_in_a_header_fails_its_checksum(at: int, delta: int) -> None:
+    data = bytearray(_tar(_sample("a")))
+    data[at] = (data[at] + delta) % 256
+    with pytest.raises(TarHeaderError, match="at byte 0"):
+        list(TarParser(_Bytes(bytes(data)), "s.tar").members())
+
+
+@pytest.mark.parametrize("name, safe", [
+    ("k.npy", True),
+    ("1.2.840.113619.2.55.3.json", True),
+    ("..k.npy", True),
+    (".", True),
+    ("..", False),
+    ("/k.npy", False),
+    ("a/k.npy", False),
+    ("../k.npy", False),
+    ("a/../../k.npy", False),
+    ("a\\k.npy", False),
+    ("..\\k.npy", False),
+], ids=["plain", "dotted-uid", "leading-dots", "dot", "dotdot", "absolute", "folder", "parent",
+        "parent-inside", "backslash", "backslash-parent"])
+def test_member_names_with_a_separator_or_dotdot_are_unsafe(name: str, safe: bool) -> None:
+    if safe:
+        check_member_name(name)
+    else:
+        with pytest.raises(FormatError, match="unsafe member name"):
+            check_member_name(name)
 
 
 @pytest.mark.parametrize("record, reason", [
