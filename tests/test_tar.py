@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from shards.format import FormatError, check_member_name, encode_image
-from shards.reader import iter_samples
+from shards.reader import _FileSlots, iter_samples
 from shards.scan import scan_shard
 from shards.tar import BLOCK, TarHeaderError, TarParser, TarTruncatedError, padded
 
@@ -296,3 +296,37 @@ def test_flusher_holds_back_a_writer_whose_last_shard_is_not_on_disk_yet(tmp_pat
     assert not second.is_alive()
     flusher._pending.join(timeout=30)
     assert (tmp_path / "a.tar").read_bytes() == (tmp_path / "b.tar").read_bytes()
+
+
+FILE_READS = [  # (operations on the source: ("read", n), ("into", [view sizes]), ("skip", n))
+    [("read", 512), ("read", 512), ("read", 100)],
+    [("read", 512), ("into", [128, 4096]), ("skip", 384), ("read", 512), ("read", 1024)],
+    [("into", [100, 20_000]), ("read", 512), ("into", [7]), ("read", 9000)],
+    [("skip", 30_000), ("read", 512), ("skip", 1), ("into", [511, 1])],
+    [("read", 40_000), ("read", 10), ("into", [10, 10])],  # past the end of the file
+    [("skip", 39_990), ("into", [5, 5, 5])],
+]
+
+
+@pytest.mark.parametrize("ops", FILE_READS, ids=["headers", "sample", "into-then-far", "skips", "past-end",
+                                                 "into-past-end"])
+def test_the_loaders_file_source_returns_the_files_bytes(tmp_path: Path, ops: list) -> None:
+    data = os.urandom(40_000)
+    path = tmp_path / "s.tar"
+    path.write_bytes(data)
+    with open(path, "rb", buffering=0) as f:
+        src, at = _FileSlots(f.fileno()), 0
+        for op, arg in ops:
+            if op == "read":
+                assert src.read(arg) == data[at:at + arg]
+                at = min(at + arg, len(data))
+            elif op == "skip":
+                assert src.skip(arg) == min(arg, len(data) - at)
+                at = min(at + arg, len(data))
+            else:
+                views = [memoryview(bytearray(n)) for n in arg]
+                got = src.readinto(views)
+                assert got == min(sum(arg), len(data) - at)
+                assert b"".join(bytes(v) for v in views)[:got] == data[at:at + got]
+                at += got
+            assert src.offset == at
