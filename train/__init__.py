@@ -3,8 +3,11 @@
 Modules, one per stage:
 
 * :mod:`train.config`: ``TrainConfig`` and its component configs, TOML in and out.
-* :mod:`train.data`: the streaming loader (sample order a pure function of seed, epoch, step;
-  every seed derived in :mod:`shards.seeds`).
+* :mod:`train.plan`: the sample order of an epoch, a pure function of (seed, epoch, step)
+  (every seed derived in :mod:`shards.seeds`).
+* :mod:`train.data`: the streaming loader: each shard's samples read into their batch rows and
+  checked, lanes split among ranks and workers.
+* :mod:`train.batches`: ``HostBatch`` (reused host memory) and ``DeviceBatch``, ``to_device``.
 * :mod:`train.augment`: seeded augmentation of images and boxes, in torch ops on the device.
 * :mod:`train.models`: the CNN classifier, the YOLOv8 detector and reading their weights (no ``torch.distributed``).
 * :mod:`train.distributed`: rank environment, process groups, DDP / FSDP2, mixed precision.
@@ -36,8 +39,8 @@ _EXPORTS = {
     "load_toml": "train.config",
     "dump_toml": "train.config",
     "ShardLoader": "train.data",
-    "EpochPlan": "train.data",
-    "plan_epoch": "train.data",
+    "EpochPlan": "train.plan",
+    "plan_epoch": "train.plan",
     "read_split": "train.data",
     "to_device": "train.data",
     "augment": "train.augment",

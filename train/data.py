@@ -1,39 +1,8 @@
 """The streaming loader: shards -> per-rank uint8 batches, in an order that is a pure function
 of (seed, epoch, step).
 
-The sample order (:func:`plan_epoch`)
--------------------------------------
-An epoch of a split with ``N`` samples and a *global* batch of ``B`` samples has
-``S = ceil(N / B)`` steps. Its order is built from the manifest's exact per-shard counts:
-
-1. The shards are permuted with a generator seeded by ``(seed, epoch)`` and their samples
-   concatenated in that order.
-2. The concatenation is cut into ``L`` *lanes* (``L`` divides ``B``; ``data.lanes``),
-   contiguous ranges of ``floor(N/L)`` or ``ceil(N/L)`` samples. A lane is a few whole
-   shards plus at most two partial ones at its ends.
-3. Inside each lane, samples are permuted within consecutive windows of
-   ``shuffle_window`` samples (seeded by ``(seed, epoch, lane)``), so a lane streams its
-   shards sequentially while holding at most one window in memory.
-4. Each lane is padded to exactly ``S * B / L`` slots by repeating its own last samples.
-5. Global batch ``g`` is, for every lane in turn, that lane's ``g``-th chunk of ``B / L``
-   samples: each batch mixes ``L`` different places of the shuffled shard sequence.
-
-Rank ``r`` of ``W`` (``W`` must divide ``L``) owns lanes ``[r L/W, (r+1) L/W)``, i.e.
-slots ``[r B/W, (r+1) B/W)`` of every global batch; its DataLoader workers split those
-lanes among themselves. Hence every rank yields exactly ``S`` batches of ``B / W`` samples
-whatever the shard sizes, a rank reads only its own lanes' shards, and the content of
-global batch ``g`` does not depend on the world size or the number of workers: a run
-resumed at step ``s`` (same seed and global batch, any valid world size) continues with
-the batches the interrupted run would have produced.
-
-**Repeat bound.** Training pads ``S * B - N < B`` slots per epoch, i.e. fewer than one
-global batch of repeated samples; every other sample is seen exactly once. A lane pads at
-most ``B / L`` slots, so as long as a lane holds at least ``B / L`` samples
-(``N >= B``) no sample is seen more than twice in an epoch.
-
-**Re-reads.** A shard cut by a lane boundary is opened by both lanes, each reading its own
-samples of it (a format 1 shard is read and hashed whole by both: at most ``L - 1`` extra
-partial shard reads per epoch; lower ``lanes`` to read less).
+The sample order is :func:`train.plan.plan_epoch` (see :mod:`train.plan` for its promises:
+equal batches per rank, the repeat bound, resumption at any step).
 
 **QA exclusions.** ``read_split(..., exclude_qa=MASK)`` leaves out the samples whose QA
 bitmask (``labels.zarr``'s ``qa``) shares a bit with ``MASK`` before anything is planned: the
@@ -57,14 +26,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from shards.origin import ShardOrigin, open_origin
@@ -72,9 +39,10 @@ from shards.format import FormatError
 from shards.labels import LabelTable
 from shards.manifest import Manifest, ShardInfo
 from shards.reader import ShardChecksumError, read_into
-from shards.seeds import Salt
 from shards.store import read_labels_from, read_manifest_from
+from train.batches import DeviceBatch, HostBatch, _BufferPool, _join, to_device
 from train.forking import exit_with_rank, worker_context
+from train.plan import EpochPlan, Lane, Span, plan_epoch
 
 __all__ = [
     "DeviceBatch",
@@ -89,192 +57,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-_SHARD_ORDER, _WINDOW_ORDER = Salt.LOADER_SHARDS, Salt.LOADER_WINDOW  # see shards.seeds
-
-
-# --------------------------------------------------------------------------- the plan
-
-
-@dataclasses.dataclass(frozen=True)
-class Span:
-    """Samples ``[start, stop)`` (file order) of one shard of the split."""
-
-    shard: int
-    """Index into the split's shard list."""
-    start: int
-    stop: int
-
-
-@dataclasses.dataclass(frozen=True)
-class Lane:
-    """One sample stream of an epoch."""
-
-    spans: tuple[Span, ...]
-    """What the lane reads, in order; their concatenation is the lane's *raw* sequence."""
-    order: np.ndarray
-    """(slots,) raw positions in the order the lane yields them (padding included)."""
-    valid: np.ndarray
-    """(slots,) False where a padding slot must not count (evaluation)."""
-
-    @property
-    def real(self) -> int:
-        """Number of distinct samples in the lane (its raw length)."""
-        return sum(s.stop - s.start for s in self.spans)
-
-
-@dataclasses.dataclass(frozen=True)
-class EpochPlan:
-    """The sample order of one epoch of one split; see the module docstring."""
-
-    epoch: int
-    steps: int
-    """Batches per rank (and global batches) in the epoch."""
-    global_batch: int
-    chunk: int
-    """Samples each lane gives to each global batch (``global_batch / lanes``)."""
-    shard_order: tuple[int, ...]
-    """Split shard indices in the epoch's order."""
-    lanes: tuple[Lane, ...]
-    shard_base: tuple[int, ...]
-    """Global sample index (row in ``labels.zarr``) of each shard's first sample."""
-    samples: int
-    """``N``: distinct samples in the epoch."""
-
-    @property
-    def num_lanes(self) -> int:
-        return len(self.lanes)
-
-    @property
-    def padding(self) -> int:
-        """Slots of the epoch that repeat a sample: ``steps * global_batch - N < global_batch``."""
-        return self.steps * self.global_batch - self.samples
-
-    def lane_ids(self, lane: int) -> np.ndarray:
-        """(slots,) global sample indices of a lane, in yield order."""
-        spans = self.lanes[lane].spans
-        raw = np.concatenate(
-            [np.arange(s.start, s.stop) + self.shard_base[s.shard] for s in spans]
-        ) if spans else np.zeros(0, np.int64)
-        return raw[self.lanes[lane].order]
-
-    def rank_lanes(self, rank: int, world: int) -> range:
-        """The lanes rank ``rank`` of ``world`` owns."""
-        if world < 1 or self.num_lanes % world:
-            raise ValueError(f"world size {world} does not divide the {self.num_lanes} lanes")
-        if not 0 <= rank < world:
-            raise ValueError(f"rank {rank} outside 0..{world - 1}")
-        per = self.num_lanes // world
-        return range(rank * per, (rank + 1) * per)
-
-    def batches(self, rank: int = 0, world: int = 1) -> tuple[np.ndarray, np.ndarray]:
-        """(steps, global_batch / world) global sample indices and validity of one rank's
-        batches (``world=1``: the global batches)."""
-        lanes = self.rank_lanes(rank, world)
-        ids = np.stack([self.lane_ids(i).reshape(self.steps, self.chunk) for i in lanes], 1)
-        valid = np.stack([self.lanes[i].valid.reshape(self.steps, self.chunk) for i in lanes], 1)
-        return ids.reshape(self.steps, -1), valid.reshape(self.steps, -1)
-
-
-def _seed(*parts: int) -> np.random.Generator:
-    return np.random.default_rng(np.random.SeedSequence([int(p) for p in parts]))
-
-
-def plan_epoch(
-    sizes: Sequence[int],
-    *,
-    global_batch: int,
-    lanes: int,
-    seed: int,
-    epoch: int,
-    shuffle: bool = True,
-    window: int = 64,
-    pad_valid: bool = True,
-    shard_base: Sequence[int] | None = None,
-) -> EpochPlan:
-    """The sample order of one epoch: a pure function of its arguments.
-
-    Args:
-        sizes: Samples per shard of the split, in manifest order.
-        global_batch: Samples per step over all ranks.
-        lanes: Parallel streams; must divide ``global_batch``.
-        seed: Run seed.
-        epoch: Epoch number (changes the shard order and the windows).
-        shuffle: Permute shards and windows (training) or keep file order (evaluation).
-        window: Samples permuted together inside a lane.
-        pad_valid: Whether padding slots count (training) or are masked (evaluation).
-        shard_base: Global index of each shard's first sample (default: cumulative sizes).
-
-    Returns:
-        The plan.
-
-    Raises:
-        ValueError: Bad sizes; an empty split; ``lanes`` not dividing ``global_batch``; a
-            training split smaller than ``lanes`` (a lane would have nothing to repeat).
-    """
-    sizes = [int(n) for n in sizes]
-    if any(n < 0 for n in sizes):
-        raise ValueError(f"shard sizes must be >= 0, got {sizes}")
-    total = sum(sizes)
-    if total == 0:
-        raise ValueError("the split has no samples")
-    if global_batch < 1 or lanes < 1 or global_batch % lanes:
-        raise ValueError(f"lanes={lanes} must divide global_batch={global_batch} (both >= 1)")
-    if window < 1:
-        raise ValueError(f"window={window}: must be >= 1")
-    if pad_valid and total < lanes:
-        raise ValueError(
-            f"{total} samples cannot fill {lanes} lanes; lower the batch size or data.lanes"
-        )
-    base = list(np.cumsum([0, *sizes[:-1]])) if shard_base is None else list(shard_base)
-    if len(base) != len(sizes):
-        raise ValueError(f"shard_base has {len(base)} entries for {len(sizes)} shards")
-    order = _seed(seed, epoch, _SHARD_ORDER).permutation(len(sizes)) if shuffle else np.arange(len(sizes))
-    shard_order = tuple(int(i) for i in order if sizes[i] > 0)
-    chunk = global_batch // lanes
-    steps = math.ceil(total / global_batch)
-    slots = steps * chunk
-
-    # Cumulative start of each shard in the epoch's concatenation.
-    starts = np.cumsum([0] + [sizes[i] for i in shard_order])
-    lane_list = []
-    for lane in range(lanes):
-        lo, hi = lane * total // lanes, (lane + 1) * total // lanes
-        spans = _spans(shard_order, starts, lo, hi)
-        n = hi - lo
-        if n == 0:  # evaluation of a split smaller than the lanes: one masked filler
-            spans = _spans(shard_order, starts, 0, 1)
-            lane_list.append(Lane(spans, np.zeros(slots, np.int64), np.zeros(slots, bool)))
-            continue
-        real = _window_order(n, window, _seed(seed, epoch, _WINDOW_ORDER, lane) if shuffle else None)
-        pad = slots - n
-        pad_pos = real[(np.arange(pad) + n - pad) % n]  # the lane's last samples, cycled
-        valid = np.concatenate([np.ones(n, bool), np.full(pad, pad_valid)])
-        lane_list.append(Lane(spans, np.concatenate([real, pad_pos]), valid))
-    return EpochPlan(
-        epoch=epoch, steps=steps, global_batch=global_batch, chunk=chunk,
-        shard_order=shard_order, lanes=tuple(lane_list), shard_base=tuple(int(b) for b in base),
-        samples=total,
-    )
-
-
-def _spans(shard_order: Sequence[int], starts: np.ndarray, lo: int, hi: int) -> tuple[Span, ...]:
-    """The pieces of shards covering positions ``[lo, hi)`` of the concatenation."""
-    out = []
-    for k, shard in enumerate(shard_order):
-        a, b = max(lo, int(starts[k])), min(hi, int(starts[k + 1]))
-        if a < b:
-            out.append(Span(shard, a - int(starts[k]), b - int(starts[k])))
-    return tuple(out)
-
-
-def _window_order(n: int, window: int, rng: np.random.Generator | None) -> np.ndarray:
-    """``0..n-1`` permuted within consecutive windows (identity without ``rng``)."""
-    order = np.arange(n, dtype=np.int64)
-    if rng is not None:
-        for a in range(0, n, window):
-            order[a : a + window] = a + rng.permutation(min(window, n - a))
-    return order
 
 
 # --------------------------------------------------------------------------- the split
@@ -397,40 +179,6 @@ def _spans_from(spans: Sequence[Span], start: int) -> list[tuple[int, Span]]:
             todo.append((pos, span))
         pos += span.stop - span.start
     return todo
-
-
-class _BufferPool:
-    """Batch buffers of one shape, each reused once nothing outside the pool refers to it.
-
-    A batch's image tensor is made with :func:`torch.from_numpy` over a pooled array, so the
-    tensor, its views and any array made from them keep the array referenced; once the
-    consumer has dropped all of them the array's reference count is the pool's own, and the
-    next batch is read into it. A fresh buffer costs a page fault per 4 KiB on its first
-    write, which made the read into it (the one copy of each image) about three times
-    slower than into memory already mapped.
-    """
-
-    KEEP = 64
-    """Buffers tracked at most (one epoch's pending batches and those the consumer holds)."""
-
-    def __init__(self) -> None:
-        self._lent: list[np.ndarray] = []
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {"_lent": []}  # a worker process allocates its own (shared) batches
-
-    def take(self, shape: tuple[int, ...]) -> np.ndarray:
-        for i in range(len(self._lent)):
-            # Referenced by the list and getrefcount's argument alone: nobody else holds it.
-            if self._lent[i].shape == shape and sys.getrefcount(self._lent[i]) == 2:
-                buf = self._lent.pop(i)
-                self._lent.append(buf)
-                return buf
-        buf = np.empty(shape, np.uint8)
-        if len(self._lent) >= self.KEEP:
-            self._lent.pop(0)  # still in use: left to the garbage collector
-        self._lent.append(buf)
-        return buf
 
 
 def _pinned_empty(shape: tuple[int, ...]) -> torch.Tensor:
@@ -653,72 +401,6 @@ class LaneDataset(IterableDataset):
                 fill.close()
 
 
-# --------------------------------------------------------------------------- batches
-
-
-@dataclasses.dataclass
-class HostBatch:
-    """One rank's batch as the loader gives it (CPU tensors, images uint8)."""
-
-    step: int
-    """Step within the epoch."""
-    images: torch.Tensor
-    """(n, H, W) uint8."""
-    target: torch.Tensor
-    """(n,) int64: 1 pneumonia, 0 not, -1 unlabelled."""
-    boxes: torch.Tensor
-    """(m, 4) float32 xyxy in stored-image pixels."""
-    box_index: torch.Tensor
-    """(m,) int64: the sample each box belongs to."""
-    index: torch.Tensor
-    """(n,) int64 global sample index (labels.zarr row)."""
-    valid: torch.Tensor
-    """(n,) bool: false for padding that must not count (evaluation)."""
-    keys: list[str]
-    meta: list[dict[str, Any]] | None = None
-    """Per sample ``patient_id`` and letterbox ``transform`` (``with_meta`` loaders)."""
-
-    def __len__(self) -> int:
-        return len(self.keys)
-
-
-def _cat(parts: list[torch.Tensor], pin: bool, pool: _BufferPool | None = None) -> torch.Tensor:
-    """``torch.cat(parts)``, into page-locked memory when ``pin``, else into a buffer of
-    ``pool`` when one is given (uint8 parts).
-
-    A plain ``torch.cat`` of pinned tensors returns pageable memory, from which a
-    ``non_blocking`` copy to the GPU is synchronous: the DataLoader's pinning would be lost.
-    A fresh pageable buffer of a batch's images costs a page fault per 4 KiB as it is
-    written; a pooled one is already mapped.
-    """
-    if len(parts) == 1 and (not pin or parts[0].is_pinned()):
-        return parts[0]
-    shape = (sum(p.shape[0] for p in parts), *parts[0].shape[1:])
-    if pool is not None and not pin:
-        return torch.cat(parts, out=torch.from_numpy(pool.take(shape)))
-    return torch.cat(parts, out=torch.empty(shape, dtype=parts[0].dtype, pin_memory=pin))
-
-
-def _join(items: list[dict[str, Any]], pin: bool = False, pool: _BufferPool | None = None) -> HostBatch:
-    """Concatenate the workers' items of one step, in worker (= lane) order (into pinned
-    memory when ``pin``; the images into a buffer of ``pool`` otherwise, when given)."""
-    offsets = np.cumsum([0] + [len(it["keys"]) for it in items[:-1]])
-    meta = None
-    if "meta" in items[0]:
-        meta = [m for it in items for m in it["meta"]]
-    return HostBatch(
-        step=int(items[0]["step"]),
-        images=_cat([it["images"] for it in items], pin, pool),
-        target=_cat([it["target"] for it in items], pin),
-        boxes=_cat([it["boxes"] for it in items], pin),
-        box_index=_cat([it["box_index"] + int(o) for it, o in zip(items, offsets)], pin),
-        index=torch.cat([it["index"] for it in items]),
-        valid=_cat([it["valid"] for it in items], pin),
-        keys=[k for it in items for k in it["keys"]],
-        meta=meta,
-    )
-
-
 class ShardLoader:
     """Batches of one split for one rank, one epoch at a time.
 
@@ -804,54 +486,3 @@ class ShardLoader:
             items, first_step = [], first_step + 1
         if items or first_step != plan.steps:
             raise RuntimeError(f"loader stopped at step {first_step} of {plan.steps}")
-
-
-# --------------------------------------------------------------------------- on the device
-
-
-@dataclasses.dataclass
-class DeviceBatch:
-    """A batch on the compute device, images float in 0..1 at the training size."""
-
-    images: torch.Tensor
-    """(n, 1, s, s) float32."""
-    target: torch.Tensor
-    """(n,) int64 (-1 unlabelled)."""
-    boxes: torch.Tensor
-    """(m, 4) float32 xyxy in pixels of the ``s``-pixel frame."""
-    box_index: torch.Tensor
-    """(m,) int64."""
-    valid: torch.Tensor
-    """(n,) bool."""
-    size: int
-    """``s``: the side of ``images``."""
-
-    def boxes_per_image(self) -> list[torch.Tensor]:
-        """The boxes of each image, as (k, 4) tensors (one host sync for the counts)."""
-        order = torch.argsort(self.box_index, stable=True)
-        counts = torch.bincount(self.box_index, minlength=len(self.images)).tolist()
-        return list(torch.split(self.boxes[order], counts))
-
-
-def to_device(batch: HostBatch, device: torch.device, size: int | None = None) -> DeviceBatch:
-    """Move a batch to ``device``, make the images float there and resize them.
-
-    Args:
-        batch: From :class:`ShardLoader`.
-        device: The compute device.
-        size: Side to resize to (antialiased bilinear); None keeps the stored size. Boxes
-            are scaled with the images.
-    """
-    nb = device.type == "cuda"
-    images = batch.images.to(device, non_blocking=nb).unsqueeze(1).float().div_(255.0)
-    boxes = batch.boxes.to(device, non_blocking=nb)
-    stored = images.shape[-1]
-    if size is not None and size != stored:
-        images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True,
-                               align_corners=False)
-        boxes = boxes * (size / stored)
-    return DeviceBatch(
-        images=images, target=batch.target.to(device, non_blocking=nb), boxes=boxes,
-        box_index=batch.box_index.to(device, non_blocking=nb),
-        valid=batch.valid.to(device, non_blocking=nb), size=images.shape[-1],
-    )
