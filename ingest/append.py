@@ -111,6 +111,12 @@ def run_append(cfg: IngestConfig) -> IngestSummary:
     if (previous.labels_sha256 is None) != (cfg.labels is None):
         made = "with a labels file; give --labels" if cfg.labels is None else "without labels; leave out --labels"
         raise IngestUsageError(f"--append: --out {out} holds a dataset made {made}")
+    made_with_classes = json.loads((out / MANIFEST_NAME).read_text()).get("source", {}).get("class_info") is not None
+    if cfg.labels is not None and made_with_classes != (cfg.class_info is not None):
+        # Without it every old patient's stored class would read as a relabel, and the reverse.
+        made = ("with a class-info file; give --class-info" if made_with_classes
+                else "without a class-info file; leave out --class-info")
+        raise IngestUsageError(f"--append: --out {out} holds a dataset made {made}")
     index = read_index(out, base.version)
     if index is None:
         log.info("append: %s was made before the source index; reading its samples' JSON once", out)

@@ -310,6 +310,28 @@ def test_an_append_without_labels_to_a_labelled_dataset_is_refused(appended, tmp
     assert "give --labels" in capsys.readouterr().err
 
 
+def test_an_append_without_the_class_info_the_dataset_was_made_with_is_refused(appended, synth_small, capsys):
+    _, out, parts, _ = appended
+    args = _args(synth_small, parts[0], out, "--append")
+    i = args.index("--class-info")
+    del args[i:i + 2]
+    capsys.readouterr()
+    assert ingest_main(args) == 2  # else every stored class would read as a relabel
+    assert "give --class-info" in capsys.readouterr().err
+
+
+def test_an_append_with_class_info_to_a_dataset_made_without_it_is_refused(appended, synth_small, tmp_path, capsys):
+    _, _, parts, _ = appended
+    out = tmp_path / "ds"
+    first = _args(synth_small, parts[0], out)
+    i = first.index("--class-info")
+    del first[i:i + 2]
+    assert ingest_main(first) == 0
+    capsys.readouterr()
+    assert ingest_main(_args(synth_small, parts[1], out, "--append")) == 2
+    assert "leave out --class-info" in capsys.readouterr().err
+
+
 def test_an_archive_appends_its_new_members_and_skips_the_ones_already_in(appended, synth_small, tmp_path, capsys):
     import zipfile
 
