@@ -123,14 +123,15 @@ def _damage(data: Path, origin: ShardOrigin, target: ShardInfo, other: ShardInfo
         path.write_bytes(bytes(raw))
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-@pytest.mark.parametrize("when", WHEN)
+# 0 workers at every moment; 2 workers in the second epoch only (each such run starts two processes).
+MOMENTS = [(when, 0) for when in WHEN] + [("second epoch", 2)]
+
+
+@pytest.mark.parametrize(("when", "workers"), MOMENTS, ids=[f"{w}-{n}" for w, n in MOMENTS])
 @pytest.mark.parametrize("kind", ORIGINS)
 @pytest.mark.parametrize("damage", DAMAGES.values(), ids=DAMAGES.keys())
 def test_a_damaged_shard_is_refused_naming_it(ingested_small, served, tmp_path, monkeypatch, damage, kind, when,
                                              workers):
-    if workers and when != "second epoch":
-        pytest.skip("2 workers: every damage and origin in the second epoch (each run starts two processes)")
     monkeypatch.setattr(shards.store, "BACKOFF_S", (0.0,))  # a short copy is retried as a dropped connection
     root, base_url = served
     data = root / tmp_path.name / "ds"
