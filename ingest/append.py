@@ -49,15 +49,16 @@ from ingest.pipeline import (
     _remove_temporaries,
     _reusable,
     package_versions,
+    read_inputs,
     source_index,
 )
 from ingest.plan import Plan
 from ingest.runner import build_shards, cluster
 from ingest.workdir import params_file, work_dir
-from shards.archive import ArchiveError, hash_members, is_archive
+from shards.archive import hash_members
 from shards.diskspace import is_out_of_space
 from shards.format import SHARD_NAME, SPLITS, key_for
-from shards.label_csv import LabelFileError, LabelProblem, read_label_csv
+from shards.label_csv import LabelProblem
 from shards.labels import LabelTable, read_labels
 from shards.manifest import (
     LABELS_NAME,
@@ -73,7 +74,7 @@ from shards.pseudonym import Pseudonymizer
 from shards.records import ShardRecord
 from shards.scan import hash_files
 from shards.seeds import split_hash
-from shards.source import discover, source_fingerprint
+from shards.source import source_fingerprint
 from shards.source_index import SourceIndex, index_from_shards, index_rel, label_digest, read_index
 from shards.versions import Change, VersionRecord, commit_version, list_records, recorded_shards, save_current
 
@@ -121,19 +122,7 @@ def run_append(cfg: IngestConfig) -> IngestSummary:
     if index is None:
         log.info("append: %s was made before the source index; reading its samples' JSON once", out)
         index = index_from_shards(out, [s.name for s in base.shards])
-    archive = is_archive(cfg.dicom_dir)
-    if not cfg.dicom_dir.is_dir() and not archive:
-        raise IngestUsageError(f"--dicom-dir {cfg.dicom_dir} is neither a folder nor a .zip or .tar archive")
-    labels, problems = None, []
-    if cfg.labels is not None:
-        try:
-            labels, problems = read_label_csv(cfg.labels, cfg.class_info)
-        except LabelFileError as exc:
-            raise IngestUsageError(str(exc)) from exc
-    try:
-        found = discover(cfg.dicom_dir, cfg.members)
-    except ArchiveError as exc:
-        raise IngestUsageError(f"--dicom-dir {exc}") from exc
+    labels, problems, found = read_inputs(cfg)
 
     rels = [rel for rel, _ in found.inputs]
     hashes = hash_members(found.archive.subset(rels)) if found.archive else hash_files(cfg.dicom_dir, rels)

@@ -43,7 +43,7 @@ from shards.manifest import (
 )
 from shards.pseudonym import SCHEME, KeyFileError, Pseudonymizer
 from shards.records import Reject, ShardRecord
-from shards.source import discover, patient_id_of, source_fingerprint
+from shards.source import Discovered, discover, patient_id_of, source_fingerprint
 from shards.source_index import INDEX_NAME, IndexEntry, SourceIndex, label_digest
 from shards.versions import VERSIONS_DIR, recorded_shards
 
@@ -209,6 +209,38 @@ def _plan(
     return plan
 
 
+def read_inputs(cfg: IngestConfig) -> tuple[dict[str, PatientLabel] | None, list[LabelProblem], Discovered]:
+    """Check ``--dicom-dir`` and ``--members``, read the labels file and find the inputs.
+
+    Returns:
+        the labels by patient id (None without ``--labels``), the label problems found while
+        reading them, and the inputs under ``--dicom-dir``.
+
+    Raises:
+        IngestUsageError: a ``--dicom-dir`` that is neither a folder nor an archive,
+            ``--members`` with a folder, an unreadable labels file or archive.
+    """
+    archive = is_archive(cfg.dicom_dir)
+    if not cfg.dicom_dir.is_dir() and not archive:
+        raise IngestUsageError(f"--dicom-dir {cfg.dicom_dir} is neither a folder nor a .zip or .tar archive")
+    if cfg.members is not None and not archive:
+        raise IngestUsageError(
+            f"--members selects a folder inside a .zip or .tar --dicom-dir; {cfg.dicom_dir} is a folder "
+            "(name the subfolder as --dicom-dir)"
+        )
+    labels, problems = None, []
+    if cfg.labels is not None:
+        try:
+            labels, problems = read_label_csv(cfg.labels, cfg.class_info)
+        except LabelFileError as exc:
+            raise IngestUsageError(str(exc)) from exc
+    try:
+        found = discover(cfg.dicom_dir, cfg.members)
+    except ArchiveError as exc:
+        raise IngestUsageError(f"--dicom-dir {exc}") from exc
+    return labels, problems, found
+
+
 def run_ingest(cfg: IngestConfig) -> IngestSummary:
     """Run (or resume) an ingest; see the SPEC for the output it writes.
 
@@ -220,31 +252,14 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
             stops at once; once space is freed the same call resumes.
     """
     t0 = time.perf_counter()
-    archive = is_archive(cfg.dicom_dir)
-    if not cfg.dicom_dir.is_dir() and not archive:
-        raise IngestUsageError(f"--dicom-dir {cfg.dicom_dir} is neither a folder nor a .zip or .tar archive")
-    if cfg.members is not None and not archive:
-        raise IngestUsageError(
-            f"--members selects a folder inside a .zip or .tar --dicom-dir; {cfg.dicom_dir} is a folder "
-            "(name the subfolder as --dicom-dir)"
-        )
     pseudonyms = _pseudonymizer(cfg)
-    labels, problems = None, []
-    if cfg.labels is not None:
-        try:
-            labels, problems = read_label_csv(cfg.labels, cfg.class_info)
-        except LabelFileError as exc:
-            raise IngestUsageError(str(exc)) from exc
-    try:
-        found = discover(cfg.dicom_dir, cfg.members)
-    except ArchiveError as exc:
-        raise IngestUsageError(f"--dicom-dir {exc}") from exc
+    labels, problems, found = read_inputs(cfg)
     identity = _identity(cfg, found.inputs, pseudonyms)
     if _check_out(cfg, identity):
         return _summary_from_manifest(cfg.out, t0)
     if not found.inputs:
         where = f" under {cfg.members!r}" if cfg.members else ""
-        folders = top_folders(read_index(cfg.dicom_dir)) if archive else []
+        folders = top_folders(read_index(cfg.dicom_dir)) if is_archive(cfg.dicom_dir) else []
         hint = f"; its top-level folders: {', '.join(folders)}" if folders else ""
         raise IngestUsageError(
             f"--dicom-dir {cfg.dicom_dir}: no DICOM files found{where} (*.dcm or files with the DICOM preamble){hint}"
