@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import psutil
 
@@ -45,3 +47,23 @@ def _signal(p: psutil.Process | subprocess.Popen, sig: int) -> None:
         p.send_signal(sig)
     except (psutil.NoSuchProcess, ProcessLookupError):
         pass
+
+
+def kill_after_shards(cmd: Sequence[str], out: Path, shards: int, *, env: dict[str, str] | None = None,
+                      cwd: Path | str | None = None, wait_s: float = 120.0) -> int:
+    """Start the ingest ``cmd`` in a session of its own, wait until ``shards`` shards of ``out``
+    are journalled as done (or ``wait_s`` passes), then SIGKILL the whole session: the driver and
+    its local workers, mid-run.
+
+    Returns:
+        the shards journalled as done when the kill landed.
+    """
+    proc = subprocess.Popen(list(cmd), cwd=cwd, env=env, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    done = out / ".ingest" / "done"
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline and len(list(done.glob("*.json"))) < shards:
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    return len(list(done.glob("*.json")))

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +18,7 @@ from shards.seeds import split_hash
 from shards.store import open_store, read_labels_from
 from shards.versions import read_record
 from tests.fault_injection import fault_env
+from tests.procs import kill_after_shards
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -217,15 +215,8 @@ def test_an_append_killed_and_resumed_is_byte_identical_to_one_not_killed(append
 
     cmd = [sys.executable, "-m", "ingest", *_args(synth_small, new, killed, "--append")]
     # 0.5 s per 4-sample shard, so the kill lands mid-run (the decoder opens each file itself)
-    proc = subprocess.Popen(cmd, cwd=REPO, env=fault_env("*.dcm=sleep:0.125"), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    done = killed / ".ingest" / "done"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(list(done.glob("*.json"))) < 1:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local worker, mid-run
-    proc.wait(timeout=30)
-    assert read_manifest(killed).version == 1 and len(list(done.glob("*.json"))) < 4
+    finished = kill_after_shards(cmd, killed, 1, env=fault_env("*.dcm=sleep:0.125"), cwd=REPO)
+    assert read_manifest(killed).version == 1 and finished < 4
     res = subprocess.run(cmd[:-1] + ["--append"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "reused" in res.stdout and not (killed / ".ingest").exists()

@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import json
-import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +22,7 @@ from shards.manifest import read_manifest
 from shards.reader import iter_samples
 from shards.records import ShardRecord
 from tests.fault_injection import fault_env
+from tests.procs import kill_after_shards
 
 
 REPO = Path(__file__).resolve().parents[1]
@@ -235,17 +233,10 @@ def _ingest_cmd(synth, out: Path, workers: int) -> list[str]:
 def test_sigkill_then_resume_is_byte_identical(ingested_small: Path, synth_small, tmp_path: Path) -> None:
     out = tmp_path / "killed"
     # 0.5 s per 4-sample shard, so the kill lands mid-run (the decoder opens each file itself)
-    env = fault_env("*.dcm=sleep:0.125")
-    proc = subprocess.Popen(_ingest_cmd(synth_small, out, 1), cwd=REPO, env=env, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    finished_before = kill_after_shards(_ingest_cmd(synth_small, out, 1), out, 2,
+                                        env=fault_env("*.dcm=sleep:0.125"), cwd=REPO)
     done = out / ".ingest" / "done"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(list(done.glob("*.json"))) < 2:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)  # the driver and its local workers, mid-run
-    proc.wait(timeout=30)
     n_shards = len(read_manifest(ingested_small).shards)
-    finished_before = len(list(done.glob("*.json")))
     assert 2 <= finished_before < n_shards and not (out / "manifest.json").exists()
     # Workers do not sync their shards, so a crash can leave a finished shard with its size
     # but not its bytes: resuming must rebuild it, not reuse it.

@@ -4,11 +4,8 @@ folder's samples, labels and splits, only the source paths differ."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -25,6 +22,7 @@ from shards.manifest import read_manifest
 from shards.reader import iter_samples
 from tests import dicom_factory as df
 from tests.fault_injection import fault_env
+from tests.procs import kill_after_shards
 
 REPO = Path(__file__).resolve().parents[1]
 LABELS_FIELDS = ("key", "patient_id", "split", "target", "class_id", "shard", "view_position", "sex", "age", "boxes", "box_offsets")
@@ -96,15 +94,8 @@ def test_sigkill_then_resume_is_byte_identical_from_an_archive(
     # The archive is opened once per shard: 0.5 s each, so the kill lands mid-run.
     env = fault_env(f"{archive_of_synth.name}=sleep:0.5")
     cmd = [sys.executable, "-m", "ingest", *_args(synth_small, archive_of_synth, out, "--workers", "1")]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    done = out / ".ingest" / "done"
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(list(done.glob("*.json"))) < 2:
-        time.sleep(0.05)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
+    finished_before = kill_after_shards(cmd, out, 2, env=env, cwd=REPO)
     n_shards = len(read_manifest(ingested_archive).shards)
-    finished_before = len(list(done.glob("*.json")))
     assert 2 <= finished_before < n_shards and not (out / "manifest.json").exists()
 
     cmd = [sys.executable, "-m", "ingest", *_args(synth_small, archive_of_synth, out, "--workers", "2")]
