@@ -100,9 +100,10 @@ def run_append(cfg: IngestConfig) -> IngestSummary:
     out = cfg.out
     if not (out / MANIFEST_NAME).is_file():
         raise IngestUsageError(f"--append: --out {out} holds no dataset to append to; leave out --append to make one")
-    base = Manifest.from_dict(json.loads((out / MANIFEST_NAME).read_text()))
+    recorded = json.loads((out / MANIFEST_NAME).read_text())
+    base = Manifest.from_dict(recorded)
     pseudonyms = _pseudonymizer(cfg)
-    previous = RunIdentity.from_manifest(json.loads((out / MANIFEST_NAME).read_text()))
+    previous = RunIdentity.from_manifest(recorded)
     key = pseudonyms.fingerprint if pseudonyms else None
     _check_key(out, previous.key_fingerprint, key)
     asked = RunIdentity.of(cfg.dataset_params(), previous.source_fingerprint, previous.labels_sha256, key_fingerprint=key)
@@ -112,7 +113,7 @@ def run_append(cfg: IngestConfig) -> IngestSummary:
     if (previous.labels_sha256 is None) != (cfg.labels is None):
         made = "with a labels file; give --labels" if cfg.labels is None else "without labels; leave out --labels"
         raise IngestUsageError(f"--append: --out {out} holds a dataset made {made}")
-    made_with_classes = json.loads((out / MANIFEST_NAME).read_text()).get("source", {}).get("class_info") is not None
+    made_with_classes = recorded.get("source", {}).get("class_info") is not None
     if cfg.labels is not None and made_with_classes != (cfg.class_info is not None):
         # Without it every old patient's stored class would read as a relabel, and the reverse.
         made = ("with a class-info file; give --class-info" if made_with_classes
