@@ -5,6 +5,7 @@ and the config."""
 from __future__ import annotations
 
 import shutil
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -153,6 +154,67 @@ def test_resume_mid_epoch_continues_with_the_same_batches(ingested_small: Path):
     # a 2-rank run resumed on one rank: the same global batches from the same step
     single = ShardLoader(info, rank=0, world=1, global_batch=4, lanes=4, workers=0, seed=2)
     np.testing.assert_array_equal(_ids(list(single.epoch(3, first_step=2)))[:, 2:], expected[2:])
+
+
+THREAD_CASES = [0, 1, 2, 8]  # 0: the lanes read in the consumer's thread; 8: more threads than lanes
+
+
+@pytest.mark.parametrize("threads", THREAD_CASES)
+def test_reader_threads_give_the_same_batches(ingested_small: Path, threads: int):
+    info = read_split(ingested_small, "train")
+    inline = ShardLoader(info, rank=0, world=1, global_batch=4, lanes=4, workers=0, seed=7, threads=0)
+    loader = ShardLoader(info, rank=0, world=1, global_batch=4, lanes=4, workers=0, seed=7, threads=threads)
+    for first in (0, 2):  # a whole epoch, and one resumed mid-epoch
+        want, got = list(inline.epoch(1, first)), list(loader.epoch(1, first))
+        assert [b.step for b in got] == [b.step for b in want]
+        for a, b in zip(want, got):
+            assert a.keys == b.keys and torch.equal(a.index, b.index) and torch.equal(a.images, b.images)
+            assert torch.equal(a.boxes, b.boxes) and torch.equal(a.box_index, b.box_index)
+
+
+def _flip_pixel(data: Path, shard: int) -> str:
+    name = read_manifest(data).shards_of("train")[shard].name
+    path = data / SHARDS_DIR / name
+    raw = bytearray(path.read_bytes())
+    raw[2000] ^= 0xFF  # inside the first image's pixels
+    path.write_bytes(bytes(raw))
+    return name
+
+
+@pytest.mark.parametrize("threads", THREAD_CASES)
+def test_reader_threads_raise_the_same_error_at_the_same_step(ingested_small: Path, tmp_path: Path, threads: int):
+    data = tmp_path / "ds"
+    shutil.copytree(ingested_small, data)
+    names = {_flip_pixel(data, k) for k in (1, 3)}  # two lanes fail: the lower one's error comes first
+
+    def run(n: int) -> tuple[list[int], str]:
+        loader = ShardLoader(read_split(data, "train"), rank=0, world=1, global_batch=4, lanes=4,
+                             workers=0, seed=3, threads=n)
+        steps: list[int] = []
+        with pytest.raises(ShardChecksumError) as caught:
+            for b in loader.epoch(0):
+                steps.append(b.step)
+        assert any(n in str(caught.value) for n in names)
+        return steps, str(caught.value)
+
+    assert run(threads) == run(0)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_leaving_an_epoch_early_stops_the_reader_threads(ingested_small: Path, threads: int):
+    info = read_split(ingested_small, "train")
+    loader = ShardLoader(info, rank=0, world=1, global_batch=4, lanes=4, workers=0, seed=1, threads=threads)
+    before = set(threading.enumerate())
+    epoch = loader.epoch(0)
+    next(epoch)
+    assert any(t.name.startswith("lane-reader") for t in set(threading.enumerate()) - before)
+    epoch.close()
+    assert not [t for t in set(threading.enumerate()) - before if t.name.startswith("lane-reader")]
+
+
+def test_a_negative_thread_count_is_refused(ingested_small: Path):
+    with pytest.raises(ValueError, match="threads=-1"):
+        ShardLoader(read_split(ingested_small, "train"), rank=0, world=1, global_batch=4, lanes=4, threads=-1)
 
 
 @pytest.mark.parametrize("workers", [0, 2])  # 2: the workers' items are joined into pooled memory
@@ -349,6 +411,7 @@ def test_config_toml_round_trips_control_characters_in_paths(tmp_path: Path, nam
     ({"data": {"batchsize": 3}}, r"unknown key\(s\) \['batchsize'\] in \[data\]"),
     ({"data": {"batch_size": 0}}, "data.batch_size=0"),
     ({"data": {"batch_size": 8, "lanes": 3}}, "does not divide"),
+    ({"data": {"threads": -1}}, "data.threads=-1"),
     ({"data": {"image_size": 100}}, "multiples of 32"),
     ({"model": {"task": "segment"}}, "model.task='segment'"),
     ({"model": {"task": "classify", "name": "yolov8n"}}, "model.name"),

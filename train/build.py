@@ -112,13 +112,15 @@ def build_run(cfg: TrainConfig, env: DistEnv) -> Run:
         train_info, rank=env.rank, world=world, global_batch=cfg.data.batch_size,
         lanes=cfg.data.num_lanes, workers=cfg.data.num_workers, seed=cfg.seed, train=True,
         window=cfg.data.shuffle_window, prefetch=cfg.data.prefetch, pin_memory=pin,
+        threads=cfg.data.threads,
     )
     val_loader = None
     val_info = read_split(source, "val", manifest=manifest, labels=labels,
                           exclude_qa=drop if cfg.data.exclude_qa_eval else 0)
     if val_info.samples:
         val_loader = eval_loader(val_info, env, batch_size=cfg.data.eval_batch_size,
-                                 workers=cfg.data.num_workers, prefetch=cfg.data.prefetch)
+                                 workers=cfg.data.num_workers, prefetch=cfg.data.prefetch,
+                                 threads=cfg.data.threads)
     else:
         log.warning("no val split in %s: no evaluation", source.display)
 
@@ -170,7 +172,7 @@ def _check_same_version(path: Path, state: dict[str, Any], mine: dict[str, Any],
 
 
 def eval_loader(info: Any, env: DistEnv, *, batch_size: int, workers: int, prefetch: int = 2,
-                with_meta: bool = False) -> ShardLoader:
+                with_meta: bool = False, threads: int | None = None) -> ShardLoader:
     """A loader that gives every sample of a split once over all ranks (padding masked).
 
     Each rank gets ``batch_size`` samples per batch, split into as many lanes as the
@@ -180,7 +182,7 @@ def eval_loader(info: Any, env: DistEnv, *, batch_size: int, workers: int, prefe
     return ShardLoader(
         info, rank=env.rank, world=env.world_size, global_batch=batch_size * env.world_size,
         lanes=per_rank * env.world_size, workers=workers, train=False, prefetch=prefetch,
-        with_meta=with_meta, pin_memory=env.device.type == "cuda",
+        with_meta=with_meta, pin_memory=env.device.type == "cuda", threads=threads,
     )
 
 

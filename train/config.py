@@ -114,6 +114,10 @@ class DataConfig:
     """Train and evaluate at this side (resized on the device); default: the stored size."""
     prefetch: int = 2
     """Batches each DataLoader worker prepares ahead."""
+    threads: int | None = None
+    """Reader threads in each process that reads lanes (see :mod:`train.lane_threads`; 0:
+    the lanes are read in that process's main thread). Default: 2 in a training process
+    without DataLoader workers (its reads then overlap the training step), 0 in each worker."""
     exclude_qa: list[str] | str = dataclasses.field(default_factory=list)
     """QA flags (``shards.qa.QA_FLAGS``) whose samples leave the training plan; a list or
     ``flag,flag``. Part of the sample order: ``--resume`` refuses a different set."""
@@ -145,6 +149,10 @@ class DataConfig:
             isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 0
         ):
             raise ValueError(f"data.workers={self.workers!r}: must be an int >= 0 or unset")
+        if self.threads is not None and (
+            isinstance(self.threads, bool) or not isinstance(self.threads, int) or self.threads < 0
+        ):
+            raise ValueError(f"data.threads={self.threads!r}: must be an int >= 0 or unset")
         _positive("data.lanes", self.lanes, allow_none=True)
         if self.lanes is not None and self.batch_size % self.lanes:
             raise ValueError(

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from shards.reader import ShardChecksumError, read_into
 from shards.store import read_labels_from, read_manifest_from
 from train.batches import DeviceBatch, HostBatch, _BufferPool, _join, to_device
 from train.forking import exit_with_rank, worker_context
+from train.lane_threads import LaneThreads
 from train.plan import EpochPlan, Lane, Span, plan_epoch
 
 __all__ = [
@@ -57,6 +59,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+DEFAULT_THREADS = 2
+"""Reader threads of a loader without worker processes (:class:`ShardLoader`'s ``threads``)."""
 
 
 # --------------------------------------------------------------------------- the split
@@ -350,10 +355,14 @@ class LaneDataset(IterableDataset):
     """
 
     def __init__(self, info: SplitInfo, plan: EpochPlan, lanes: range, first_step: int,
-                 with_meta: bool, pin_memory: bool = False, pool: _BufferPool | None = None) -> None:
+                 with_meta: bool, pin_memory: bool = False, pool: _BufferPool | None = None,
+                 threads: int = 0, ahead: int = 2) -> None:
         super().__init__()
         self.info, self.plan, self.lanes = info, plan, lanes
         self.first_step, self.with_meta, self.pin_memory = first_step, with_meta, pin_memory
+        self.threads, self.ahead = threads, ahead
+        """Reader threads of each worker (0: the lanes are read in the consumer's thread)
+        and the steps they may run in front of it (:class:`train.lane_threads.LaneThreads`)."""
         self.pool = pool or _BufferPool()
         """Batch memory, kept across the epochs of one loader."""
 
@@ -371,32 +380,47 @@ class LaneDataset(IterableDataset):
         rows = len(lanes) * chunk
         pending: dict[int, _Batch] = {}
 
+        lock = threading.Lock()  # the lanes' reader threads make the batches they fill
+
         def batch(step: int) -> _Batch:
-            if step not in pending:
-                # Pinned where the batch is made in the main process: a CUDA copy from it
-                # is asynchronous, and the DataLoader's pinning then has nothing to copy.
-                pending[step] = _Batch(rows, self.info.size, shared=winfo is not None,
-                                       pin=self.pin_memory and winfo is None, pool=self.pool)
-            return pending[step]
+            with lock:
+                if step not in pending:
+                    # Pinned where the batch is made in the main process: a CUDA copy from it
+                    # is asynchronous, and the DataLoader's pinning then has nothing to copy.
+                    pending[step] = _Batch(rows, self.info.size, shared=winfo is not None,
+                                           pin=self.pin_memory and winfo is None, pool=self.pool)
+                return pending[step]
 
         fills: list[_LaneFill] = []
+        runner: LaneThreads | None = None
         try:
             for j, i in enumerate(lanes):  # every lane starts fetching now
                 fills.append(_LaneFill(self.info, self.plan.lanes[i], first * chunk, j * chunk, chunk,
                                        first, batch))
             ids = {i: self.info.rows(self.plan.lane_ids(i)).reshape(self.plan.steps, chunk) for i in lanes}
             valid = {i: self.plan.lanes[i].valid.reshape(self.plan.steps, chunk) for i in lanes}
+            if self.threads > 0 and fills:
+                runner = LaneThreads(fills, first, self.plan.steps, threads=self.threads, ahead=self.ahead)
             for step in range(first, self.plan.steps):
-                for fill in fills:
-                    fill.fill(step)
+                if runner is None:
+                    for fill in fills:
+                        fill.fill(step)
+                else:
+                    runner.wait(step)
                 item = _collate(batch(step), np.concatenate([ids[i][step] for i in lanes]),
                                 np.concatenate([valid[i][step] for i in lanes]), self.with_meta)
-                del pending[step]
+                with lock:
+                    del pending[step]
                 item["step"], item["worker"] = step, worker
                 yield item
-            for fill in fills:  # run each lane to its end: last checksums
-                fill.finish()
+            if runner is None:
+                for fill in fills:  # run each lane to its end: last checksums
+                    fill.finish()
+            else:
+                runner.wait_finished()
         finally:
+            if runner is not None:
+                runner.close()
             for fill in fills:
                 fill.close()
 
@@ -415,13 +439,18 @@ class ShardLoader:
             padding (evaluation; then ``epoch`` has no effect).
         window: Shuffle window inside a lane.
         with_meta: Add patient ids and letterbox transforms to each batch.
-        prefetch: Items each worker prepares ahead.
+        prefetch: Items each worker prepares ahead (with reader threads: the steps they may
+            read in front of the consumer).
         pin_memory: Pin host batches (for CUDA).
+        threads: Reader threads of the process that reads the lanes (see
+            :mod:`train.lane_threads`); 0 reads them in the consumer's thread. None: 2 without
+            worker processes (the reads then overlap the training step), 0 in each worker.
     """
 
     def __init__(self, info: SplitInfo, *, rank: int, world: int, global_batch: int, lanes: int,
                  workers: int = 0, seed: int = 0, train: bool = True, window: int = 64,
-                 with_meta: bool = False, prefetch: int = 2, pin_memory: bool = False) -> None:
+                 with_meta: bool = False, prefetch: int = 2, pin_memory: bool = False,
+                 threads: int | None = None) -> None:
         if global_batch % world:
             raise ValueError(f"the world size {world} does not divide the global batch {global_batch}")
         if lanes % world:
@@ -430,9 +459,12 @@ class ShardLoader:
         self.global_batch, self.num_lanes, self.seed = global_batch, lanes, seed
         self.train, self.window, self.with_meta = train, window, with_meta
         self.prefetch, self.pin_memory = prefetch, pin_memory
+        if threads is not None and threads < 0:
+            raise ValueError(f"threads={threads}: must be >= 0")
         self._pool = _BufferPool()
         per_rank = lanes // world
         self.workers = min(workers, per_rank)
+        self.threads = (DEFAULT_THREADS if self.workers == 0 else 0) if threads is None else threads
         if workers > per_rank:
             log.info("%d loader workers requested, %d lanes per rank: using %d",
                      workers, per_rank, self.workers)
@@ -464,7 +496,8 @@ class ShardLoader:
         if first_step == plan.steps:
             return
         dataset = LaneDataset(self.info, plan, plan.rank_lanes(self.rank, self.world),
-                              first_step, self.with_meta, self.pin_memory, self._pool)
+                              first_step, self.with_meta, self.pin_memory, self._pool,
+                              threads=self.threads, ahead=self.prefetch)
         loader = DataLoader(
             dataset, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch if self.workers else None,
