@@ -6,7 +6,8 @@ The same ``n`` samples (640x640 uint8 and their JSON, written once by
 batch 32, one process, every image read in full, by:
 
 * ours: :class:`train.data.ShardLoader`, :data:`LANES` lanes (every sample checked against
-  its xxh3 digests);
+  its xxh3 digests), read by its default two reader threads, and again with none (the lanes
+  read in the consumer's thread, ``threads=0``);
 * plain webdataset: ``WebDataset(urls).decode().to_tuple("npy", "json").batched(32)``;
 * MosaicML Streaming: the samples converted once by ``MDSWriter`` (a fixed-shape uint8
   column), read by ``StreamingDataset`` and a torch ``DataLoader``;
@@ -131,17 +132,22 @@ def make_dataset(root: Path, n: int, *, size: int = 640, shard_size: int = 256, 
     return root
 
 
-def _ours(data: Path, workers: int) -> dict[str, float]:
-    """One epoch of our loader from a fresh :class:`ShardLoader`."""
+def _ours(data: Path, workers: int, threads: int | None = None, step_s: float = 0.0) -> dict[str, float]:
+    """One epoch of our loader from a fresh :class:`ShardLoader` (``threads`` None: its default),
+    the consumer sleeping ``step_s`` per batch (a training step that leaves the CPU idle, as
+    one waiting on a GPU does)."""
     from train.data import ShardLoader, read_split
 
     info = read_split(data, "train")
     t0, c0 = time.perf_counter(), time.process_time()
-    loader = ShardLoader(info, rank=0, world=1, global_batch=BATCH, lanes=LANES, workers=workers, seed=0)
+    loader = ShardLoader(info, rank=0, world=1, global_batch=BATCH, lanes=LANES, workers=workers, seed=0,
+                         threads=threads)
     first = None
     for _ in loader.epoch(0):
         if first is None:
             first = time.perf_counter() - t0
+        if step_s:
+            time.sleep(step_s)
     # The epoch's padding slots (fewer than a batch) repeat samples: not counted.
     return {"samples": info.samples, "seconds": time.perf_counter() - t0, "cpu_seconds": time.process_time() - c0,
             "first_batch_s": first or 0.0}
@@ -177,7 +183,10 @@ def _peer(python: Path, which: str, root: Path, *, size: int, shuffle: bool) -> 
     return json.loads(out.strip().splitlines()[-1])
 
 
-LOADERS = ("ours", "webdataset", "streaming", "streaming, unshuffled", "litdata", "litdata, unshuffled",
+STEP_S = 0.005
+"""The idle training step of the overlap rows ("... 5 ms step"): 2,700 samples sleep 0.43 s."""
+LOADERS = ("ours", "ours, no reader threads", "ours, 5 ms step", "ours, no reader threads, 5 ms step",
+           "webdataset", "streaming", "streaming, unshuffled", "litdata", "litdata, unshuffled",
            "ours, 2 workers")
 CONVERSION = 2
 """The layout of the peers' copies (:func:`train.peers_run.convert`): a copy made with another
@@ -207,7 +216,10 @@ def peer_bench(work: Path, *, n: int = 2700, rounds: int = 3, peers: bool = True
     torch.set_num_threads(THREADS)
     try:
         for _ in range(rounds):
-            r = {"ours": _ours(data, 0), "webdataset": _webdataset(data)}
+            r = {"ours": _ours(data, 0), "ours, no reader threads": _ours(data, 0, threads=0),
+                 "ours, 5 ms step": _ours(data, 0, step_s=STEP_S),
+                 "ours, no reader threads, 5 ms step": _ours(data, 0, threads=0, step_s=STEP_S),
+                 "webdataset": _webdataset(data)}
             if python is not None:
                 for name, which in (("streaming", "mds"), ("litdata", "litdata")):
                     r[name] = _peer(python, which, work / which, size=SIZE, shuffle=True)
@@ -236,6 +248,6 @@ def table(result: dict[str, Any]) -> str:
     for k in names:
         ratio = "" if k.startswith("ours") else \
             f"{med(lambda r, k=k: (r['ours']['samples'] / r['ours']['seconds']) / (r[k]['samples'] / r[k]['seconds'])):.2f}x"
-        cpu = "" if k == "ours, 2 workers" else f"{med(lambda r, k=k: 1e6 * r[k]['cpu_seconds'] / r[k]['samples']):.0f}"
+        cpu = "" if k == "ours, 2 workers" or "step" in k else f"{med(lambda r, k=k: 1e6 * r[k]['cpu_seconds'] / r[k]['samples']):.0f}"
         lines.append(f"| {k} | {rate[k]:,.0f} | {ratio} | {cpu} | {med(lambda r, k=k: r[k]['first_batch_s']):.3f} |")
     return "\n".join(lines)
