@@ -192,13 +192,21 @@ def _pinned_empty(shape: tuple[int, ...]) -> torch.Tensor:
     return torch.empty(shape, dtype=torch.uint8, pin_memory=True)
 
 
+def _shared_empty(shape: tuple[int, ...]) -> torch.Tensor:
+    """A uint8 tensor made straight in shared memory (a worker's batch), as the DataLoader's
+    own collate makes its batches: ``torch.empty(shape).share_memory_()`` would first fill
+    private memory and then copy it over, which cost as much again per batch."""
+    storage = torch.UntypedStorage._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
+
+
 class _Batch:
     """One step's item of one worker, filled lane by lane in place: the images are read
     straight into :attr:`images` (see :class:`_LaneFill`)."""
 
     def __init__(self, rows: int, size: int, *, shared: bool, pin: bool, pool: _BufferPool) -> None:
         if shared:  # the DataLoader then passes it to the main process without another copy
-            self.images = torch.empty((rows, size, size), dtype=torch.uint8).share_memory_()
+            self.images = _shared_empty((rows, size, size))
         elif pin:  # torch's pinned allocator reuses freed blocks itself
             self.images = _pinned_empty((rows, size, size))
         else:
