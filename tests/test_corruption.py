@@ -123,22 +123,24 @@ def _damage(data: Path, origin: ShardOrigin, target: ShardInfo, other: ShardInfo
         path.write_bytes(bytes(raw))
 
 
-# 0 workers at every moment; 2 workers in the second epoch only (each such run starts two processes).
-MOMENTS = [(when, 0) for when in WHEN] + [("second epoch", 2)]
+# (moment, loader workers, reader threads): 0 workers at every moment; 2 workers in the second
+# epoch only (each such run starts two processes); 2 reader threads from the epoch's start.
+MOMENTS = [(when, 0, 0) for when in WHEN] + [("second epoch", 2, 0), ("epoch start", 0, 2)]
 
 
-@pytest.mark.parametrize(("when", "workers"), MOMENTS, ids=[f"{w}-{n}" for w, n in MOMENTS])
+@pytest.mark.parametrize(("when", "workers", "threads"), MOMENTS,
+                         ids=[f"{w}-{n}" + (f"-{t} threads" if t else "") for w, n, t in MOMENTS])
 @pytest.mark.parametrize("kind", ORIGINS)
 @pytest.mark.parametrize("damage", DAMAGES.values(), ids=DAMAGES.keys())
 def test_a_damaged_shard_is_refused_naming_it(ingested_small, served, tmp_path, monkeypatch, damage, kind, when,
-                                             workers):
+                                             workers, threads):
     monkeypatch.setattr(shards.store, "BACKOFF_S", (0.0,))  # a short copy is retried as a dropped connection
     root, base_url = served
     data = root / tmp_path.name / "ds"
     shutil.copytree(ingested_small, data)
     origin = _origin(kind, data, tmp_path, f"{base_url}{tmp_path.name}/ds")
     loader = ShardLoader(read_split(origin, "train"), rank=0, world=1, global_batch=BATCH, lanes=LANES,
-                         workers=workers, seed=5)
+                         workers=workers, seed=5, threads=threads)
     first_step = loader.steps - 1 if when == "mid-epoch resume" else 0
     target, other = _target(data, None if when == "second epoch" else first_step)
     epoch = 0

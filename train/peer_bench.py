@@ -6,14 +6,17 @@ The same ``n`` samples (640x640 uint8 and their JSON, written once by
 batch 32, one process, every image read in full, by:
 
 * ours: :class:`train.data.ShardLoader`, :data:`LANES` lanes (every sample checked against
-  its xxh3 digests), read by its default two reader threads, and again with none (the lanes
-  read in the consumer's thread, ``threads=0``);
+  its xxh3 digests) read in the consumer's thread (its default on a CPU), and again on two
+  reader threads (its default on a CUDA host without worker processes); both also with a
+  5 ms idle step per batch, which the threads overlap;
 * plain webdataset: ``WebDataset(urls).decode().to_tuple("npy", "json").batched(32)``;
 * MosaicML Streaming: the samples converted once by ``MDSWriter`` (a fixed-shape uint8
   column), read by ``StreamingDataset`` and a torch ``DataLoader``;
 * LitData: converted once by ``optimize`` (the image's raw bytes), read by
   ``StreamingDataset(batch_decode=1)`` and ``StreamingDataLoader``;
-* ours again with 2 loader worker processes.
+* ours again with 2 loader worker processes;
+* the floor: each image's bytes read into a reused row and hashed, nothing else (what any
+  checked read of these files costs on this machine; see :func:`_floor`).
 
 Ours and the two peers read in a shuffled order; the peers also in their stored order (the
 rows marked "unshuffled"), and webdataset reads in file order (its shuffle is a buffer of
@@ -153,6 +156,37 @@ def _ours(data: Path, workers: int, threads: int | None = None, step_s: float = 
             "first_batch_s": first or 0.0}
 
 
+def _floor(data: Path) -> dict[str, float]:
+    """What the machine allows a checked read of the same samples: each image's bytes read
+    with one ``preadv`` into a reused batch row and hashed (xxh3-128), in file order, with no
+    tar, JSON or batch work at all (the offsets are found before the clock starts)."""
+    import tarfile
+
+    import xxhash
+
+    from shards.manifest import SHARDS_DIR
+
+    spans = []
+    for path in sorted((data / SHARDS_DIR).glob("*.tar")):
+        with tarfile.open(path) as tar:
+            spans.append((path, [(m.offset_data, m.size) for m in tar if m.name.endswith(".npy")]))
+    rows = np.ones((BATCH, SIZE * SIZE + 256), np.uint8)  # mapped already, as the loader's pooled rows
+    t0, c0 = time.perf_counter(), time.process_time()
+    n = 0
+    for path, members in spans:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            for offset, size in members:
+                row = rows[n % BATCH, :size]
+                os.preadv(fd, [row], offset)
+                xxhash.xxh3_128_digest(row)
+                n += 1
+        finally:
+            os.close(fd)
+    seconds = time.perf_counter() - t0
+    return {"samples": n, "seconds": seconds, "cpu_seconds": time.process_time() - c0, "first_batch_s": 0.0}
+
+
 def _webdataset(data: Path) -> dict[str, float]:
     import webdataset as wds
 
@@ -185,9 +219,9 @@ def _peer(python: Path, which: str, root: Path, *, size: int, shuffle: bool) -> 
 
 STEP_S = 0.005
 """The idle training step of the overlap rows ("... 5 ms step"): 2,700 samples sleep 0.43 s."""
-LOADERS = ("ours", "ours, no reader threads", "ours, 5 ms step", "ours, no reader threads, 5 ms step",
+LOADERS = ("ours", "ours, 2 reader threads", "ours, 5 ms step", "ours, 2 reader threads, 5 ms step",
            "webdataset", "streaming", "streaming, unshuffled", "litdata", "litdata, unshuffled",
-           "ours, 2 workers")
+           "ours, 2 workers", "floor: preadv + xxh3 alone")
 CONVERSION = 2
 """The layout of the peers' copies (:func:`train.peers_run.convert`): a copy made with another
 is made again."""
@@ -216,15 +250,16 @@ def peer_bench(work: Path, *, n: int = 2700, rounds: int = 3, peers: bool = True
     torch.set_num_threads(THREADS)
     try:
         for _ in range(rounds):
-            r = {"ours": _ours(data, 0), "ours, no reader threads": _ours(data, 0, threads=0),
-                 "ours, 5 ms step": _ours(data, 0, step_s=STEP_S),
-                 "ours, no reader threads, 5 ms step": _ours(data, 0, threads=0, step_s=STEP_S),
+            r = {"ours": _ours(data, 0, threads=0), "ours, 2 reader threads": _ours(data, 0, threads=2),
+                 "ours, 5 ms step": _ours(data, 0, threads=0, step_s=STEP_S),
+                 "ours, 2 reader threads, 5 ms step": _ours(data, 0, threads=2, step_s=STEP_S),
                  "webdataset": _webdataset(data)}
             if python is not None:
                 for name, which in (("streaming", "mds"), ("litdata", "litdata")):
                     r[name] = _peer(python, which, work / which, size=SIZE, shuffle=True)
                     r[f"{name}, unshuffled"] = _peer(python, which, work / which, size=SIZE, shuffle=False)
             r["ours, 2 workers"] = _ours(data, 2)
+            r["floor: preadv + xxh3 alone"] = _floor(data)
             runs.append(r)
     finally:
         torch.set_num_threads(threads)
