@@ -114,11 +114,11 @@ def image_parts(image: np.ndarray) -> tuple[bytes, memoryview]:
     if image.dtype != np.uint8 or image.ndim != 2:
         raise ValueError(f"image must be a 2-D uint8 array, got {image.dtype} {image.shape}")
     image = np.ascontiguousarray(image)
-    return _npy_header_bytes(image.shape), memoryview(image.reshape(-1))
+    return npy_header_bytes(image.shape), memoryview(image.reshape(-1))
 
 
 @functools.lru_cache(maxsize=64)
-def _npy_header_bytes(shape: tuple[int, ...]) -> bytes:
+def npy_header_bytes(shape: tuple[int, ...]) -> bytes:
     """The ``.npy`` header ``np.save`` writes for a C-ordered uint8 array of ``shape``."""
     buf = io.BytesIO()
     np.lib.format.write_array_header_1_0(buf, {"descr": "|u1", "fortran_order": False, "shape": shape})

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
+import xxhash
 
 from shards.checksum import digest_of
 from shards.format import (
@@ -35,10 +36,12 @@ from shards.format import (
     decode_image,
     decode_meta,
     npy_header,
+    npy_header_bytes,
     split_member,
 )
 from shards.manifest import READ_CHUNK, ShardInfo
-from shards.tar import ByteSource, TarMember, TarParser
+from shards.tar import BLOCK, ByteSource, TarMember, TarParser, padded
+from shards.writer import member_header
 
 class ShardChecksumError(RuntimeError):
     """A shard's bytes do not hash to the sha256 the manifest recorded."""
@@ -321,7 +324,10 @@ def read_into(
         if src.size != shard.bytes:
             raise FormatError(f"{name}: {src.size} bytes, the manifest records {shard.bytes} "
                               "(the shard is truncated or was replaced; run `python -m shards verify`)")
-        yield from _read_slots(TarParser(src, name), name, shard, size, slot, start, stop, to_end)
+        if type(src) is _FileSlots:
+            yield from _read_plain(src, name, shard, size, slot, start, stop, to_end)
+        else:
+            yield from _read_slots(TarParser(src, name), name, shard, size, slot, start, stop, to_end)
         if isinstance(src, _HashedFileSlots):
             src.drain()
             actual = src.sha256.hexdigest()
@@ -332,15 +338,104 @@ def read_into(
             f.close()
 
 
-def _read_slots(parser: TarParser, name: str, shard: ShardInfo, size: int, slot: Slot,
+_TRAILER = 4096
+"""Bytes :func:`_read_plain` reads after an image: the JSON member's header and data and the
+next sample's header, in one ``pread`` when the JSON is under 3 KiB (it is about 600 bytes)."""
+
+
+def _read_plain(src: _FileSlots, name: str, shard: ShardInfo, size: int, slot: Slot,
                 start: int, stop: int, to_end: bool) -> Iterator[SampleMeta]:
-    """The samples of ``[start, stop)`` of the tar ``parser`` walks (see :func:`read_into`).
+    """:func:`_read_slots` for a local file of a dataset with per-sample checksums, in fewer
+    Python steps and system calls per sample: two reads (the image with its ``.npy`` header;
+    the JSON with the headers around it), and no member objects.
+
+    It accepts only what the writer writes: each header must be the one
+    :func:`shards.writer.member_header` makes for its name and size (so every field is
+    checked, not only the tar checksum), each ``.npy`` header the one of a C-ordered uint8
+    ``(size, size)`` array, and every digest must match. At the first sample where anything
+    differs (a damaged or foreign header, a checksum, a short file, the end of the archive
+    before ``stop``) it hands over to :func:`_read_slots` from that sample's first header,
+    which accepts any valid tar and raises the precise error: the samples yielded and the
+    errors raised are those of :func:`_read_slots` alone.
+    """
+    digests = shard.xxh3
+    assert digests is not None
+    fd = src._fd
+    head = npy_header_bytes((size, size))
+    npy_size = len(head) + size * size
+    npy_end = BLOCK + padded(npy_size)  # from a sample's first header to its JSON's header
+    after_head = xxhash.xxh3_128(head)
+    got_head = bytearray(len(head))
+    index, at = 0, 0
+    block = os.pread(fd, BLOCK, 0)
+    while True:
+        member = _plain_header(block)
+        if member is None or member[1] != npy_size or not member[0].endswith(f".{IMAGE_EXT}"):
+            break  # the end marker, or anything else: the general reader decides
+        key = member[0][: -len(IMAGE_EXT) - 1]
+        if "." in key or index >= shard.samples:
+            break
+        if index >= stop and not to_end:
+            return
+        wanted = start <= index < stop
+        dest = slot(index) if wanted else None
+        pixels = None if dest is None else memoryview(dest).cast("B")
+        if pixels is not None:
+            if os.preadv(fd, [got_head, pixels], at + BLOCK) != npy_size or got_head != head:
+                break
+        trailer = os.pread(fd, _TRAILER, at + npy_end)
+        member = _plain_header(trailer[:BLOCK])
+        if member is None or member[0] != f"{key}.{META_EXT}":
+            break
+        js_size, next_block = member[1], BLOCK + padded(member[1])  # in the trailer
+        next_at = at + npy_end + next_block
+        if next_block + BLOCK <= len(trailer):
+            js, block = trailer[BLOCK : BLOCK + js_size], trailer[next_block : next_block + BLOCK]
+        else:
+            js, block = os.pread(fd, next_block - BLOCK, at + npy_end + BLOCK), os.pread(fd, BLOCK, next_at)
+            if len(js) < next_block - BLOCK:  # the file ends inside the JSON or its padding
+                break
+            js = js[:js_size]
+        if wanted:
+            expected = digests[index]
+            if pixels is not None:
+                h = after_head.copy()
+                h.update(pixels)
+                if h.hexdigest() != expected[0]:
+                    break
+            if xxhash.xxh3_128_hexdigest(js) != expected[1]:
+                break
+            meta = decode_meta(js)
+            if meta.get("key") != key:
+                break
+            yield SampleMeta(index, key, meta)
+        index, at = index + 1, next_at
+    src.offset = at
+    yield from _read_slots(TarParser(src, name), name, shard, size, slot, start, stop, to_end, index)
+
+
+def _plain_header(block: bytes) -> tuple[str, int] | None:
+    """(name, size) of a header block exactly as the writer makes it, else None."""
+    if len(block) < BLOCK or block[156:157] != b"0":
+        return None
+    try:
+        name = block[:100].split(b"\0", 1)[0].decode("ascii")
+        size = int(block[124:135], 8)
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return (name, size) if member_header(name, size) == block else None
+
+
+def _read_slots(parser: TarParser, name: str, shard: ShardInfo, size: int, slot: Slot,
+                start: int, stop: int, to_end: bool, index: int = 0) -> Iterator[SampleMeta]:
+    """The samples of ``[start, stop)`` of the tar ``parser`` walks (see :func:`read_into`),
+    the first member being sample ``index``'s.
 
     Data nobody keeps is left to the parser, which passes over it (a format 1 source still
     reads and hashes it)."""
     digests = shard.xxh3
     pixels = size * size
-    index, key = 0, None
+    key = None
     npy: bytes | None = None
     js: bytes | None = None
     dest: np.ndarray | None = None
