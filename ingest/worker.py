@@ -131,8 +131,9 @@ def read_outcome(read: Callable[[], bytes], sample: PlannedSample, processing: P
     try:
         return process_sample(data, sample, processing)
     except DicomRejected as exc:
-        return Reject(sample.path, exc.reason, exc.detail)
+        return Reject(sample.path, exc.reason, exc.detail, hashlib.sha256(data).hexdigest())
     except Exception as exc:  # anything else one file raises costs that file, not the run
+        # Unforeseen, so as likely ours as the file's: no verdict on its bytes, an append tries it again.
         return Reject(sample.path, "decode_error", describe(exc))
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-FORMAT_VERSION = 5
+FORMAT_VERSION = 6
 """Version of the dataset layout that writers write; bumped on any change to the format.
 Readers accept this version and every earlier one (:data:`FORMAT_VERSIONS`)."""
 FORMAT_VERSIONS = {
@@ -26,6 +26,8 @@ FORMAT_VERSIONS = {
     4: "the manifest names its dataset version; versions/ holds the earlier ones (shards.versions)",
     5: "sources.json and versions/vNNNN.sources.json: the source index appends read (shards.source_index); "
        "the manifest's source lists every folder or archive that fed the dataset",
+    6: "a rejects.jsonl file line carries the file's sha256 when its bytes were judged (an append skips "
+       "those files); the first ingest's manifest names its source in source.sources too",
 }
 """What each version added; readers accept every version listed here (a dataset before
 version 3 reads as unflagged)."""
@@ -199,5 +201,5 @@ META_FIELDS = (
     "qa",
 )
 """The fields of a sample's JSON: nothing else from the DICOM header leaves the source."""
-META_FIELDS_BY_VERSION = {1: META_FIELDS[:-1], 2: META_FIELDS[:-1], 3: META_FIELDS, 4: META_FIELDS, 5: META_FIELDS}
+META_FIELDS_BY_VERSION = {1: META_FIELDS[:-1], 2: META_FIELDS[:-1], 3: META_FIELDS, 4: META_FIELDS, 5: META_FIELDS, 6: META_FIELDS}
 """The fields of a sample's JSON in each format version."""

@@ -22,9 +22,17 @@ class Reject:
     path: str
     reason: str
     detail: str
+    sha256: str | None = None
+    """Of the file's bytes, when the decoder judged them (it raised a named reject): the same
+    bytes under the same parameters get the same verdict, so an append skips them. None when
+    the verdict does not follow from the bytes alone: unreadable, crashed, timed out, an
+    exception the decoder did not foresee, or judged by the plan (``no_label``, ``duplicate_*``)."""
 
     def to_json(self) -> dict[str, Any]:
-        return {"kind": "file", **dataclasses.asdict(self)}
+        line = {"kind": "file", **dataclasses.asdict(self)}
+        if self.sha256 is None:
+            del line["sha256"]
+        return line
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -63,13 +63,14 @@ GOOD = [["a" * 32, "b" * 32]]
     (2, None, None),  # a format 1 shard kept by an append to a format 1 dataset
     (3, GOOD, None),  # QA flags
     (4, GOOD, None),  # the manifest names its dataset version (shards.versions)
-    (5, GOOD, None),  # the current: the source index appends read (shards.source_index)
-    (6, GOOD, "this reader reads versions 1 to 5 \\(the dataset was written by a newer pneumo-hpc: upgrade\\)"),
-    (0, None, "format_version 0: this reader reads versions 1 to 5$"),
+    (5, GOOD, None),  # the source index appends read (shards.source_index)
+    (6, GOOD, None),  # the current: a judged file reject carries its sha256
+    (7, GOOD, "this reader reads versions 1 to 6 \\(the dataset was written by a newer pneumo-hpc: upgrade\\)"),
+    (0, None, "format_version 0: this reader reads versions 1 to 6$"),
     ("2", GOOD, "format_version '2'"),
     (2, GOOD * 2, "2 per-sample checksums for 1 samples"),
     (2, [["a" * 31, "b" * 32]], "want 2 hex digests of 32 characters"),
-], ids=["v1", "v2", "v2-shard-without", "v3", "v4", "v5", "newer", "zero", "string", "count", "digest-length"])
+], ids=["v1", "v2", "v2-shard-without", "v3", "v4", "v5", "v6", "newer", "zero", "string", "count", "digest-length"])
 def test_readers_accept_every_version_up_to_the_current(version, xxh3, error):
     data = _manifest_dict(version, xxh3)
     if error is not None:
@@ -83,7 +84,7 @@ def test_readers_accept_every_version_up_to_the_current(version, xxh3, error):
 
 def test_the_ingest_writes_the_current_version_with_every_samples_checksums(ingested_small: Path):
     m = read_manifest(ingested_small)
-    assert m.format_version == FORMAT_VERSION == 5 and m.version == 1
+    assert m.format_version == FORMAT_VERSION == 6 and m.version == 1
     assert all(s.xxh3 is not None and len(s.xxh3) == s.samples for s in m.shards)
 
 
