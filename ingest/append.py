@@ -50,6 +50,7 @@ from ingest.pipeline import (
     _reusable,
     package_versions,
     read_inputs,
+    source_entry,
     source_index,
 )
 from ingest.plan import Plan
@@ -267,7 +268,7 @@ def _commit(cfg: IngestConfig, plan: Plan, records: list[ShardRecord], base: Man
     source = {**base.source, "dicom_dir": where(cfg.dicom_dir), "files": base.source.get("files", 0) + len(plan.inputs),
               "fingerprint": identity.source_fingerprint, "labels": where(cfg.labels),
               "labels_sha256": identity.labels_sha256, "class_info": where(cfg.class_info),
-              "sources": [*sources, where(cfg.dicom_dir)]}
+              "sources": [*sources, source_entry(cfg, pseudonyms)]}
     manifest = dataclasses.replace(base, shards=[*base.shards, *outcome.shards], counts=counts, source=source,
                                    packages=package_versions())
     index.merged(source_index(plan, records)).write(out / index_rel(base.version + 1))

@@ -43,7 +43,7 @@ from shards.manifest import (
 )
 from shards.pseudonym import SCHEME, KeyFileError, Pseudonymizer
 from shards.records import Reject, ShardRecord
-from shards.source import Discovered, discover, patient_id_of, source_fingerprint
+from shards.source import Discovered, discover, members_prefix, patient_id_of, source_fingerprint
 from shards.source_index import INDEX_NAME, IndexEntry, SourceIndex, label_digest
 from shards.versions import VERSIONS_DIR, recorded_shards
 
@@ -479,6 +479,16 @@ def _manifest(cfg: IngestConfig, plan: Plan, identity: RunIdentity, counts: dict
     )
 
 
+def source_entry(cfg: IngestConfig, pseudonyms: Pseudonymizer | None) -> str:
+    """What fed a run, as the manifest's ``source.sources`` lists it: the folder's absolute
+    path, or the archive's and ``!/`` and the ``--members`` folder inside it (``data.zip!/images/``);
+    pseudonymized, that text's pseudonym."""
+    text = str(cfg.dicom_dir.resolve())
+    if prefix := members_prefix(cfg.members):
+        text += "!/" + prefix
+    return pseudonyms.file(text) if pseudonyms else text
+
+
 def _source_record(cfg: IngestConfig, plan: Plan, identity: RunIdentity,
                    pseudonyms: Pseudonymizer | None) -> dict[str, Any]:
     """The manifest's ``source``; pseudonymized, each path is its pseudonym, each file its sha256."""
@@ -494,6 +504,7 @@ def _source_record(cfg: IngestConfig, plan: Plan, identity: RunIdentity,
         "labels": where(cfg.labels),
         "labels_sha256": identity.labels_sha256,
         "class_info": where(cfg.class_info),
+        "sources": [source_entry(cfg, pseudonyms)],
     }
     if pseudonyms:
         source["class_info_sha256"] = sha256_file(cfg.class_info) if cfg.class_info and cfg.class_info.is_file() else None

@@ -176,8 +176,14 @@ def _versions(args: argparse.Namespace) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     print(f"{'version':>7}  {'date':<25}  {'samples':>7}  change")
+    fed_before: list[str] = []
     for r in records:
         what = r.change.describe()
+        # A version made before the first ingest named its source in source.sources has only dicom_dir.
+        fed = r.manifest.source.get("sources") or [r.manifest.source.get("dicom_dir")]
+        if new := [str(s) for s in fed[len(fed_before):] if s is not None]:
+            what += f" from {', '.join(new)}"
+        fed_before = fed
         if r.unavailable is not None:
             what += f"; unavailable since {r.unavailable.date}: {r.unavailable.reason}"
         print(f"{'v' + str(r.version):>7}  {r.created:<25}  {r.samples:>7}  {what}")

@@ -338,7 +338,7 @@ def test_an_archive_appends_its_new_members_and_skips_the_ones_already_in(append
     assert ingest_main(_args(synth_small, archive, out, "--append", "--members", "stage_2_train_images/")) == 0
     assert "skipped 1 files" in capsys.readouterr().out
     m = read_manifest(out)
-    assert m.version == 2 and m.counts["samples"] == 24 and m.source["sources"][-1] == str(archive.resolve())
+    assert m.version == 2 and m.counts["samples"] == 24 and m.source["sources"][-1] == f"{archive.resolve()}!/stage_2_train_images/"
     assert shards_main(["verify", str(out)]) == 0, capsys.readouterr()
 
 
@@ -357,3 +357,58 @@ def test_a_dataset_made_before_the_source_index_is_appended_to(appended, synth_s
     m = read_manifest(out)
     assert m.version == 2 and m.counts["samples"] == 24 and m.format_version == 4
     assert shards_main(["verify", f"{out}@v1"]) == 0 and shards_main(["verify", str(out)]) == 0
+
+
+
+def _zip(path: Path, files: list[Path], folder: str) -> Path:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as zf:
+        for f in files:
+            zf.write(f, f"{folder}{f.name}")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("source", "members", "recorded"),
+    [
+        ("folder", None, "{path}"),
+        ("zip", "stage_2_train_images", "{path}!/stage_2_train_images/"),
+        ("zip", None, "{path}"),  # the whole archive
+    ],
+    ids=["folder", "zip-members", "zip-whole"],
+)
+def test_every_version_names_the_source_that_fed_it(appended, synth_small, tmp_path, capsys, source, members, recorded):
+    _, _, parts, _ = appended
+    files = sorted(parts[0].glob("*.dcm"))
+    path = parts[0] if source == "folder" else _zip(tmp_path / "export.zip", files, "stage_2_train_images/")
+    out = tmp_path / "ds"
+    assert ingest_main(_args(synth_small, path, out, *(["--members", members] if members else []))) == 0
+    first = recorded.format(path=path.resolve())
+    assert read_manifest(out).source["sources"] == [first]
+    assert ingest_main(_args(synth_small, parts[1], out, "--append")) == 0
+    assert read_manifest(out).source["sources"] == [first, str(parts[1].resolve())]
+    assert read_record(out, 1).manifest.source["sources"] == [first]
+    capsys.readouterr()
+    assert shards_main(["versions", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].endswith(f"first ingest from {first}")
+    assert lines[2].endswith(f"from {parts[1].resolve()}")
+
+
+def test_versions_names_the_source_of_a_first_ingest_that_did_not_list_it(appended, synth_small, tmp_path, capsys):
+    """A first ingest before format 6 wrote no source.sources: its dicom_dir stands for it."""
+    _, _, parts, _ = appended
+    out = tmp_path / "ds"
+    assert ingest_main(_args(synth_small, parts[0], out)) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["source"]["sources"]
+    manifest["format_version"] = 5
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert ingest_main(_args(synth_small, parts[1], out, "--append")) == 0
+    assert read_manifest(out).source["sources"] == [str(parts[0].resolve()), str(parts[1].resolve())]
+    capsys.readouterr()
+    assert shards_main(["versions", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[1].endswith(f"first ingest from {parts[0].resolve()}")
+    assert lines[2].endswith(f"from {parts[1].resolve()}")
