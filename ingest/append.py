@@ -20,6 +20,7 @@ other split.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import json
@@ -126,13 +127,15 @@ def run_append(cfg: IngestConfig) -> IngestSummary:
         index = index_from_shards(out, [s.name for s in base.shards])
     labels, problems, found = read_inputs(cfg)
 
+    parent_lines = (out / REJECTS_NAME).read_text().splitlines(True)
     rels = [rel for rel, _ in found.inputs]
     hashes = hash_members(found.archive.subset(rels)) if found.archive else hash_files(cfg.dicom_dir, rels)
-    known = index.files()
-    inputs = [(rel, size) for rel, size in found.inputs if hashes[rel] not in known]
-    skipped = len(found.inputs) - len(inputs)
+    known, judged = index.files(), _judged(parent_lines)
+    inputs = [(rel, size) for rel, size in found.inputs if hashes[rel] not in known and hashes[rel] not in judged]
+    skipped = sum(hashes[rel] in known for rel in rels)
+    rejected_earlier = len(found.inputs) - len(inputs) - skipped
     if not inputs:
-        return _nothing_new(out, base, skipped, t0)
+        return _nothing_new(out, base, skipped, rejected_earlier, t0)
 
     identity = RunIdentity.of(
         cfg.dataset_params(),
@@ -167,7 +170,8 @@ def run_append(cfg: IngestConfig) -> IngestSummary:
             plan = _plan(cfg, client, inputs, found.ignored, labels, problems, pseudonyms, found.archive,
                          existing=existing, first_index=_first_index(out, base),
                          split_of_new=lambda pid: new_patient_split(cfg.seed, pid, cfg.val_fraction))
-            log.info("append: %d new files (%d already in the dataset), %d shards", len(inputs), skipped, len(plan.tasks))
+            log.info("append: %d new files (%d already in the dataset, %d rejected earlier), %d shards",
+                     len(inputs), skipped, rejected_earlier, len(plan.tasks))
             records, pending = _reusable(out, plan.tasks)
             _remove_temporaries(out)
             _check_room(cfg, pending)
@@ -175,8 +179,9 @@ def run_append(cfg: IngestConfig) -> IngestSummary:
                 build_shards(cfg, client(), pending, records)
                 sync_files([out / SHARDS_DIR / t.name for t in pending])
         _remove_stale(out, {t.name for t in plan.tasks})
-        summary = _commit(cfg, plan, [records[t.name] for t in plan.tasks], base, parent, index, identity,
-                          pseudonyms, skipped, t0, built=len(pending))
+        summary = _commit(cfg, plan, [records[t.name] for t in plan.tasks], base, parent, parent_lines, index,
+                          identity, pseudonyms, t0, built=len(pending))
+        summary.skipped, summary.rejected_earlier = skipped, rejected_earlier
     except OSError as exc:
         if not is_out_of_space(exc):
             raise
@@ -195,6 +200,40 @@ def _relabels(labels: dict, index: SourceIndex, pseudonyms: Pseudonymizer | None
             out.append(LabelProblem(RELABEL, "the labels file changes the label of a patient already in the "
                                     "dataset; an append does not apply it (a relabel needs a new ingest)", pid))
     return out
+
+
+def _judged(lines: list[str]) -> set[str]:
+    """The sha256 of each file a ``rejects.jsonl`` rejects for its bytes: the same bytes under the
+    same parameters get the same verdict. A line without one (written before format 6, or a
+    verdict that does not follow from the bytes: ``no_label``, ``worker_crashed``, ...) names none,
+    so its file is processed again."""
+    out = set()
+    for line in lines:
+        entry = json.loads(line)
+        if entry.get("kind") == "file" and entry.get("sha256"):
+            out.add(entry["sha256"])
+    return out
+
+
+def _problem_identity(problem: dict[str, Any]) -> tuple[str, str | None, str]:
+    """What makes two label problems the same one: the reason, the patient and the detail, not
+    the labels file's path nor its line (a later CSV keeps the old rows, in any order)."""
+    return problem["reason"], problem.get("patient_id"), problem["detail"]
+
+
+def _new_problems(problems: list[LabelProblem], recorded_lines: list[str]) -> tuple[list[LabelProblem], int]:
+    """The ``problems`` that ``recorded_lines`` (the parent's ``rejects.jsonl``) do not hold yet,
+    and how many they do; a problem found twice needs two recorded lines to count as recorded."""
+    recorded = collections.Counter(_problem_identity(e) for line in recorded_lines
+                                   if (e := json.loads(line)).get("kind") == "label")
+    new = []
+    for problem in problems:
+        identity = _problem_identity(problem.to_json())
+        if recorded[identity]:
+            recorded[identity] -= 1
+        else:
+            new.append(problem)
+    return new, len(problems) - len(new)
 
 
 def _first_index(out: Path, base: Manifest) -> dict[str, int]:
@@ -235,18 +274,18 @@ def _merge_counts(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
 
 
 def _commit(cfg: IngestConfig, plan: Plan, records: list[ShardRecord], base: Manifest, parent: VersionRecord,
-            index: SourceIndex, identity: RunIdentity, pseudonyms: Pseudonymizer | None, skipped: int,
+            parent_lines: list[str], index: SourceIndex, identity: RunIdentity, pseudonyms: Pseudonymizer | None,
             t0: float, built: int) -> IngestSummary:
-    """Write the new version: the index, then (``commit_version``) labels, rejects, manifest."""
+    """Write the new version: the index, then (``commit_version``) labels, rejects, manifest.
+    ``parent_lines`` are the parent's ``rejects.jsonl`` lines."""
     out = cfg.out
     outcome = _collect(plan, records)
-    # A patient who now has a sample, or is reported again, leaves the parent's label_without_image lines.
-    now = {p.patient_id for p in outcome.problems if p.reason == "label_without_image"}
-    now |= {s.patient_id for t in plan.tasks for s in t.samples}
-    parent_lines = (out / REJECTS_NAME).read_text().splitlines(True)
+    # A patient who now has a sample leaves the parent's label_without_image lines.
+    now = {s.patient_id for t in plan.tasks for s in t.samples}
     kept_lines = [line for line in parent_lines if not (
         (entry := json.loads(line)).get("reason") == "label_without_image" and entry.get("patient_id") in now)]
     dropped = len(parent_lines) - len(kept_lines)
+    outcome.problems, recorded = _new_problems(outcome.problems, kept_lines)
     new_counts = _counts(plan, outcome)
     counts = _merge_counts(base.counts, new_counts)
     counts["label_problems"] -= dropped
@@ -279,12 +318,12 @@ def _commit(cfg: IngestConfig, plan: Plan, records: list[ShardRecord], base: Man
     return IngestSummary(out=out, counts=counts, rejects_by_reason=counts["rejects_by_reason"],
                          problems_by_reason=counts["label_problems_by_reason"], shards_built=built,
                          shards_reused=len(plan.tasks) - built, seconds=time.perf_counter() - t0,
-                         skipped=skipped, version=base.version + 1)
+                         problems_recorded=recorded, version=base.version + 1)
 
 
-def _nothing_new(out: Path, base: Manifest, skipped: int, t0: float) -> IngestSummary:
+def _nothing_new(out: Path, base: Manifest, skipped: int, rejected_earlier: int, t0: float) -> IngestSummary:
     c = base.counts
     return IngestSummary(out=out, counts=c, rejects_by_reason=c["rejects_by_reason"],
                          problems_by_reason=c["label_problems_by_reason"], shards_built=0, shards_reused=0,
                          seconds=time.perf_counter() - t0, already_complete=True, skipped=skipped,
-                         version=base.version)
+                         rejected_earlier=rejected_earlier, version=base.version)

@@ -74,6 +74,10 @@ class IngestSummary:
     already_complete: bool = False
     skipped: int = 0
     """Input files already in the dataset (an append skips them)."""
+    rejected_earlier: int = 0
+    """Input files an earlier version rejected for their bytes (an append skips them too)."""
+    problems_recorded: int = 0
+    """Label problems an append found that the dataset already records (not written again)."""
     version: int | None = None
     """The dataset version an append made (or found complete)."""
     records: list[ShardRecord] = dataclasses.field(default_factory=list, repr=False)
@@ -93,9 +97,11 @@ class IngestSummary:
             + "".join(f"\n  {r}: {n}" for r, n in sorted(self.problems_by_reason.items())),
         ]
         if self.version is not None:
-            out.insert(1, f"version: {self.version}; skipped {self.skipped} files already in the dataset")
+            out.insert(1, f"version: {self.version}; skipped {self.skipped} already ingested, "
+                          f"{self.rejected_earlier} rejected earlier; {self.problems_recorded} label problems "
+                          "already recorded")
         if self.already_complete and self.version is not None:
-            out.insert(0, "nothing to append: every input file is already in the dataset")
+            out.insert(0, "nothing to append: every input file is already in the dataset or was rejected earlier")
         elif self.already_complete:
             out.insert(0, "already complete: the manifest matches these inputs and parameters; nothing to do")
         return out

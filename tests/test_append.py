@@ -112,7 +112,7 @@ def test_appending_the_same_files_again_skips_them_all(appended, synth_small, tm
     capsys.readouterr()
     assert ingest_main(_args(synth_small, synth_small.images_dir, copy, "--append")) == 0
     text = capsys.readouterr().out
-    assert "nothing to append" in text and "skipped 24 files" in text
+    assert "nothing to append" in text and "skipped 24 already ingested" in text
     assert read_manifest(copy).version == 3
 
 
@@ -336,7 +336,7 @@ def test_an_archive_appends_its_new_members_and_skips_the_ones_already_in(append
         zf.writestr("stage_2_train_labels.csv", synth_small.labels_csv.read_text())
     capsys.readouterr()
     assert ingest_main(_args(synth_small, archive, out, "--append", "--members", "stage_2_train_images/")) == 0
-    assert "skipped 1 files" in capsys.readouterr().out
+    assert "skipped 1 already ingested" in capsys.readouterr().out
     m = read_manifest(out)
     assert m.version == 2 and m.counts["samples"] == 24 and m.source["sources"][-1] == f"{archive.resolve()}!/stage_2_train_images/"
     assert shards_main(["verify", str(out)]) == 0, capsys.readouterr()
@@ -353,11 +353,112 @@ def test_a_dataset_made_before_the_source_index_is_appended_to(appended, synth_s
     (out / "manifest.json").write_text(json.dumps(manifest))
     capsys.readouterr()
     assert ingest_main(_args(synth_small, synth_small.images_dir, out, "--append")) == 0
-    assert "skipped 8 files" in capsys.readouterr().out
+    assert "skipped 8 already ingested" in capsys.readouterr().out
     m = read_manifest(out)
     assert m.version == 2 and m.counts["samples"] == 24 and m.format_version == 4
     assert shards_main(["verify", f"{out}@v1"]) == 0 and shards_main(["verify", str(out)]) == 0
 
+
+def _lines(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "rejects.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize(
+    ("before_format_6", "rejected_earlier", "lines"),
+    [
+        (False, 1, 1),  # its reject line holds its sha256: skipped, not rejected again
+        (True, 0, 2),  # a line without one: processed and rejected again, as before format 6
+    ],
+    ids=["format-6", "before-format-6"],
+)
+def test_a_file_rejected_earlier_is_skipped_by_its_sha256(appended, synth_small, tmp_path, capsys,
+                                                          before_format_6, rejected_earlier, lines):
+    _, _, parts, _ = appended
+    patient = sorted(parts[2].glob("*.dcm"))[0].name  # labelled, so only its bytes can reject it
+    junk = b"not a DICOM file\n" * 20
+    first, new, out = tmp_path / "first", tmp_path / "new", tmp_path / "ds"
+    shutil.copytree(parts[0], first)
+    shutil.copytree(parts[1], new)
+    (first / patient).write_bytes(junk)
+    (new / patient).write_bytes(junk)
+    assert ingest_main(_args(synth_small, first, out)) == 0
+    [line] = [e for e in _lines(out) if e["kind"] == "file"]
+    assert line["path"] == patient and line["sha256"] == hashlib.sha256(junk).hexdigest()
+    if before_format_6:
+        text = "".join(json.dumps({k: v for k, v in e.items() if k != "sha256"}) + "\n" for e in _lines(out))
+        (out / "rejects.jsonl").write_text(text)
+    capsys.readouterr()
+    assert ingest_main(_args(synth_small, new, out, "--append")) == 0
+    assert f"skipped 0 already ingested, {rejected_earlier} rejected earlier" in capsys.readouterr().out
+    assert [e["path"] for e in _lines(out) if e["kind"] == "file"] == [patient] * lines
+    m = read_manifest(out)
+    assert m.counts["samples"] == 16 and m.counts["rejects"] == lines and m.counts["inputs"] == 16 + lines
+    # Another file of that patient (the real one) is no earlier reject: it becomes a sample.
+    assert ingest_main(_args(synth_small, parts[2], out, "--append")) == 0
+    assert read_manifest(out).counts["samples"] == 24 and Path(patient).stem in _rows(out)
+    assert shards_main(["verify", str(out)]) == 0, capsys.readouterr()
+
+
+def _with_rows(synth, path: Path, before: list[str], after: list[str]) -> Path:
+    """``synth``'s labels file with ``before`` rows after its header and ``after`` rows at its end."""
+    header, *rows = synth.labels_csv.read_text().splitlines()
+    path.write_text("\n".join([header, *before, *rows, *after]) + "\n")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "new"),
+    [
+        ([], ["ghost-1,,,,,2"], []),  # the same labels file again
+        (["ghost-2,,,,,7"], ["ghost-1,,,,,2"], ["ghost-2"]),  # the old rows moved down, one more problem
+    ],
+    ids=["same-file", "old-rows-kept-one-new"],
+)
+def test_label_problems_already_recorded_are_not_reported_again(appended, synth_small, tmp_path, capsys,
+                                                                 before, after, new):
+    _, _, parts, _ = appended
+    out = tmp_path / "ds"
+    args = _args(synth_small, parts[0], out)
+    args[args.index("--labels") + 1] = str(_with_rows(synth_small, tmp_path / "v1.csv", [], ["ghost-1,,,,,2"]))
+    assert ingest_main(args) == 0
+    args = _args(synth_small, parts[1], out, "--append")
+    args[args.index("--labels") + 1] = str(_with_rows(synth_small, tmp_path / "v2.csv", before, after))
+    capsys.readouterr()
+    assert ingest_main(args) == 0
+    # ghost-1's bad_target, and parts[2]'s 8 patients still without an image, are recorded already.
+    assert f"; {1 + 8} label problems already recorded" in capsys.readouterr().out
+    problems = [e for e in _lines(out) if e["kind"] == "label"]
+    assert sorted(e["patient_id"] for e in problems if e["reason"] == "bad_target") == ["ghost-1", *new]
+    assert len({(e["reason"], e["patient_id"]) for e in problems}) == len(problems)  # none twice
+    m = read_manifest(out)
+    assert m.counts["label_problems_by_reason"] == {"bad_target": 1 + len(new), "label_without_image": 8}
+    assert shards_main(["verify", str(out)]) == 0, capsys.readouterr()
+
+
+def test_a_relabel_is_reported_once_and_never_applied(appended, synth_small, tmp_path, capsys):
+    _, _, parts, _ = appended
+    out = tmp_path / "ds"
+    assert ingest_main(_args(synth_small, parts[0], out)) == 0
+    in_first = {f.stem for f in parts[0].glob("*.dcm")}
+    rows = synth_small.labels_csv.read_text().splitlines()
+    negative = next(i for i, r in enumerate(rows[1:], 1) if r.endswith(",0") and r.split(",")[0] in in_first)
+    patient = rows[negative].split(",")[0]
+    rows[negative] = f"{patient},10,10,20,20,1"  # a negative made positive
+    csv = tmp_path / "labels.csv"
+    csv.write_text("\n".join(rows) + "\n")
+    before = _rows(out)
+    for n, part in enumerate(parts[1:], start=2):
+        args = _args(synth_small, part, out, "--append")
+        args[args.index("--labels") + 1] = str(csv)
+        capsys.readouterr()
+        assert ingest_main(args) == 0
+        assert read_manifest(out).version == n
+        relabels = [e["patient_id"] for e in _lines(out) if e["reason"] == "relabel_needs_rewrite"]
+        assert relabels == [patient]
+        assert {k: _rows(out)[k] for k in before} == before  # the dataset keeps the label it was made with
+    assert "label problems already recorded" in capsys.readouterr().out
+    for n in (2, 3):
+        assert read_record(out, n).manifest.counts["label_problems_by_reason"]["relabel_needs_rewrite"] == 1
 
 
 def _zip(path: Path, files: list[Path], folder: str) -> Path:
