@@ -513,3 +513,34 @@ def test_versions_names_the_source_of_a_first_ingest_that_did_not_list_it(append
     lines = capsys.readouterr().out.splitlines()
     assert lines[1].endswith(f"first ingest from {parts[0].resolve()}")
     assert lines[2].endswith(f"from {parts[1].resolve()}")
+
+
+def test_an_append_by_patient_id_tag_keeps_the_same_patient_rule_and_the_splits(appended, synth_small, tmp_path, capsys):
+    """``--patient-id tag``: renamed files, the id read from each file's PatientID tag."""
+    _, _, parts, _ = appended
+    renamed = []
+    for i, part in enumerate(parts[:2]):
+        folder = tmp_path / f"renamed{i + 1}"
+        folder.mkdir()
+        for n, f in enumerate(sorted(part.glob("*.dcm"))):
+            shutil.copyfile(f, folder / f"scan-{i}-{n}.dcm")
+        renamed.append(folder)
+    again = sorted(parts[0].glob("*.dcm"))[0]
+    data = bytearray(again.read_bytes())
+    data[-1] ^= 0xFF  # another file (another sha256) of a patient the dataset holds
+    (renamed[1] / "rescan.dcm").write_bytes(bytes(data))
+    out = tmp_path / "ds"
+    assert ingest_main(_args(synth_small, renamed[0], out, "--patient-id", "tag")) == 0
+    capsys.readouterr()
+    assert ingest_main(_args(synth_small, renamed[1], out, "--append")) == 2  # the id's source is a parameter
+    assert "patient_id" in capsys.readouterr().err
+    assert ingest_main(_args(synth_small, renamed[1], out, "--append", "--patient-id", "tag")) == 0
+    rows, first = _rows(out), _rows(f"{out}@v1")
+    assert sorted(p for p, *_ in rows.values()) == sorted(f.stem for p in parts[:2] for f in p.glob("*.dcm"))
+    for key, row in rows.items():
+        assert row[1] == (first[key][1] if key in first else "val" if split_hash(0, row[0]) < 0.25 else "train")
+    m = read_manifest(out)
+    assert m.version == 2 and m.counts["samples"] == 16
+    rejects = [e for e in _lines(out) if e["kind"] == "file"]
+    assert [(e["path"], e["reason"]) for e in rejects] == [("rescan.dcm", "duplicate_key")]
+    assert shards_main(["verify", str(out)]) == 0, capsys.readouterr()
