@@ -8,6 +8,7 @@ Runs go through the CLI in a subprocess with the cluster settings in a dask conf
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import subprocess
@@ -437,3 +438,43 @@ def test_worker_job_cancelled_while_pending_is_replaced_and_output_is_identical(
     assert "shards: 7 built" in proc.stdout
     _assert_identical(out, ingested_small)
     assert _no_jobs_left(name), "worker jobs are cancelled when the run ends"
+
+
+@pytest.mark.slurm
+def test_slurm_append_matches_a_local_cluster_append(slurm_cluster: SlurmInfo, synth_small: Any, tmp_path: Path) -> None:
+    """``--append`` on SLURMCluster workers: the bytes of the same append on a LocalCluster (the
+    new version's record aside, whose ``created`` is the time it was made)."""
+    import shutil
+
+    files = sorted(synth_small.images_dir.glob("*.dcm"))
+    halves = [tmp_path / "first", tmp_path / "month"]
+    for folder, part in zip(halves, (files[:12], files[12:])):
+        folder.mkdir()
+        for f in part:
+            shutil.copyfile(f, folder / f.name)
+    local, on_slurm = tmp_path / "local", tmp_path / "slurm"
+    base = _ingest_cmd(synth_small, local, "--workers", "1")
+    base[base.index("--dicom-dir") + 1] = str(halves[0])
+    base = [a for a in base if a not in ("--cluster", "slurm")]
+    subprocess.run(base, env=_env(tmp_path), capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=True)
+    shutil.copytree(local, on_slurm)
+    append = [*base, "--append"]
+    append[append.index("--dicom-dir") + 1] = str(halves[1])
+    subprocess.run(append, env=_env(tmp_path), capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=True)
+
+    name = _unique_name()
+    config = _dask_config(tmp_path / "dask", slurm_cluster.partition, name)
+    cmd = [*append, "--cluster", "slurm", "--jobs", "1"]
+    cmd[cmd.index("--out") + 1] = str(on_slurm)
+    proc = subprocess.run(cmd, env=_env(config), capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"#SBATCH -p {slurm_cluster.partition}" in proc.stderr, "the workers are Slurm jobs"
+    assert "version: 2; skipped 0 already ingested" in proc.stdout
+    got, want = _tree(on_slurm), _tree(local)
+    assert sorted(got) == sorted(want)
+    record = "versions/v0002.json"
+    differ = [n for n in want if n != record and got[n] != want[n]]
+    assert not differ, f"files differ from the LocalCluster append: {differ}"
+    undated = [{k: v for k, v in json.loads(tree[record]).items() if k != "created"} for tree in (got, want)]
+    assert undated[0] == undated[1]
+    assert _no_jobs_left(name), "worker jobs are cancelled when the append ends"
