@@ -101,7 +101,8 @@ class IngestSummary:
                           f"{self.rejected_earlier} rejected earlier; {self.problems_recorded} label problems "
                           "already recorded")
         if self.already_complete and self.version is not None:
-            out.insert(0, "nothing to append: every input file is already in the dataset or was rejected earlier")
+            earlier = " or was rejected earlier" if self.rejected_earlier else ""
+            out.insert(0, f"nothing to append: every input file is already in the dataset{earlier}")
         elif self.already_complete:
             out.insert(0, "already complete: the manifest matches these inputs and parameters; nothing to do")
         return out

@@ -544,3 +544,24 @@ def test_an_append_by_patient_id_tag_keeps_the_same_patient_rule_and_the_splits(
     rejects = [e for e in _lines(out) if e["kind"] == "file"]
     assert [(e["path"], e["reason"]) for e in rejects] == [("rescan.dcm", "duplicate_key")]
     assert shards_main(["verify", str(out)]) == 0, capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    ("skipped", "rejected_earlier", "first_line"),
+    [
+        (3, 0, "nothing to append: every input file is already in the dataset"),
+        (3, 1, "nothing to append: every input file is already in the dataset or was rejected earlier"),
+    ],
+)
+def test_the_summary_of_an_append_with_nothing_new_says_why(tmp_path, skipped, rejected_earlier, first_line):
+    from ingest.pipeline import IngestSummary
+
+    counts = {"samples": 3, "train": {"samples": 2}, "val": {"samples": 1}, "positives": 1, "boxes": 1,
+              "rejects": 1, "label_problems": 0}
+    summary = IngestSummary(out=tmp_path, counts=counts, rejects_by_reason={}, problems_by_reason={}, shards_built=0,
+                            shards_reused=0, seconds=0.1, already_complete=True, skipped=skipped,
+                            rejected_earlier=rejected_earlier, version=2)
+    lines = summary.lines()
+    assert lines[0] == first_line
+    assert lines[2] == (f"version: 2; skipped {skipped} already ingested, {rejected_earlier} rejected earlier; "
+                        "0 label problems already recorded")
