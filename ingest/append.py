@@ -2,8 +2,12 @@
 
 The new files become new shards, numbered after the highest shard any kept version lists; no
 shard of an earlier version is read or rewritten. What the append reads of the dataset is its
-manifest, its label store and its source index (:mod:`shards.source_index`; a dataset made
-before the index, format 4 or earlier, has its samples' JSON read once instead).
+manifest, its label store, its ``rejects.jsonl`` and its source index (:mod:`shards.source_index`;
+a dataset made before the index, format 4 or earlier, has its samples' JSON read once instead).
+
+Skipped: a file whose sha256 the index holds (already ingested) or a ``rejects.jsonl`` file line
+carries (rejected for its bytes, format 6). Written: only the label problems the parent's
+``rejects.jsonl`` does not hold yet.
 
 Splits. Existing patients keep their split. A new patient goes to ``val`` when
 ``split_hash(seed, id) < val_fraction`` (:func:`shards.seeds.split_hash`, the id being the
