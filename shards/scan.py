@@ -2,8 +2,10 @@
 
 :func:`scan_shard` reads a shard's bytes exactly once, hashing them as they arrive and parsing
 the tar headers, member names, key pairing, JSON (and with ``deep`` the images) from the same
-buffer. It never raises for damaged data: everything found is a :class:`Problem` in the
-returned :class:`ShardScan`, for the driver in :mod:`shards.verify` to report.
+buffer; with ``digests`` it also hashes each sample's members as the writer does (xxh3-128,
+:mod:`shards.checksum`). It never raises for damaged data: everything found is a
+:class:`Problem` in the returned :class:`ShardScan`, for the driver in :mod:`shards.verify` to
+report.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from shards.checksum import digest_of
 from shards.format import (
     CLASS_NAMES,
     FORMAT_VERSION,
@@ -63,6 +66,9 @@ class ShardScan:
     boxes: int = 0
     records: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     """Each sample's parsed JSON (``keep_records``), for the cross-checks done by the driver."""
+    xxh3: list[tuple[str, str]] | None = None
+    """Each sample's hex xxh3-128 of its ``.npy`` and ``.json`` data, aligned with :attr:`keys`
+    (``digests``); None when not computed."""
     problems: list[Problem] = dataclasses.field(default_factory=list)
     seconds: float = 0.0
 
@@ -148,13 +154,18 @@ class _ShardWalk:
     """The state of one pass over a shard's tar structure."""
 
     def __init__(self, scan: ShardScan, chunks: _HashedChunks, *, split: str | None, size: int | None,
-                 deep: bool, keep_records: bool, format_version: int = FORMAT_VERSION) -> None:
+                 deep: bool, keep_records: bool, digests: bool = False,
+                 format_version: int = FORMAT_VERSION) -> None:
         self.format_version = format_version
         self.scan, self.chunks = scan, chunks
         self.split, self.size, self.deep, self.keep = split, size, deep, keep_records
+        self.digests = digests
+        if digests:
+            scan.xxh3 = []
         self.cur_key: str | None = None
         self.cur_exts: set[str] = set()
         self.cur_meta: dict[str, Any] | None = None
+        self.cur_digests: dict[str, str] = {}
         self.seen: set[str] = set()
 
     def problem(self, check: str, what: str, key: str | None = None, expected: str | None = None) -> None:
@@ -210,19 +221,25 @@ class _ShardWalk:
             return
         if key != self.cur_key:
             self._close_sample()
-            self.cur_key, self.cur_exts, self.cur_meta = key, set(), None
+            self.cur_key, self.cur_exts, self.cur_meta, self.cur_digests = key, set(), None, {}
         if ext in self.cur_exts:
             self.problem("pairing", f"member {name} occurs twice in a row", key=key)
             return
         self.cur_exts.add(ext)
         if ext == META_EXT:
-            self._meta(key, bytes(parser.read_data(member)))
-        elif self.deep:
+            data = bytes(parser.read_data(member))
+            if self.digests:
+                self.cur_digests[ext] = digest_of(data)
+            self._meta(key, data)
+        elif self.deep or self.digests:
             data = parser.read_data(member)  # a truncation raises here, not as an image problem
-            try:
-                decode_image(data, self.size)
-            except FormatError as exc:
-                self.problem("image", str(exc), key=key)
+            if self.digests:
+                self.cur_digests[ext] = digest_of(data)
+            if self.deep:
+                try:
+                    decode_image(data, self.size)
+                except FormatError as exc:
+                    self.problem("image", str(exc), key=key)
 
     def _close_sample(self) -> None:
         key = self.cur_key
@@ -237,6 +254,8 @@ class _ShardWalk:
             self.problem("duplicate_key", "key occurs twice in this shard", key=key)
         self.seen.add(key)
         self.scan.keys.append(key)
+        if self.scan.xxh3 is not None:
+            self.scan.xxh3.append((self.cur_digests.get(IMAGE_EXT, ""), self.cur_digests.get(META_EXT, "")))
         meta = self.cur_meta
         if meta is not None:
             if meta.get("target") == 1:
@@ -269,6 +288,7 @@ def scan_shard(
     size: int | None = None,
     deep: bool = False,
     keep_records: bool = False,
+    digests: bool = False,
     format_version: int = FORMAT_VERSION,
 ) -> ShardScan:
     """Hash and parse one shard in a single pass over its bytes; never raises for bad data.
@@ -280,6 +300,8 @@ def scan_shard(
         deep: decode every image and check every JSON field (:func:`check_meta`).
         format_version: the manifest's format version, which decides the JSON's fields.
         keep_records: return every sample's parsed JSON in :attr:`ShardScan.records`.
+        digests: hash each sample's members as the writer does (:attr:`ShardScan.xxh3`), for
+            a manifest that records per-sample digests (format 2 on).
 
     Returns:
         A :class:`ShardScan` with the sha256, the keys in file order and the problems found.
@@ -296,7 +318,7 @@ def scan_shard(
         chunks = _HashedChunks(raw)
         try:
             _ShardWalk(scan, chunks, split=split, size=size, deep=deep, keep_records=keep_records,
-                       format_version=format_version).run()
+                       digests=digests, format_version=format_version).run()
             chunks.drain()  # a parse stopped early still hashes the whole file
         except OSError as exc:
             scan.problems.append(Problem("shard_unreadable", f"read error at byte {chunks.total}: {exc}",

@@ -388,6 +388,13 @@ def test_scan_hashes_every_byte_once(built: Built) -> None:
         assert scan.bytes == path.stat().st_size and scan.complete and not scan.problems
 
 
+def test_scan_hashes_each_sample_as_the_writer_did(built: Built) -> None:
+    for info in read_manifest(built.ds).shards:
+        path = built.ds / "shards" / info.name
+        assert scan_shard(path, digests=True).xxh3 == list(info.xxh3)
+        assert scan_shard(path).xxh3 is None  # not asked: nothing hashed but the sha256
+
+
 def test_reader_flipped_byte_raises_checksum_error_naming_the_shard(work: Built) -> None:
     flip_image_pixel(work)
     info = read_manifest(work.ds).shards[1]
