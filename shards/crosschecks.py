@@ -1,9 +1,10 @@
 """The dataset-level checks of ``python -m shards verify``: what no single shard's scan can see.
 
-The manifest against itself, each :class:`~shards.scan.ShardScan` against its manifest entry,
-keys and counts across shards, ``rejects.jsonl``, ``labels.zarr`` row by row (deep), and the
-source folder and labels CSV (source mode). Each returns or appends :class:`Problem` values;
-none raises for damaged data. :func:`shards.verify.verify` runs them in that order.
+The manifest against itself, each :class:`~shards.scan.ShardScan` against its manifest entry
+(sha256, counts, first and last keys, per-sample digests), keys and counts across shards,
+``rejects.jsonl``, ``labels.zarr`` row by row (deep), and the source folder and labels CSV
+(source mode). Each returns or appends :class:`Problem` values; none raises for damaged data.
+:func:`shards.verify.verify` runs them in that order.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from shards.format import SHARD_NAME, SPLITS, FormatError
+from shards.format import MEMBER_EXTS, SHARD_NAME, SPLITS, FormatError
 from shards.label_csv import PatientLabel
 from shards.labels import LabelRow, LabelTable, read_labels
 from shards.manifest import LABELS_NAME, REJECTS_NAME, SHARDS_DIR, Manifest, ShardInfo, params_hash
@@ -129,6 +130,27 @@ def shard_vs_manifest(scan: ShardScan, info: ShardInfo) -> list[Problem]:
         out.append(Problem("shard_count", f"first key {first!r}", repr(info.first_key), shard=name))
     if last != info.last_key:
         out.append(Problem("shard_count", f"last key {last!r}", repr(info.last_key), shard=name))
+    if len(scan.keys) == info.samples:  # otherwise samples and digests no longer pair up by position
+        out.extend(sample_digests(scan, info))
+    return out
+
+
+def sample_digests(scan: ShardScan, info: ShardInfo) -> list[Problem]:
+    """Each sample member's xxh3-128 (hashed by the scan) against the manifest's per-sample
+    digests, which the loader checks every read against: one problem per member that differs.
+
+    Samples pair with digests by position in the shard; a manifest without digests (format 1)
+    or a scan that did not hash has nothing to compare.
+    """
+    if info.xxh3 is None or scan.xxh3 is None:
+        return []
+    out: list[Problem] = []
+    for index, (key, actual, expected) in enumerate(zip(scan.keys, scan.xxh3, info.xxh3)):
+        for ext, got, want in zip(MEMBER_EXTS, actual, expected):
+            if got != want:
+                out.append(Problem("sample_xxh3", f"sample {index} .{ext} hashes to xxh3 {got[:16]}..., not to the "
+                                   "manifest's digest: the loader refuses this sample", f"{want[:16]}...",
+                                   shard=info.name, key=key))
     return out
 
 

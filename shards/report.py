@@ -21,6 +21,7 @@ CHECKS = {
     "shard_unreadable": "a shard file cannot be opened or read",
     "shard_size": "a shard's size differs from the manifest",
     "shard_sha256": "a shard's sha256 differs from the manifest",
+    "sample_xxh3": "a sample member's xxh3-128 differs from the manifest's per-sample digest",
     "tar_header": "a damaged tar header (bad checksum or fields)",
     "tar_truncated": "the shard ends before its tar archive does",
     "tar_trailer": "non-zero bytes after the end-of-archive marker",

@@ -6,8 +6,10 @@ Three depths, each including the one before:
   shard exists (and no other file sits in ``shards/``) with the recorded size and sha256;
   each shard is a well-formed tar of safe member names pairing up per key (``.npy`` +
   ``.json``); keys are unique across shards; per-shard and per-split counts, first and last
-  keys agree with the manifest; ``rejects.jsonl`` parses and agrees with the manifest counts.
-  Each shard is hashed and parsed in one pass over its bytes (:func:`scan_shard`).
+  keys agree with the manifest; each sample member hashes to the manifest's per-sample xxh3-128
+  (format 2 on: the digests the loader checks every read against); ``rejects.jsonl`` parses and
+  agrees with the manifest counts. Each shard is hashed and parsed in one pass over its bytes
+  (:func:`scan_shard`).
 * **deep** (``deep=True``): also decodes every image (uint8, size x size, never unpickled),
   checks each JSON (fields exactly :data:`~shards.format.META_FIELDS`, values, boxes inside
   the image, letterbox transform) and compares it with its ``labels.zarr`` row.
@@ -319,7 +321,7 @@ def _shard_calls(m: Manifest, present: dict[str, Path], size: int | None, cfg: V
         if actual != info.bytes:
             problems.append(Problem("shard_size", f"{actual} bytes", f"{info.bytes} bytes", shard=info.name))
         kwargs = dict(path=str(path), split=info.split, size=size, deep=cfg.deep, keep_records=keep,
-                      format_version=m.format_version)
+                      digests=info.xxh3 is not None, format_version=m.format_version)
         calls.append(_Call(scan_shard, kwargs, max(actual, 0), info.name))
     return calls
 

@@ -184,6 +184,45 @@ def duplicate_key(b: Built) -> dict[str, str]:
     return {"shard": _shard(b, 1).name, "key": first.key}
 
 
+def _edit_digest(b: Built, member: int) -> dict[str, str]:
+    """Change the manifest's digest of one member (0: .npy, 1: .json) of train-000001's second sample."""
+    name = _shard(b).name
+
+    def edit(m: dict[str, Any]) -> None:
+        pair = next(s for s in m["shards"] if s["name"] == name)["xxh3"][1]
+        pair[member] = "0" * len(pair[member])
+
+    _edit_manifest(b, edit)
+    return {"shard": name, "key": _members(_shard(b))[2].name.split(".")[0]}
+
+
+def edit_manifest_npy_digest(b: Built) -> dict[str, str]:
+    return _edit_digest(b, 0)
+
+
+def edit_manifest_json_digest(b: Built) -> dict[str, str]:
+    return _edit_digest(b, 1)
+
+
+def replace_shard_keep_digests(b: Built) -> dict[str, str]:
+    """Rewrite train-000001 with one pixel of its second sample changed, and record the new
+    file's sha256 and size in the manifest but not its per-sample digests."""
+    samples = list(iter_samples(_shard(b)))
+    image = samples[1].image.copy()
+    image[10, 10] ^= 0x01
+    with ShardWriter(_shard(b)) as w:
+        for i, s in enumerate(samples):
+            w.write(s.key, image if i == 1 else s.image, s.meta)
+    res = w.result
+    assert res is not None
+
+    def edit(m: dict[str, Any]) -> None:
+        next(s for s in m["shards"] if s["name"] == res.name).update(sha256=res.sha256, bytes=res.bytes)
+
+    _edit_manifest(b, edit)
+    return {"shard": res.name, "key": samples[1].key}
+
+
 def change_label_box(b: Built) -> dict[str, str]:
     t = read_labels(b.ds / "labels.zarr")
     r = int(np.flatnonzero(np.diff(t.box_offsets) > 0)[0])
@@ -277,12 +316,16 @@ CASES = [
     Case("clean-quick", no_damage, "quick", 0, ()),
     Case("clean-deep", no_damage, "deep", 0, ()),
     Case("clean-source", no_damage, "all", 0, ()),
-    Case("image-pixel-quick", flip_image_pixel, "quick", 1, (("shard_sha256", "{shard}", None),)),
-    Case("image-pixel-deep", flip_image_pixel, "deep", 1, (("shard_sha256", "{shard}", None),)),
+    Case("image-pixel-quick", flip_image_pixel, "quick", 1,
+         (("shard_sha256", "{shard}", None), ("sample_xxh3", "{shard}", "{key}"))),
+    Case("image-pixel-deep", flip_image_pixel, "deep", 1,
+         (("shard_sha256", "{shard}", None), ("sample_xxh3", "{shard}", "{key}"))),
     Case("image-npy-header-deep", flip_image_header, "deep", 1,
-         (("shard_sha256", "{shard}", None), ("image", "{shard}", "{key}"))),
-    Case("json-byte-quick", flip_json, "quick", 1, (("shard_sha256", "{shard}", None), ("meta", "{shard}", "{key}"))),
-    Case("json-byte-deep", flip_json, "deep", 1, (("shard_sha256", "{shard}", None), ("meta", "{shard}", "{key}"))),
+         (("shard_sha256", "{shard}", None), ("image", "{shard}", "{key}"), ("sample_xxh3", "{shard}", "{key}"))),
+    Case("json-byte-quick", flip_json, "quick", 1,
+         (("shard_sha256", "{shard}", None), ("meta", "{shard}", "{key}"), ("sample_xxh3", "{shard}", "{key}"))),
+    Case("json-byte-deep", flip_json, "deep", 1,
+         (("shard_sha256", "{shard}", None), ("meta", "{shard}", "{key}"), ("sample_xxh3", "{shard}", "{key}"))),
     Case("tar-header-quick", flip_tar_header, "quick", 1,
          (("shard_sha256", "{shard}", None), ("tar_header", "{shard}", "{key}"))),
     Case("truncated-quick", truncate_shard, "quick", 1,
@@ -299,6 +342,11 @@ CASES = [
          (("labels_row_missing", "{shard}", "{key}"), ("labels_count", None, None))),
     Case("manifest-params-quick", edit_manifest_params, "quick", 1, (("params_hash", None, None),)),
     Case("manifest-sha-quick", edit_manifest_sha, "quick", 1, (("shard_sha256", "{shard}", None),)),
+    Case("manifest-npy-digest-quick", edit_manifest_npy_digest, "quick", 1, (("sample_xxh3", "{shard}", "{key}"),)),
+    Case("manifest-json-digest-quick", edit_manifest_json_digest, "quick", 1, (("sample_xxh3", "{shard}", "{key}"),)),
+    Case("manifest-json-digest-deep", edit_manifest_json_digest, "deep", 1, (("sample_xxh3", "{shard}", "{key}"),)),
+    Case("shard-replaced-sha-recomputed-quick", replace_shard_keep_digests, "quick", 1,
+         (("sample_xxh3", "{shard}", "{key}"),)),
     Case("manifest-counts-quick", edit_manifest_counts, "quick", 1, (("manifest_counts", None, None),)),
     Case("manifest-not-json-quick", manifest_not_json, "quick", 1, (("manifest_unreadable", None, None),)),
     Case("manifest-bad-types-quick", manifest_bad_types, "quick", 1,
@@ -393,6 +441,40 @@ def test_scan_hashes_each_sample_as_the_writer_did(built: Built) -> None:
         path = built.ds / "shards" / info.name
         assert scan_shard(path, digests=True).xxh3 == list(info.xxh3)
         assert scan_shard(path).xxh3 is None  # not asked: nothing hashed but the sha256
+
+
+@pytest.mark.parametrize(("damage", "member"), [
+    (edit_manifest_npy_digest, "npy"),
+    (edit_manifest_json_digest, "json"),
+    (replace_shard_keep_digests, "npy"),
+], ids=["manifest-npy", "manifest-json", "shard-replaced"])
+def test_a_digest_mismatch_is_one_line_naming_shard_sample_and_member(
+        damage: Callable[[Built], dict[str, str]], member: str, work: Built) -> None:
+    names = damage(work)
+    report = verify(VerifyConfig(out=work.ds, workers=1, progress=False))
+    assert not report.ok and report.to_json()["problems_by_check"] == {"sample_xxh3": 1}
+    [p] = report.problems
+    assert (p.shard, p.key) == (names["shard"], names["key"])
+    assert p.line().startswith(f"{names['shard']} key {names['key']}: sample 1 .{member} hashes to xxh3 ")
+    assert "the loader refuses this sample" in p.line() and p.expected is not None
+
+
+@pytest.mark.parametrize(("damage", "checks"), [
+    (no_damage, set()),
+    (flip_image_pixel, {"shard_sha256"}),
+    (flip_json, {"shard_sha256", "meta"}),
+], ids=["clean", "image-pixel", "json-byte"])
+def test_a_format_1_dataset_has_no_digests_to_check(
+        damage: Callable[[Built], dict[str, str]], checks: set[str], work: Built) -> None:
+    """Quick mode only: ``as_format_1`` rewrites the manifest alone, so the samples' JSON keeps
+    the fields of the current format, which deep mode would report."""
+    from tests.formats import as_format_1
+
+    damage(work)
+    as_format_1(work.ds)
+    assert all(s.xxh3 is None for s in read_manifest(work.ds).shards)
+    report = verify(VerifyConfig(out=work.ds, workers=1, progress=False))
+    assert {p.check for p in report.problems} == checks, report.lines()
 
 
 def test_reader_flipped_byte_raises_checksum_error_naming_the_shard(work: Built) -> None:

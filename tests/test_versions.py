@@ -139,6 +139,22 @@ def test_earlier_shards_keep_their_bytes_and_every_version_verifies(two_versions
     assert f"{out}@v1" in capsys.readouterr().out
 
 
+def test_verify_of_a_version_checks_that_version_s_per_sample_digests(two_versions, tmp_path, capsys):
+    out = tmp_path / "ds"
+    shutil.copytree(two_versions[0], out)
+    path = out / VERSIONS_DIR / "v0001.json"
+    record = json.loads(path.read_text())
+    shard = record["manifest"]["shards"][0]
+    shard["xxh3"][0][1] = "0" * 32  # the first sample's .json, in version 1's manifest alone
+    path.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+    report = tmp_path / "report.json"
+    assert shards_main(["verify", f"{out}@v1", "--workers", "1", "--no-progress", "--json", str(report)]) == 1
+    [problem] = json.loads(report.read_text())["problems"]
+    assert (problem["check"], problem["shard"], problem["key"]) == ("sample_xxh3", shard["name"], shard["first_key"])
+    assert f"{shard['name']} key {shard['first_key']}: sample 0 .json hashes to xxh3 " in capsys.readouterr().out
+    assert shards_main(["verify", str(out), "--workers", "1", "--no-progress"]) == 0  # the latest's digests hold
+
+
 def test_versions_lists_number_date_samples_and_change(two_versions, capsys):
     out, _, _ = two_versions
     assert shards_main(["versions", str(out)]) == 0
