@@ -156,6 +156,33 @@ def test_resume_mid_epoch_continues_with_the_same_batches(ingested_small: Path):
     np.testing.assert_array_equal(_ids(list(single.epoch(3, first_step=2)))[:, 2:], expected[2:])
 
 
+def test_workers_reuse_their_shared_batch_memory_and_give_the_same_batches(tmp_path: Path, monkeypatch):
+    from train import batches, data as loader_module
+    from train.peer_bench import make_dataset
+
+    info = read_split(make_dataset(tmp_path / "ds", 240, size=32, shard_size=40), "train")
+    sent: list[int] = []
+    join = batches._join
+
+    def spy(items, *args, **kwargs):
+        sent.extend(it["images"].data_ptr() for it in items)
+        return join(items, *args, **kwargs)
+
+    monkeypatch.setattr(loader_module, "_join", spy)
+    inline = ShardLoader(info, rank=0, world=1, global_batch=4, lanes=2, workers=0, seed=3, window=8)
+    want = [(b.keys, b.images.clone(), b.target, b.boxes, b.box_index) for b in inline.epoch(1)]
+    sent.clear()
+    two = ShardLoader(info, rank=0, world=1, global_batch=4, lanes=2, workers=2, seed=3, window=8)
+    got = [(b.keys, b.images.clone(), b.target, b.boxes, b.box_index) for b in two.epoch(1)]
+    assert len(got) == len(want) == 60
+    for a, b in zip(want, got):
+        assert a[0] == b[0] and all(torch.equal(x, y) for x, y in zip(a[1:], b[1:]))
+    # 120 items over 60 steps: each worker cycles through a few buffers (those its lane's
+    # shuffle window fills ahead, 4 steps, and those in flight), which the main process keeps
+    # mapped, instead of a new shared-memory file per item.
+    assert len(sent) == 120 and len(set(sent)) <= 24
+
+
 THREAD_CASES = [0, 1, 2, 8]  # 0: the lanes read in the consumer's thread; 8: more threads than lanes
 
 

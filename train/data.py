@@ -24,6 +24,7 @@ moves them to the device, where they become float.
 from __future__ import annotations
 
 import dataclasses
+import collections
 import logging
 import math
 import threading
@@ -200,13 +201,46 @@ def _shared_empty(shape: tuple[int, ...]) -> torch.Tensor:
     return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
 
 
+class _SharedBatches:
+    """A DataLoader worker's batch memory: shared-memory buffers, each reused once the main
+    process has copied the batch it carried.
+
+    A fresh shared buffer costs twice per batch: the worker faults its pages in as it fills
+    them, and the main process maps it anew and faults them in again as it copies it. A
+    buffer sent again maps to the storage the main process kept from its last visit (torch
+    keeps received storages by inode while they live, and :meth:`ShardLoader.epoch` keeps
+    them alive), so a reused buffer costs neither. ``copied[w]`` is the last step whose
+    batch the main process has copied out of worker ``w``'s buffers; a buffer lent for a
+    later step is never written.
+    """
+
+    KEEP = 64
+    """Buffers waiting for the main process at most (older ones are left to the collector)."""
+
+    def __init__(self, copied: torch.Tensor, worker: int) -> None:
+        self._copied, self._worker = copied, worker
+        self._lent: collections.deque[tuple[int, torch.Tensor]] = collections.deque()
+
+    def take(self, shape: tuple[int, ...]) -> torch.Tensor:
+        if self._lent and self._lent[0][0] <= int(self._copied[self._worker]) and self._lent[0][1].shape == shape:
+            return self._lent.popleft()[1]
+        return _shared_empty(shape)
+
+    def lend(self, step: int, images: torch.Tensor) -> None:
+        """``images`` leaves for the main process as step ``step``'s batch."""
+        self._lent.append((step, images))
+        if len(self._lent) > self.KEEP:
+            self._lent.popleft()
+
+
 class _Batch:
     """One step's item of one worker, filled lane by lane in place: the images are read
     straight into :attr:`images` (see :class:`_LaneFill`)."""
 
-    def __init__(self, rows: int, size: int, *, shared: bool, pin: bool, pool: _BufferPool) -> None:
-        if shared:  # the DataLoader then passes it to the main process without another copy
-            self.images = _shared_empty((rows, size, size))
+    def __init__(self, rows: int, size: int, *, shared: _SharedBatches | None, pin: bool,
+                 pool: _BufferPool) -> None:
+        if shared is not None:  # the DataLoader passes it to the main process without another copy
+            self.images = shared.take((rows, size, size))
         elif pin:  # torch's pinned allocator reuses freed blocks itself
             self.images = _pinned_empty((rows, size, size))
         else:
@@ -333,7 +367,11 @@ class _LaneFill:
 
 
 def _collate(batch: _Batch, index: np.ndarray, valid: np.ndarray, with_meta: bool) -> dict[str, Any]:
-    """One worker's item of one step from its filled batch and the plan's indices."""
+    """One worker's item of one step from its filled batch and the plan's indices.
+
+    Only the images are a tensor: a worker sends each tensor through its own shared-memory
+    file, which the main process maps and unmaps, where the small arrays travel inside the
+    item's pickle (:func:`train.batches._join` makes them tensors)."""
     boxes: list[Any] = []
     box_index: list[int] = []
     for i, meta in enumerate(batch.meta):
@@ -342,16 +380,23 @@ def _collate(batch: _Batch, index: np.ndarray, valid: np.ndarray, with_meta: boo
         box_index.extend([i] * len(b))
     out: dict[str, Any] = {
         "images": batch.images,
-        "target": torch.tensor([int(m.get("target", -1)) for m in batch.meta], dtype=torch.int64),
-        "boxes": torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4),
-        "box_index": torch.tensor(box_index, dtype=torch.int64),
-        "index": torch.from_numpy(index.astype(np.int64)),
-        "valid": torch.from_numpy(valid.astype(bool)),
+        "target": np.array([int(m.get("target", -1)) for m in batch.meta], dtype=np.int64),
+        "boxes": np.array(boxes, dtype=np.float32).reshape(-1, 4),
+        "box_index": np.array(box_index, dtype=np.int64),
+        "index": index.astype(np.int64),
+        "valid": valid.astype(bool),
         "keys": list(batch.keys),
     }
     if with_meta:
         out["meta"] = [{"patient_id": m.get("patient_id"), "transform": m.get("transform")} for m in batch.meta]
     return out
+
+
+def _as_made(item: dict[str, Any]) -> dict[str, Any]:
+    """The DataLoader's conversion of each item (``collate_fn`` with ``batch_size=None``):
+    none. Its default turns numpy arrays into tensors, which a worker would then send one
+    shared-memory file each."""
+    return item
 
 
 class LaneDataset(IterableDataset):
@@ -364,8 +409,11 @@ class LaneDataset(IterableDataset):
 
     def __init__(self, info: SplitInfo, plan: EpochPlan, lanes: range, first_step: int,
                  with_meta: bool, pin_memory: bool = False, pool: _BufferPool | None = None,
-                 threads: int = 0, ahead: int = 2) -> None:
+                 threads: int = 0, ahead: int = 2, copied: torch.Tensor | None = None) -> None:
         super().__init__()
+        self.copied = copied
+        """Shared with the workers: the last step the main process copied out of each
+        worker's batch memory (:class:`_SharedBatches`); None without workers."""
         self.info, self.plan, self.lanes = info, plan, lanes
         self.first_step, self.with_meta, self.pin_memory = first_step, with_meta, pin_memory
         self.threads, self.ahead = threads, ahead
@@ -387,6 +435,10 @@ class LaneDataset(IterableDataset):
         chunk, first = self.plan.chunk, self.first_step
         rows = len(lanes) * chunk
         pending: dict[int, _Batch] = {}
+        shared = None
+        if winfo is not None:
+            assert self.copied is not None, "a LaneDataset read by workers needs `copied`"
+            shared = _SharedBatches(self.copied, worker)
 
         lock = threading.Lock()  # the lanes' reader threads make the batches they fill
 
@@ -395,7 +447,7 @@ class LaneDataset(IterableDataset):
                 if step not in pending:
                     # Pinned where the batch is made in the main process: a CUDA copy from it
                     # is asynchronous, and the DataLoader's pinning then has nothing to copy.
-                    pending[step] = _Batch(rows, self.info.size, shared=winfo is not None,
+                    pending[step] = _Batch(rows, self.info.size, shared=shared,
                                            pin=self.pin_memory and winfo is None, pool=self.pool)
                 return pending[step]
 
@@ -418,7 +470,9 @@ class LaneDataset(IterableDataset):
                 item = _collate(batch(step), np.concatenate([ids[i][step] for i in lanes]),
                                 np.concatenate([valid[i][step] for i in lanes]), self.with_meta)
                 with lock:
-                    del pending[step]
+                    done = pending.pop(step)
+                if shared is not None:
+                    shared.lend(step, done.images)
                 item["step"], item["worker"] = step, worker
                 yield item
             if runner is None:
@@ -507,17 +561,21 @@ class ShardLoader:
             raise ValueError(f"first_step={first_step} outside 0..{plan.steps}")
         if first_step == plan.steps:
             return
+        copied = torch.full((self.workers,), first_step - 1, dtype=torch.int64).share_memory_() \
+            if self.workers else None
         dataset = LaneDataset(self.info, plan, plan.rank_lanes(self.rank, self.world),
                               first_step, self.with_meta, self.pin_memory, self._pool,
-                              threads=self.threads, ahead=self.prefetch)
+                              threads=self.threads, ahead=self.prefetch, copied=copied)
         loader = DataLoader(
-            dataset, batch_size=None, num_workers=self.workers, pin_memory=self.pin_memory,
+            dataset, batch_size=None, collate_fn=_as_made, num_workers=self.workers, pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch if self.workers else None,
             multiprocessing_context=worker_context() if self.workers else None,
             worker_init_fn=exit_with_rank if self.workers else None,
         )
         k = max(self.workers, 1)
         items: list[dict[str, Any]] = []
+        # The workers' buffers seen this epoch, kept mapped: one sent again is the same storage.
+        mapped: collections.deque[Any] = collections.deque(maxlen=k * _SharedBatches.KEEP)
         for item in loader:
             items.append(item)
             if len(items) < k:
@@ -527,7 +585,13 @@ class ShardLoader:
             if got != [(step, w) for w in range(k)] or step != first_step:
                 raise RuntimeError(f"loader items out of order: expected step {first_step} "
                                    f"from workers 0..{k - 1}, got {got}")
-            yield _join(items, self.pin_memory, self._pool)
+            if copied is None:
+                yield _join(items, self.pin_memory, self._pool)
+            else:
+                batch = _join(items, self.pin_memory, self._pool, lent=True)
+                mapped.extend(it["images"].untyped_storage() for it in items)
+                copied.fill_(step)  # the workers may write those buffers again
+                yield batch
             items, first_step = [], first_step + 1
         if items or first_step != plan.steps:
             raise RuntimeError(f"loader stopped at step {first_step} of {plan.steps}")
