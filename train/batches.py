@@ -22,7 +22,10 @@ class _BufferPool:
     consumer has dropped all of them the array's reference count is the pool's own, and the
     next batch is read into it. A fresh buffer costs a page fault per 4 KiB on its first
     write, which made the read into it (the one copy of each image) about three times
-    slower than into memory already mapped.
+    slower than into memory already mapped. Buffers come from torch's allocator, not numpy's:
+    numpy asks the kernel for transparent huge pages for arrays of 4 MiB and more, and a
+    huge page the kernel must first compact memory for cost up to 30 ms per 13 MB batch on a
+    2-core VM.
     """
 
     KEEP = 64
@@ -41,7 +44,7 @@ class _BufferPool:
                 buf = self._lent.pop(i)
                 self._lent.append(buf)
                 return buf
-        buf = np.empty(shape, np.uint8)
+        buf = torch.empty(shape, dtype=torch.uint8).numpy()  # see the class docstring
         if len(self._lent) >= self.KEEP:
             self._lent.pop(0)  # still in use: left to the garbage collector
         self._lent.append(buf)

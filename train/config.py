@@ -116,8 +116,8 @@ class DataConfig:
     """Batches each DataLoader worker prepares ahead."""
     threads: int | None = None
     """Reader threads in each process that reads lanes (see :mod:`train.lane_threads`; 0:
-    the lanes are read in that process's main thread). Default: 2 on a CUDA host without
-    DataLoader workers (the reads overlap the GPU step), else 0."""
+    the lanes are read in that process's main thread). Default: 2 without DataLoader
+    workers (the reads overlap the training step and each other), 0 in each worker."""
     exclude_qa: list[str] | str = dataclasses.field(default_factory=list)
     """QA flags (``shards.qa.QA_FLAGS``) whose samples leave the training plan; a list or
     ``flag,flag``. Part of the sample order: ``--resume`` refuses a different set."""

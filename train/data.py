@@ -62,7 +62,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 DEFAULT_THREADS = 2
-"""Reader threads of a CUDA loader without worker processes (:class:`ShardLoader`'s ``threads``)."""
+"""Reader threads of a loader without worker processes (:class:`ShardLoader`'s ``threads``)."""
 
 
 # --------------------------------------------------------------------------- the split
@@ -505,10 +505,9 @@ class ShardLoader:
             read in front of the consumer).
         pin_memory: Pin host batches (for CUDA).
         threads: Reader threads of the process that reads the lanes (see
-            :mod:`train.lane_threads`); 0 reads them in the consumer's thread. None: 2 for
-            pinned batches without worker processes (a CUDA step: the reads overlap it while
-            the host waits on the GPU), else 0 (on a CPU the training step needs the cores,
-            and worker processes read in parallel already).
+            :mod:`train.lane_threads`); 0 reads them in the consumer's thread. None: 2
+            without worker processes (the reads overlap the consumer's work, and each
+            other's), 0 in each worker (the workers read in parallel already).
     """
 
     def __init__(self, info: SplitInfo, *, rank: int, world: int, global_batch: int, lanes: int,
@@ -529,7 +528,7 @@ class ShardLoader:
         per_rank = lanes // world
         self.workers = min(workers, per_rank)
         if threads is None:
-            threads = DEFAULT_THREADS if self.workers == 0 and pin_memory else 0
+            threads = DEFAULT_THREADS if self.workers == 0 else 0
         self.threads = threads
         if workers > per_rank:
             log.info("%d loader workers requested, %d lanes per rank: using %d",
