@@ -13,6 +13,7 @@ from typing import Any
 from shards.atomic import atomic_write_text
 from shards.checksum import check_digests
 from shards.format import FORMAT_VERSION, FORMAT_VERSIONS, FormatError
+from shards.jsontext import indented
 
 MANIFEST_NAME = "manifest.json"
 SHARDS_DIR = "shards"
@@ -51,6 +52,9 @@ class ShardInfo:
     readers check against :attr:`sha256` alone."""
 
 
+_SHARD_FIELDS = tuple(f.name for f in dataclasses.fields(ShardInfo))
+
+
 @dataclasses.dataclass(kw_only=True)
 class Manifest:
     """The parsed ``manifest.json``."""
@@ -77,7 +81,14 @@ class Manifest:
 
     def to_json(self) -> str:
         """Canonical JSON text (sorted keys, indented, trailing newline)."""
-        return json.dumps(dataclasses.asdict(self), indent=2, sort_keys=True) + "\n"
+        return indented(self.to_dict()) + "\n"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The manifest as JSON values (``dataclasses.asdict`` without its deep copy of every
+        digest: the values are shared with this manifest, not to be changed)."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["shards"] = [{f: getattr(s, f) for f in _SHARD_FIELDS} for s in self.shards]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Manifest":
@@ -217,13 +228,20 @@ def read_manifest(root: Path | str) -> Manifest:
 def manifest_sha256(manifest: Manifest) -> str:
     """SHA-256 of the manifest's canonical text: of ``manifest.json``'s bytes as
     :func:`write_manifest` writes them, and of the manifest a version record holds."""
-    return hashlib.sha256(manifest.to_json().encode()).hexdigest()
+    return text_sha256(manifest.to_json())
 
 
-def write_manifest(root: Path | str, manifest: Manifest) -> Path:
-    """Write ``root/manifest.json`` atomically (temporary name, fsync, rename)."""
+def text_sha256(text: str) -> str:
+    """:func:`manifest_sha256` from the manifest's text (``Manifest.to_json``), for a caller
+    that has it already."""
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def write_manifest(root: Path | str, manifest: Manifest, text: str | None = None) -> Path:
+    """Write ``root/manifest.json`` atomically (temporary name, fsync, rename); ``text`` is the
+    manifest's (``Manifest.to_json``) when the caller has it already."""
     path = Path(root) / MANIFEST_NAME
-    atomic_write_text(path, manifest.to_json())
+    atomic_write_text(path, manifest.to_json() if text is None else text)
     return path
 
 
