@@ -32,6 +32,7 @@ from typing import Any
 
 from shards.atomic import atomic_dir, atomic_path, atomic_write_text
 from shards.format import SHARD_NAME, FormatError
+from shards.jsontext import Raw, indented
 from shards.labels import LabelTable, write_labels
 from shards.manifest import (
     LABELS_NAME,
@@ -40,7 +41,7 @@ from shards.manifest import (
     SHARDS_DIR,
     Manifest,
     ShardInfo,
-    manifest_sha256,
+    text_sha256,
     write_manifest,
 )
 
@@ -162,10 +163,14 @@ class VersionRecord:
     def shard_names(self) -> set[str]:
         return {s.name for s in self.manifest.shards}
 
-    def to_json(self) -> str:
-        data = dataclasses.asdict(self)
-        data["manifest"] = json.loads(self.manifest.to_json())
-        return json.dumps(data, indent=2, sort_keys=True) + "\n"
+    def to_json(self, manifest_text: str | None = None) -> str:
+        """The record's text; ``manifest_text`` is :attr:`manifest`'s (``Manifest.to_json``)
+        when the caller has it already."""
+        data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        data["change"] = dataclasses.asdict(self.change)
+        data["unavailable"] = None if self.unavailable is None else dataclasses.asdict(self.unavailable)
+        data["manifest"] = Raw(self.manifest.to_json() if manifest_text is None else manifest_text)
+        return indented(data) + "\n"
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "VersionRecord":
@@ -190,12 +195,14 @@ class VersionRecord:
             raise FormatError(f"malformed version record: {exc!r}") from exc
 
 
-def first_record(manifest: Manifest, created: str) -> VersionRecord:
-    """The record of a dataset made before versions existed: version 1 of itself."""
+def first_record(manifest: Manifest, created: str, manifest_text: str | None = None) -> VersionRecord:
+    """The record of a dataset made before versions existed: version 1 of itself
+    (``manifest_text``: the manifest's text, when the caller has it already)."""
     names = tuple(s.name for s in manifest.shards)
     change = Change(kind="ingest", samples=int(manifest.counts.get("samples", 0)), shards_added=names)
+    text = manifest.to_json() if manifest_text is None else manifest_text
     return VersionRecord(version=manifest.version, parent=None, created=created, change=change,
-                         manifest=manifest, manifest_sha256=manifest_sha256(manifest))
+                         manifest=manifest, manifest_sha256=text_sha256(text))
 
 
 # --------------------------------------------------------------------------- local folders
@@ -210,11 +217,12 @@ def read_record(root: Path, version: int) -> VersionRecord:
         raise FormatError(f"{path}: not valid JSON ({exc})") from exc
 
 
-def write_record(root: Path, record: VersionRecord) -> Path:
-    """Write (or, for a withdrawal's erasure, rewrite) a record atomically."""
+def write_record(root: Path, record: VersionRecord, manifest_text: str | None = None) -> Path:
+    """Write (or, for a withdrawal's erasure, rewrite) a record atomically (``manifest_text``:
+    its manifest's text, when the caller has it already)."""
     path = root / record_rel(record.version)
     path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, record.to_json())
+    atomic_write_text(path, record.to_json(manifest_text))
     return path
 
 
@@ -229,9 +237,14 @@ def list_records(root: Path, latest: Manifest) -> list[VersionRecord]:
     if path.is_file():
         records.append(read_record(root, latest.version))
     else:
-        created = datetime.datetime.fromtimestamp((root / MANIFEST_NAME).stat().st_mtime, datetime.timezone.utc)
-        records.append(first_record(latest, created.replace(microsecond=0).isoformat()))
+        records.append(first_record(latest, _written(root / MANIFEST_NAME)))
     return records
+
+
+def _written(path: Path) -> str:
+    """When ``path`` was last written, as :func:`utc_now` gives a time."""
+    when = datetime.datetime.fromtimestamp(path.stat().st_mtime, datetime.timezone.utc)
+    return when.replace(microsecond=0).isoformat()
 
 
 def kept_shards(records: list[VersionRecord]) -> dict[str, ShardInfo]:
@@ -246,16 +259,17 @@ def kept_shards(records: list[VersionRecord]) -> dict[str, ShardInfo]:
 def save_current(root: Path, latest: Manifest) -> VersionRecord:
     """The latest version's record, written first (with copies of its label store and
     rejects) when the dataset has none: a dataset made before versions existed becomes
-    version 1 of itself before a change makes version 2."""
-    record = list_records(root, latest)[-1]
-    if (root / record_rel(record.version)).is_file():
-        return record
+    version 1 of itself before a change makes version 2. No other record is read."""
+    if (root / record_rel(latest.version)).is_file():
+        return read_record(root, latest.version)
+    text = latest.to_json()
+    record = first_record(latest, _written(root / MANIFEST_NAME), text)
     (root / VERSIONS_DIR).mkdir(exist_ok=True)
     with atomic_dir(root / labels_rel(record.version)) as tmp:
         shutil.copytree(root / LABELS_NAME, tmp)
     with atomic_path(root / rejects_rel(record.version)) as tmp:
         shutil.copyfile(root / REJECTS_NAME, tmp)
-    write_record(root, record)
+    write_record(root, record, text)
     return record
 
 
@@ -274,15 +288,17 @@ def commit_version(root: Path, parent: VersionRecord, manifest: Manifest, labels
     # The format stays the parent's: a change copies samples as they are, and the format names
     # the fields they hold; the version number is read from a manifest of any format.
     manifest = dataclasses.replace(manifest, version=parent.version + 1)
+    text = manifest.to_json()
     record = VersionRecord(version=manifest.version, parent=parent.version, created=utc_now(), change=change,
-                           manifest=manifest, manifest_sha256=manifest_sha256(manifest))
-    text = "".join(rejects)
+                           manifest=manifest, manifest_sha256=text_sha256(text))
+    lines = "".join(rejects)
     write_labels(root / labels_rel(record.version), labels)
-    atomic_write_text(root / rejects_rel(record.version), text)
-    write_record(root, record)
-    write_labels(root / LABELS_NAME, labels)
-    atomic_write_text(root / REJECTS_NAME, text)
-    write_manifest(root, manifest)
+    atomic_write_text(root / rejects_rel(record.version), lines)
+    write_record(root, record, text)
+    with atomic_dir(root / LABELS_NAME) as tmp:  # the same bytes: copied, not encoded again
+        shutil.copytree(root / labels_rel(record.version), tmp)
+    atomic_write_text(root / REJECTS_NAME, lines)
+    write_manifest(root, manifest, text)
     return record
 
 
@@ -327,12 +343,21 @@ def apply_gc(root: Path, plan: GcPlan, keep: int) -> None:
         (root / SHARDS_DIR / name).unlink(missing_ok=True)
 
 
-def recorded_shards(root: Path) -> set[str]:
+def recorded_shards(root: Path, *, unavailable: bool = False) -> set[str]:
     """The shards that the readable version records under ``root/versions/`` list (none for a
-    dataset without versions): files no clean-up may delete."""
+    dataset without versions): files no clean-up may delete. With ``unavailable``, those that
+    unavailable records list too: every name a record lists.
+
+    Only the shard names are taken from each record's JSON (no record is checked as
+    :func:`read_record` checks it): each record holds a whole manifest, and an append asks this
+    before it writes its own.
+    """
     names: set[str] = set()
     for path in sorted((root / VERSIONS_DIR).glob("v[0-9][0-9][0-9][0-9].json")):
-        record = VersionRecord.from_dict(json.loads(path.read_text()))
-        if record.unavailable is None:
-            names |= record.shard_names()
+        try:
+            data = json.loads(path.read_text())
+            if unavailable or data.get("unavailable") is None:
+                names.update(str(s["name"]) for s in data["manifest"]["shards"])
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            raise FormatError(f"{path}: malformed version record ({exc!r})") from exc
     return names
