@@ -16,9 +16,11 @@ are then unknown, like any other.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from collections.abc import Iterable, Sequence
+from json.encoder import encode_basestring_ascii
 from pathlib import Path
 
 from shards.atomic import atomic_write_text
@@ -35,8 +37,19 @@ def index_rel(version: int) -> str:
 
 def label_digest(target: int, class_name: str | None, boxes: Iterable[Sequence[float]]) -> str:
     """A digest of a patient's label as the labels file gives it."""
-    text = json.dumps([int(target), class_name, [[float(v) for v in b] for b in boxes]])
-    return hashlib.sha256(text.encode()).hexdigest()
+    rows = [[float(v) for v in b] for b in boxes]
+    if not rows:  # most patients: an append digests every patient of its labels file
+        return _digest_without_boxes(int(target), class_name)
+    return _digest([int(target), class_name, rows])
+
+
+@functools.lru_cache(maxsize=64)
+def _digest_without_boxes(target: int, class_name: str | None) -> str:
+    return _digest([target, class_name, []])
+
+
+def _digest(label: list) -> str:
+    return hashlib.sha256(json.dumps(label).encode()).hexdigest()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,8 +76,14 @@ class SourceIndex:
         return SourceIndex({k: e for k, e in self.samples.items() if k not in keys})
 
     def to_json(self) -> str:
-        data = {k: dataclasses.asdict(e) for k, e in self.samples.items()}
-        return json.dumps({"samples": data}, indent=1, sort_keys=True) + "\n"
+        """``json.dumps({"samples": {key: entry}}, indent=1, sort_keys=True)`` and a newline,
+        written entry by entry: an append writes every sample's entry again."""
+        if not self.samples:
+            return '{\n "samples": {}\n}\n'
+        q = encode_basestring_ascii
+        body = ",\n".join(f'  {q(k)}: {{\n   "label": {q(e.label)},\n   "sha256": {q(e.sha256)}\n  }}'
+                          for k, e in ((k, self.samples[k]) for k in sorted(self.samples)))
+        return f'{{\n "samples": {{\n{body}\n }}\n}}\n'
 
     @classmethod
     def read(cls, path: Path) -> "SourceIndex":
