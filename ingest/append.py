@@ -82,7 +82,7 @@ from shards.scan import hash_files
 from shards.seeds import split_hash
 from shards.source import source_fingerprint
 from shards.source_index import SourceIndex, index_from_shards, index_rel, label_digest, read_index
-from shards.versions import Change, VersionRecord, commit_version, list_records, recorded_shards, save_current
+from shards.versions import Change, VersionRecord, commit_version, recorded_shards, save_current
 
 log = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def run_append(cfg: IngestConfig) -> IngestSummary:
                 build_shards(cfg, client(), pending, records)
                 sync_files([out / SHARDS_DIR / t.name for t in pending])
         _remove_stale(out, {t.name for t in plan.tasks})
-        summary = _commit(cfg, plan, [records[t.name] for t in plan.tasks], base, parent, parent_lines, index,
+        summary = _commit(cfg, plan, [records[t.name] for t in plan.tasks], base, parent, parent_lines, table, index,
                           identity, pseudonyms, t0, built=len(pending))
         summary.skipped, summary.rejected_earlier = skipped, rejected_earlier
     except OSError as exc:
@@ -198,12 +198,12 @@ def run_append(cfg: IngestConfig) -> IngestSummary:
 def _relabels(labels: dict, index: SourceIndex, pseudonyms: Pseudonymizer | None) -> list[LabelProblem]:
     """A ``relabel_needs_rewrite`` problem for each patient in the dataset whose label differs."""
     out = []
-    for pid, label in sorted(labels.items()):
+    for pid, label in labels.items():
         recorded = index.samples.get(key_for(pseudonyms.patient(pid) if pseudonyms else pid))
         if recorded is not None and recorded.label and recorded.label != label_digest(label.target, label.class_name, label.boxes):
             out.append(LabelProblem(RELABEL, "the labels file changes the label of a patient already in the "
                                     "dataset; an append does not apply it (a relabel needs a new ingest)", pid))
-    return out
+    return sorted(out, key=lambda p: p.patient_id)
 
 
 def _judged(lines: list[str]) -> set[str]:
@@ -244,8 +244,7 @@ def _first_index(out: Path, base: Manifest) -> dict[str, int]:
     """Each split's first new shard number: after the highest that any version ever listed (a
     number is never used twice, so a node cache can never hold other bytes under a name)."""
     top = {split: -1 for split in SPLITS}
-    names = {s.name for r in list_records(out, base) for s in r.manifest.shards}
-    for name in names | recorded_shards(out) | {s.name for s in base.shards}:
+    for name in recorded_shards(out, unavailable=True) | {s.name for s in base.shards}:
         if m := SHARD_NAME.match(name):
             top[m.group(1)] = max(top[m.group(1)], int(m.group(2)))
     return {split: n + 1 for split, n in top.items()}
@@ -278,10 +277,11 @@ def _merge_counts(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
 
 
 def _commit(cfg: IngestConfig, plan: Plan, records: list[ShardRecord], base: Manifest, parent: VersionRecord,
-            parent_lines: list[str], index: SourceIndex, identity: RunIdentity, pseudonyms: Pseudonymizer | None,
-            t0: float, built: int) -> IngestSummary:
+            parent_lines: list[str], table: LabelTable, index: SourceIndex, identity: RunIdentity,
+            pseudonyms: Pseudonymizer | None, t0: float, built: int) -> IngestSummary:
     """Write the new version: the index, then (``commit_version``) labels, rejects, manifest.
-    ``parent_lines`` are the parent's ``rejects.jsonl`` lines."""
+    ``parent_lines`` are the parent's ``rejects.jsonl`` lines, ``table`` its label store (both as
+    ``run_append`` read them)."""
     out = cfg.out
     outcome = _collect(plan, records)
     # A patient who now has a sample leaves the parent's label_without_image lines.
@@ -300,7 +300,7 @@ def _commit(cfg: IngestConfig, plan: Plan, records: list[ShardRecord], base: Man
             del by["label_without_image"]
     counts["label_problems_by_reason"] = by
     lines = [*kept_lines, *(json.dumps(r.to_json(), sort_keys=True) + "\n" for r in [*outcome.rejects, *outcome.problems])]
-    table = _concat(read_labels(out / LABELS_NAME), LabelTable.from_rows(outcome.rows), len(base.shards))
+    table = _concat(table, LabelTable.from_rows(outcome.rows), len(base.shards))
 
     def where(path: Path | None) -> str | None:
         if path is None:
