@@ -8,7 +8,8 @@ stand on it and never on each other. Modules:
 * :mod:`shards.geometry`: the letterbox every sample records as ``transform``.
 * :mod:`shards.manifest`: ``manifest.json`` and its ``params_hash``; the dataset's file names;
   a shard as the manifest records it (``ShardInfo``), the processing parameters and the run's
-  identity (``ProcessingParams``, ``RunIdentity``).
+  identity (``ProcessingParams``, ``RunIdentity``); :mod:`shards.jsontext`: the indented JSON
+  text of the manifest, the version records and the source index (``json.dumps``'s bytes, faster).
 * :mod:`shards.atomic`: the one way every file and folder is written (temporary name, rename).
 * :mod:`shards.labels`: ``labels.zarr`` and its row (``LabelRow``, from a sample's JSON);
   :mod:`shards.label_csv`: RSNA's label CSVs.
