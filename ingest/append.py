@@ -31,6 +31,7 @@ import json
 import logging
 import shutil
 import time
+from collections.abc import Set
 from pathlib import Path
 from typing import Any
 
@@ -82,7 +83,7 @@ from shards.scan import hash_files
 from shards.seeds import split_hash
 from shards.source import source_fingerprint
 from shards.source_index import SourceIndex, index_from_shards, index_rel, label_digest, read_index
-from shards.versions import Change, VersionRecord, commit_version, recorded_shards, save_current
+from shards.versions import Change, VersionRecord, commit_version, read_recorded_shards, save_current
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,7 @@ def run_append(cfg: IngestConfig) -> IngestSummary:
             raise IngestUsageError(f"--out {out} holds a stopped run {difference}; "
                                    "run that command again to finish it first")
     parent = save_current(out, base)  # before any clean-up: the first version's shards become kept
+    listed = read_recorded_shards(out)
     table = read_labels(out / LABELS_NAME)
     existing = {str(k): str(s) for k, s in zip(table.key, table.split)}
     if labels is not None:
@@ -172,7 +174,7 @@ def run_append(cfg: IngestConfig) -> IngestSummary:
                 return opened[0]
 
             plan = _plan(cfg, client, inputs, found.ignored, labels, problems, pseudonyms, found.archive,
-                         existing=existing, first_index=_first_index(out, base),
+                         existing=existing, first_index=_first_index(base, listed.every),
                          split_of_new=lambda pid: new_patient_split(cfg.seed, pid, cfg.val_fraction))
             log.info("append: %d new files (%d already in the dataset, %d rejected earlier), %d shards",
                      len(inputs), skipped, rejected_earlier, len(plan.tasks))
@@ -182,7 +184,7 @@ def run_append(cfg: IngestConfig) -> IngestSummary:
             if pending:
                 build_shards(cfg, client(), pending, records)
                 sync_files([out / SHARDS_DIR / t.name for t in pending])
-        _remove_stale(out, {t.name for t in plan.tasks})
+        _remove_stale(out, {t.name for t in plan.tasks}, listed.kept)
         summary = _commit(cfg, plan, [records[t.name] for t in plan.tasks], base, parent, parent_lines, table, index,
                           identity, pseudonyms, t0, built=len(pending))
         summary.skipped, summary.rejected_earlier = skipped, rejected_earlier
@@ -240,11 +242,12 @@ def _new_problems(problems: list[LabelProblem], recorded_lines: list[str]) -> tu
     return new, len(problems) - len(new)
 
 
-def _first_index(out: Path, base: Manifest) -> dict[str, int]:
-    """Each split's first new shard number: after the highest that any version ever listed (a
-    number is never used twice, so a node cache can never hold other bytes under a name)."""
+def _first_index(base: Manifest, recorded: Set[str]) -> dict[str, int]:
+    """Each split's first new shard number: after the highest that any version ever listed
+    (``recorded``, and ``base``'s; a number is never used twice, so a node cache can never hold
+    other bytes under a name)."""
     top = {split: -1 for split in SPLITS}
-    for name in recorded_shards(out, unavailable=True) | {s.name for s in base.shards}:
+    for name in recorded | {s.name for s in base.shards}:
         if m := SHARD_NAME.match(name):
             top[m.group(1)] = max(top[m.group(1)], int(m.group(2)))
     return {split: n + 1 for split, n in top.items()}

@@ -10,7 +10,7 @@ import logging
 import shutil
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Set
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -372,11 +372,12 @@ def _remove_temporaries(out: Path) -> None:
             path.unlink(missing_ok=True)  # temporary file of a shard stopped mid-write
 
 
-def _remove_stale(out: Path, names: set[str]) -> None:
+def _remove_stale(out: Path, names: set[str], kept: Set[str] | None = None) -> None:
     """Delete what ``OUT/shards/`` holds besides the shards ``names``: temporary files of
-    shards stopped mid-write, and any other file, which the manifest would not vouch for."""
+    shards stopped mid-write, and any other file, which the manifest would not vouch for.
+    ``kept`` is ``recorded_shards(out)``, when the caller has read it already."""
     _remove_temporaries(out)
-    names = names | recorded_shards(out)  # a kept version's shards are never stale
+    names = names | (recorded_shards(out) if kept is None else kept)  # a kept version's shards are never stale
     for path in (out / SHARDS_DIR).iterdir():
         if path.name not in names:
             log.warning("removing %s: not part of this dataset's plan", path)

@@ -343,21 +343,35 @@ def apply_gc(root: Path, plan: GcPlan, keep: int) -> None:
         (root / SHARDS_DIR / name).unlink(missing_ok=True)
 
 
-def recorded_shards(root: Path, *, unavailable: bool = False) -> set[str]:
-    """The shards that the readable version records under ``root/versions/`` list (none for a
-    dataset without versions): files no clean-up may delete. With ``unavailable``, those that
-    unavailable records list too: every name a record lists.
+@dataclasses.dataclass(frozen=True)
+class RecordedShards:
+    """The shard names the version records under a dataset's ``versions/`` list."""
 
-    Only the shard names are taken from each record's JSON (no record is checked as
-    :func:`read_record` checks it): each record holds a whole manifest, and an append asks this
-    before it writes its own.
-    """
-    names: set[str] = set()
+    kept: frozenset[str]
+    """Listed by a readable record: files no clean-up may delete."""
+    every: frozenset[str]
+    """Listed by any record, unavailable ones too: names never used for other bytes."""
+
+
+def read_recorded_shards(root: Path) -> RecordedShards:
+    """The shard names of every record under ``root/versions/`` (none for a dataset without
+    versions), taken from each record's JSON alone (no record is checked as :func:`read_record`
+    checks it): each record holds a whole manifest, and an append reads them all once."""
+    kept: set[str] = set()
+    every: set[str] = set()
     for path in sorted((root / VERSIONS_DIR).glob("v[0-9][0-9][0-9][0-9].json")):
         try:
             data = json.loads(path.read_text())
-            if unavailable or data.get("unavailable") is None:
-                names.update(str(s["name"]) for s in data["manifest"]["shards"])
+            names = {str(s["name"]) for s in data["manifest"]["shards"]}
+            if data.get("unavailable") is None:
+                kept |= names
         except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
             raise FormatError(f"{path}: malformed version record ({exc!r})") from exc
-    return names
+        every |= names
+    return RecordedShards(frozenset(kept), frozenset(every))
+
+
+def recorded_shards(root: Path) -> set[str]:
+    """The shards that the readable version records under ``root/versions/`` list (none for a
+    dataset without versions): files no clean-up may delete."""
+    return set(read_recorded_shards(root).kept)
