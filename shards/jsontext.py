@@ -63,7 +63,10 @@ def _encode(o: Any, here: str, step: str) -> str:
         if not o:
             return "[]"
         inner = here + step
-        body = ",\n".join(inner + _encode(v, inner, step) for v in o)
+        try:  # strings only (a manifest's digest pairs): encoded in one call
+            body = inner + f",\n{inner}".join(map(encode_basestring_ascii, o))
+        except TypeError:
+            body = ",\n".join(inner + _encode(v, inner, step) for v in o)
         return f"[\n{body}\n{here}]"
     if o is None:
         return "null"
