@@ -161,7 +161,7 @@ def write_labels(path: Path | str, table: LabelTable) -> None:
         for f in STRING_FIELDS:
             arr = group.create_array(f, shape=(len(table),), dtype=str, chunks=(min(n, CHUNK),))
             if len(table):
-                arr[:] = getattr(table, f).astype(str)
+                arr[:] = getattr(table, f).astype(np.dtypes.StringDType())
         for f in (*INT_FIELDS, QA_FIELD, "box_offsets"):
             data = getattr(table, f)
             group.create_array(f, data=data, chunks=(min(max(len(data), 1), CHUNK),))
