@@ -31,6 +31,7 @@ import json
 import logging
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Set
 from pathlib import Path
 from typing import Any
@@ -83,7 +84,7 @@ from shards.scan import hash_files
 from shards.seeds import split_hash
 from shards.source import source_fingerprint
 from shards.source_index import SourceIndex, index_from_shards, index_rel, label_digest, read_index
-from shards.versions import Change, VersionRecord, commit_version, read_recorded_shards, save_current
+from shards.versions import Change, RecordedShards, VersionRecord, commit_version, read_recorded_shards, save_current
 
 log = logging.getLogger(__name__)
 
@@ -154,11 +155,7 @@ def run_append(cfg: IngestConfig) -> IngestSummary:
             raise IngestUsageError(f"--out {out} holds a stopped run {difference}; "
                                    "run that command again to finish it first")
     parent = save_current(out, base)  # before any clean-up: the first version's shards become kept
-    listed = read_recorded_shards(out)
-    table = read_labels(out / LABELS_NAME)
-    existing = {str(k): str(s) for k, s in zip(table.key, table.split)}
-    if labels is not None:
-        problems = [*problems, *_relabels(labels, index, pseudonyms)]
+    resuming = params_file(out).exists()
     _prepare_out(cfg, identity, len(inputs))
 
     plan: Plan | None = None
@@ -173,6 +170,16 @@ def run_append(cfg: IngestConfig) -> IngestSummary:
                     opened.append(stack.enter_context(cluster(cfg)))
                 return opened[0]
 
+            # What the plan needs of the dataset (its records, its label store, the relabels)
+            # is read on a thread while the cluster starts here: the read grows with the
+            # dataset, the start does not, and most of a start is waiting for the workers. A
+            # resumed append may find every shard built already and need no cluster at all.
+            with ThreadPoolExecutor(1, thread_name_prefix="append-read") as pool:
+                reading = pool.submit(_read_parent, out, labels, index, pseudonyms)
+                if not resuming:
+                    client()
+                listed, table, existing, relabels = reading.result()
+            problems = [*problems, *relabels]
             plan = _plan(cfg, client, inputs, found.ignored, labels, problems, pseudonyms, found.archive,
                          existing=existing, first_index=_first_index(base, listed.every),
                          split_of_new=lambda pid: new_patient_split(cfg.seed, pid, cfg.val_fraction))
@@ -195,6 +202,17 @@ def run_append(cfg: IngestConfig) -> IngestSummary:
     summary.records = [records[t.name] for t in pending]
     shutil.rmtree(work_dir(out), ignore_errors=True)
     return summary
+
+
+def _read_parent(out: Path, labels: dict | None, index: SourceIndex, pseudonyms: Pseudonymizer | None,
+                 ) -> tuple[RecordedShards, LabelTable, dict[str, str], list[LabelProblem]]:
+    """What an append's plan needs of the dataset it extends: the shards its versions record,
+    its label store, each stored sample's split, and the label problems of patients whose
+    labels the labels file changes."""
+    table = read_labels(out / LABELS_NAME)
+    existing = {str(k): str(s) for k, s in zip(table.key, table.split)}
+    relabels = _relabels(labels, index, pseudonyms) if labels is not None else []
+    return read_recorded_shards(out), table, existing, relabels
 
 
 def _relabels(labels: dict, index: SourceIndex, pseudonyms: Pseudonymizer | None) -> list[LabelProblem]:
