@@ -127,15 +127,16 @@ def run_append(cfg: IngestConfig) -> IngestSummary:
         made = ("with a class-info file; give --class-info" if made_with_classes
                 else "without a class-info file; leave out --class-info")
         raise IngestUsageError(f"--append: --out {out} holds a dataset made {made}")
-    index = read_index(out, base.version)
+    with ThreadPoolExecutor(1, thread_name_prefix="append-index") as pool:
+        indexed = pool.submit(read_index, out, base.version)  # while the inputs are listed and hashed
+        labels, problems, found = read_inputs(cfg)
+        parent_lines = (out / REJECTS_NAME).read_text().splitlines(True)
+        rels = [rel for rel, _ in found.inputs]
+        hashes = hash_members(found.archive.subset(rels)) if found.archive else hash_files(cfg.dicom_dir, rels)
+        index = indexed.result()
     if index is None:
         log.info("append: %s was made before the source index; reading its samples' JSON once", out)
         index = index_from_shards(out, [s.name for s in base.shards])
-    labels, problems, found = read_inputs(cfg)
-
-    parent_lines = (out / REJECTS_NAME).read_text().splitlines(True)
-    rels = [rel for rel, _ in found.inputs]
-    hashes = hash_members(found.archive.subset(rels)) if found.archive else hash_files(cfg.dicom_dir, rels)
     known, judged = index.files(), _judged(parent_lines)
     inputs = [(rel, size) for rel, size in found.inputs if hashes[rel] not in known and hashes[rel] not in judged]
     skipped = sum(hashes[rel] in known for rel in rels)
@@ -154,7 +155,6 @@ def run_append(cfg: IngestConfig) -> IngestSummary:
         if (difference := stopped.difference(identity)) is not None:
             raise IngestUsageError(f"--out {out} holds a stopped run {difference}; "
                                    "run that command again to finish it first")
-    parent = save_current(out, base)  # before any clean-up: the first version's shards become kept
     resuming = params_file(out).exists()
     _prepare_out(cfg, identity, len(inputs))
 
@@ -175,10 +175,10 @@ def run_append(cfg: IngestConfig) -> IngestSummary:
             # dataset, the start does not, and most of a start is waiting for the workers. A
             # resumed append may find every shard built already and need no cluster at all.
             with ThreadPoolExecutor(1, thread_name_prefix="append-read") as pool:
-                reading = pool.submit(_read_parent, out, labels, index, pseudonyms)
+                reading = pool.submit(_read_parent, out, base, labels, index, pseudonyms)
                 if not resuming:
                     client()
-                listed, table, existing, relabels = reading.result()
+                parent, listed, table, existing, relabels = reading.result()
             problems = [*problems, *relabels]
             plan = _plan(cfg, client, inputs, found.ignored, labels, problems, pseudonyms, found.archive,
                          existing=existing, first_index=_first_index(base, listed.every),
@@ -204,15 +204,18 @@ def run_append(cfg: IngestConfig) -> IngestSummary:
     return summary
 
 
-def _read_parent(out: Path, labels: dict | None, index: SourceIndex, pseudonyms: Pseudonymizer | None,
-                 ) -> tuple[RecordedShards, LabelTable, dict[str, str], list[LabelProblem]]:
-    """What an append's plan needs of the dataset it extends: the shards its versions record,
-    its label store, each stored sample's split, and the label problems of patients whose
-    labels the labels file changes."""
+def _read_parent(out: Path, base: Manifest, labels: dict | None, index: SourceIndex,
+                 pseudonyms: Pseudonymizer | None,
+                 ) -> tuple[VersionRecord, RecordedShards, LabelTable, dict[str, str], list[LabelProblem]]:
+    """What an append needs of the dataset it extends: the latest version's record (written
+    first for a dataset without one, before any clean-up: its shards become kept), the shards
+    its versions record, its label store, each stored sample's split, and the label problems
+    of patients whose labels the labels file changes."""
+    parent = save_current(out, base)
     table = read_labels(out / LABELS_NAME)
     existing = {str(k): str(s) for k, s in zip(table.key, table.split)}
     relabels = _relabels(labels, index, pseudonyms) if labels is not None else []
-    return read_recorded_shards(out), table, existing, relabels
+    return parent, read_recorded_shards(out), table, existing, relabels
 
 
 def _relabels(labels: dict, index: SourceIndex, pseudonyms: Pseudonymizer | None) -> list[LabelProblem]:
