@@ -161,6 +161,7 @@ def run_append(cfg: IngestConfig) -> IngestSummary:
     plan: Plan | None = None
     records: dict[str, ShardRecord] = {}
     pending = []
+    finisher = ThreadPoolExecutor(1, thread_name_prefix="append-commit")
     try:
         with contextlib.ExitStack() as stack:
             opened: list[Client] = []
@@ -191,17 +192,30 @@ def run_append(cfg: IngestConfig) -> IngestSummary:
             if pending:
                 build_shards(cfg, client(), pending, records)
                 sync_files([out / SHARDS_DIR / t.name for t in pending])
-        _remove_stale(out, {t.name for t in plan.tasks}, listed.kept)
-        summary = _commit(cfg, plan, [records[t.name] for t in plan.tasks], base, parent, parent_lines, table, index,
-                          identity, pseudonyms, t0, built=len(pending))
+            # The new version is written on a thread while the cluster stops here (mostly
+            # waiting for its workers to exit): nothing of it needs the cluster any more.
+            committing = finisher.submit(_finish, out, cfg, plan, records, listed, base, parent, parent_lines, table,
+                                     index, identity, pseudonyms, t0, len(pending))
+        summary = committing.result()
         summary.skipped, summary.rejected_earlier = skipped, rejected_earlier
     except OSError as exc:
         if not is_out_of_space(exc):
             raise
         raise IngestOutOfSpace(_no_space(exc, cfg, plan, records)) from exc
+    finally:
+        finisher.shutdown()  # a commit under way ends before anything leaves this call
     summary.records = [records[t.name] for t in pending]
     shutil.rmtree(work_dir(out), ignore_errors=True)
     return summary
+
+
+def _finish(out: Path, cfg: IngestConfig, plan: Plan, records: dict[str, ShardRecord], listed: RecordedShards,
+            base: Manifest, parent: VersionRecord, parent_lines: list[str], table: LabelTable, index: SourceIndex,
+            identity: RunIdentity, pseudonyms: Pseudonymizer | None, t0: float, built: int) -> IngestSummary:
+    """Remove what no kept version references and commit the new version (see :func:`_commit`)."""
+    _remove_stale(out, {t.name for t in plan.tasks}, listed.kept)
+    return _commit(cfg, plan, [records[t.name] for t in plan.tasks], base, parent, parent_lines, table, index,
+                   identity, pseudonyms, t0, built=built)
 
 
 def _read_parent(out: Path, base: Manifest, labels: dict | None, index: SourceIndex,
