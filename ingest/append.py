@@ -37,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from distributed import Client
 
 from ingest.config import IngestConfig
 from ingest.pipeline import (
@@ -61,7 +60,7 @@ from ingest.pipeline import (
     source_index,
 )
 from ingest.plan import Plan
-from ingest.runner import build_shards, cluster
+from ingest.runner import build_shards, lazy_client
 from ingest.workdir import params_file, work_dir
 from shards.archive import hash_members
 from shards.diskspace import is_out_of_space
@@ -164,12 +163,7 @@ def run_append(cfg: IngestConfig) -> IngestSummary:
     finisher = ThreadPoolExecutor(1, thread_name_prefix="append-commit")
     try:
         with contextlib.ExitStack() as stack:
-            opened: list[Client] = []
-
-            def client() -> Client:  # the cluster starts only when there is work for it
-                if not opened:
-                    opened.append(stack.enter_context(cluster(cfg)))
-                return opened[0]
+            client = lazy_client(cfg, stack)
 
             # What the plan needs of the dataset (its records, its label store, the relabels)
             # is read on a thread while the cluster starts here: the read grows with the

@@ -20,7 +20,7 @@ from distributed import Client
 from ingest.config import IngestConfig
 from ingest.journal import reusable_record
 from ingest.plan import Plan, ShardTask, make_plan
-from ingest.runner import build_shards, cluster, read_tags
+from ingest.runner import build_shards, lazy_client, read_tags
 from ingest.workdir import done_dir, params_file, work_dir
 from ingest.worker import mismatch
 from shards.archive import ArchiveError, ArchiveIndex, is_archive, read_index, top_folders
@@ -277,12 +277,7 @@ def run_ingest(cfg: IngestConfig) -> IngestSummary:
     records: dict[str, ShardRecord] = {}
     try:
         with contextlib.ExitStack() as stack:
-            opened: list[Client] = []
-
-            def client() -> Client:  # the cluster starts only when there is work for it
-                if not opened:
-                    opened.append(stack.enter_context(cluster(cfg)))
-                return opened[0]
+            client = lazy_client(cfg, stack)
 
             plan = _plan(cfg, client, found.inputs, found.ignored, labels, problems, pseudonyms, found.archive)
             log.info(

@@ -70,6 +70,19 @@ def cluster(cfg: IngestConfig) -> Iterator[Client]:
         scheduler_log.removeFilter(quiet)
 
 
+def lazy_client(cfg: IngestConfig, stack: contextlib.ExitStack) -> Callable[[], Client]:
+    """A function giving the configured cluster's client, which starts the cluster (entered on
+    ``stack``) at its first call: a run starts no cluster until there is work for it."""
+    opened: list[Client] = []
+
+    def client() -> Client:
+        if not opened:
+            opened.append(stack.enter_context(cluster(cfg)))
+        return opened[0]
+
+    return client
+
+
 def drive(
     client: Client,
     jobs: list[Job],
