@@ -19,6 +19,7 @@ from shards.store import open_store, read_labels_from
 from shards.versions import read_record
 from tests.fault_injection import fault_env
 from tests.procs import kill_after_shards
+from tests.inputs import copy_into
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -30,17 +31,17 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _versions(out: Path, capsys) -> list[str]:
+    """The lines ``python -m shards versions OUT`` prints."""
+    capsys.readouterr()
+    assert shards_main(["versions", str(out)]) == 0
+    return capsys.readouterr().out.splitlines()
+
+
 def _parts(synth, root: Path, n: int) -> list[Path]:
     """``synth``'s images dealt into ``n`` folders, in name order."""
     files = sorted(synth.images_dir.glob("*.dcm"))
-    folders = []
-    for i in range(n):
-        folder = root / f"part{i + 1}"
-        folder.mkdir(parents=True)
-        for f in files[i::n]:
-            shutil.copyfile(f, folder / f.name)
-        folders.append(folder)
-    return folders
+    return [copy_into(root / f"part{i + 1}", files[i::n]) for i in range(n)]
 
 
 def _args(synth, dicom_dir: Path, out: Path, *extra: str) -> list[str]:
@@ -490,9 +491,7 @@ def test_every_version_names_the_source_that_fed_it(appended, synth_small, tmp_p
     assert ingest_main(_args(synth_small, parts[1], out, "--append")) == 0
     assert read_manifest(out).source["sources"] == [first, str(parts[1].resolve())]
     assert read_record(out, 1).manifest.source["sources"] == [first]
-    capsys.readouterr()
-    assert shards_main(["versions", str(out)]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    lines = _versions(out, capsys)
     assert lines[1].endswith(f"first ingest from {first}")
     assert lines[2].endswith(f"from {parts[1].resolve()}")
 
@@ -508,9 +507,7 @@ def test_versions_names_the_source_of_a_first_ingest_that_did_not_list_it(append
     (out / "manifest.json").write_text(json.dumps(manifest))
     assert ingest_main(_args(synth_small, parts[1], out, "--append")) == 0
     assert read_manifest(out).source["sources"] == [str(parts[0].resolve()), str(parts[1].resolve())]
-    capsys.readouterr()
-    assert shards_main(["versions", str(out)]) == 0
-    lines = capsys.readouterr().out.splitlines()
+    lines = _versions(out, capsys)
     assert lines[1].endswith(f"first ingest from {parts[0].resolve()}")
     assert lines[2].endswith(f"from {parts[1].resolve()}")
 

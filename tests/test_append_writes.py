@@ -14,6 +14,7 @@ import pytest
 from shards.manifest import LABELS_NAME, MANIFEST_NAME, SHARDS_DIR, read_manifest
 from shards.source_index import label_digest
 from shards.versions import labels_rel, read_record, record_rel
+from tests.inputs import copy_into
 
 OPTIONS = {"size": 64, "shard_size": 4, "workers": 1, "val_fraction": 0.25}
 
@@ -32,11 +33,7 @@ def appends(synth_small, tmp_path_factory):
 
     work = tmp_path_factory.mktemp("append-writes")
     files = sorted(synth_small.images_dir.glob("*.dcm"))
-    parts = [work / "old", work / "new"]
-    for folder, part in zip(parts, (files[:16], files[16:])):
-        folder.mkdir()
-        for f in part:
-            shutil.copyfile(f, folder / f.name)
+    parts = [copy_into(work / "old", files[:16]), copy_into(work / "new", files[16:])]
     base = work / "base"
     run_ingest(synth_small.ingest_config(base, dicom_dir=parts[0], **OPTIONS))
     intact, blind = work / "intact", work / "blind"

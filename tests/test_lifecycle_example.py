@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from tests.inputs import copy_into
 
 REPO = Path(__file__).resolve().parents[1]
 PAGE = REPO / "docs" / "dataset-format.md"
@@ -46,11 +47,8 @@ def exports(synth_small, tmp_path: Path) -> tuple[Path, str]:
     """January's and February's exports (16 and 8 of ``synth_small``'s files), the labels of
     all of them, and the patient who withdraws (one of January's)."""
     files = sorted(synth_small.images_dir.glob("*.dcm"))
-    for month, part in (("2027-01", files[:16]), ("2027-02", files[16:])):
-        folder = tmp_path / "export" / month
-        folder.mkdir(parents=True)
-        for f in part:
-            shutil.copyfile(f, folder / f.name)
+    copy_into(tmp_path / "export" / "2027-01", files[:16])
+    copy_into(tmp_path / "export" / "2027-02", files[16:])
     shutil.copyfile(synth_small.labels_csv, tmp_path / "labels.csv")
     shutil.copyfile(synth_small.class_info_csv, tmp_path / "classes.csv")
     return tmp_path, files[0].stem

@@ -26,6 +26,7 @@ from ingest import slurm, slurm_jobs
 from ingest.cluster_base import QUIET_WORKERS, ClusterError, env_name
 from ingest.config import IngestConfig
 from tests.fault_injection import fault_env
+from tests.inputs import copy_into
 
 if TYPE_CHECKING:
     from tests.slurm_fixture import SlurmInfo
@@ -447,11 +448,7 @@ def test_slurm_append_matches_a_local_cluster_append(slurm_cluster: SlurmInfo, s
     import shutil
 
     files = sorted(synth_small.images_dir.glob("*.dcm"))
-    halves = [tmp_path / "first", tmp_path / "month"]
-    for folder, part in zip(halves, (files[:12], files[12:])):
-        folder.mkdir()
-        for f in part:
-            shutil.copyfile(f, folder / f.name)
+    halves = [copy_into(tmp_path / "first", files[:12]), copy_into(tmp_path / "month", files[12:])]
     local, on_slurm = tmp_path / "local", tmp_path / "slurm"
     base = _ingest_cmd(synth_small, local, "--workers", "1")
     base[base.index("--dicom-dir") + 1] = str(halves[0])
