@@ -1,5 +1,6 @@
 # Two entry points (see README): `make demo` and `make test`. Each makes its own virtual
-# environment in .venv on first use and reinstalls when pyproject.toml changes.
+# environment in .venv on first use and reinstalls when pyproject.toml changes, or the loader's
+# compiled read loop (setup.py, shards/_fastread.c: the editable install builds it in place).
 PYTHON ?= python3
 # torch is installed first, pinned, so that the extras keep that build. From an ordinary package
 # index a plain `torch==2.13.0` is the CUDA build (several GB of CUDA libraries); for the CPU
@@ -15,7 +16,7 @@ DEMO_N ?= 200
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml setup.py shards/_fastread.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0 $(if $(TORCH_INDEX_URL),--index-url $(TORCH_INDEX_URL))

@@ -41,7 +41,14 @@ from shards.format import (
 )
 from shards.manifest import READ_CHUNK, ShardInfo
 from shards.tar import BLOCK, ByteSource, TarMember, TarParser, padded
-from shards.writer import member_header
+from shards.writer import _USTAR, _USTAR_SUM, member_header
+
+try:
+    from shards import _fastread
+except ImportError:  # installed without a C compiler: _plain_run reads the same, slower
+    _fastread = None  # type: ignore[assignment]
+
+_USTAR_BYTES = bytes(_USTAR)
 
 class ShardChecksumError(RuntimeError):
     """A shard's bytes do not hash to the sha256 the manifest recorded."""
@@ -339,15 +346,25 @@ def read_into(
 
 
 _TRAILER = 4096
-"""Bytes :func:`_read_plain` reads after an image: the JSON member's header and data and the
-next sample's header, in one ``pread`` when the JSON is under 3 KiB (it is about 600 bytes)."""
+"""Bytes a plain read takes after an image: the JSON member's header and data and the next
+sample's header, in one ``pread`` when the JSON is under 3 KiB (it is about 600 bytes)."""
+
+RUN = 8
+"""Samples :func:`_read_plain` asks of one read run: the compiled loop reads them with the
+GIL released throughout, so that reader threads overlap for the whole run."""
+
+PlainRun = Callable[..., "tuple[int, list[tuple[int, str, bytes | None]]]"]
+"""``(fd, at, dests, digests, head, pixels, template, ustar_sum) -> (at, [(offset, key,
+json), ...])``: :func:`shards._fastread.read_run`, or :func:`_plain_run` without it."""
 
 
 def _read_plain(src: _FileSlots, name: str, shard: ShardInfo, size: int, slot: Slot,
-                start: int, stop: int, to_end: bool) -> Iterator[SampleMeta]:
+                start: int, stop: int, to_end: bool, run: PlainRun | None = None) -> Iterator[SampleMeta]:
     """:func:`_read_slots` for a local file of a dataset with per-sample checksums, in fewer
-    Python steps and system calls per sample: two reads (the image with its ``.npy`` header;
-    the JSON with the headers around it), and no member objects.
+    steps and system calls per sample: two reads (the image with its headers; the JSON with
+    the headers around it), no member objects, and :data:`RUN` samples at a time in the
+    compiled loop (:mod:`shards._fastread`; :func:`_plain_run` reads the same in Python
+    where the extension was not built).
 
     It accepts only what the writer writes: each header must be the one
     :func:`shards.writer.member_header` makes for its name and size (so every field is
@@ -360,58 +377,91 @@ def _read_plain(src: _FileSlots, name: str, shard: ShardInfo, size: int, slot: S
     """
     digests = shard.xxh3
     assert digests is not None
+    run = run or (_plain_run if _fastread is None else _fastread.read_run)
     fd = src._fd
-    head = npy_header_bytes((size, size))
-    npy_size = len(head) + size * size
+    head, pixels = npy_header_bytes((size, size)), size * size
+    npy_size = len(head) + pixels
+    index, at = 0, 0
+    while index < stop:
+        k = min(RUN, stop - index)
+        dests: list[np.ndarray | None] = []
+        pairs: list[tuple[str, str] | None] = []
+        for i in range(index, index + k):
+            wanted = i >= start
+            dests.append(slot(i) if wanted else None)
+            pairs.append(digests[i] if wanted else None)
+        at, got = run(fd, at, dests, pairs, head, pixels, _USTAR_BYTES, _USTAR_SUM)
+        for offset, key, js in got:
+            if js is not None:
+                meta = decode_meta(js)
+                if meta.get("key") != key:
+                    at = offset  # the general reader raises on this sample
+                    break
+                yield SampleMeta(index, key, meta)
+            index += 1
+        else:
+            if len(got) == k:
+                continue
+        break  # sample ``index`` differs from what the writer writes
+    else:  # the range is read: a range that ends before the shard does ends at a sample
+        if not to_end and _next_is_sample(fd, at, npy_size, index, shard.samples):
+            return
+    src.offset = at
+    yield from _read_slots(TarParser(src, name), name, shard, size, slot, start, stop, to_end, index)
+
+
+def _next_is_sample(fd: int, at: int, npy_size: int, index: int, samples: int) -> bool:
+    """Whether the header at ``at`` is a sample's first, as the writer makes it: a range read
+    up to a sample stops there, anything else is for the general reader to judge."""
+    member = _plain_header(os.pread(fd, BLOCK, at))
+    if member is None or member[1] != npy_size or not member[0].endswith(f".{IMAGE_EXT}"):
+        return False
+    return "." not in member[0][: -len(IMAGE_EXT) - 1] and index < samples
+
+
+def _plain_run(fd: int, at: int, dests: list[np.ndarray | None], digests: list[tuple[str, str] | None],
+               head: bytes, pixels: int, template: bytes, ustar_sum: int) -> tuple[int, list[tuple[int, str, bytes | None]]]:
+    """:func:`shards._fastread.read_run` in Python: the same samples read, the same returned."""
+    del template, ustar_sum  # the headers are compared with member_header's own
+    npy_size = len(head) + pixels
     npy_end = BLOCK + padded(npy_size)  # from a sample's first header to its JSON's header
     after_head = xxhash.xxh3_128(head)
     got_head = bytearray(len(head))
-    index, at = 0, 0
-    block = os.pread(fd, BLOCK, 0)
-    while True:
-        member = _plain_header(block)
+    out: list[tuple[int, str, bytes | None]] = []
+    for dest, expected in zip(dests, digests):
+        member = _plain_header(os.pread(fd, BLOCK, at))
         if member is None or member[1] != npy_size or not member[0].endswith(f".{IMAGE_EXT}"):
-            break  # the end marker, or anything else: the general reader decides
-        key = member[0][: -len(IMAGE_EXT) - 1]
-        if "." in key or index >= shard.samples:
             break
-        if index >= stop and not to_end:
-            return
-        wanted = start <= index < stop
-        dest = slot(index) if wanted else None
-        pixels = None if dest is None else memoryview(dest).cast("B")
-        if pixels is not None:
-            if os.preadv(fd, [got_head, pixels], at + BLOCK) != npy_size or got_head != head:
+        key = member[0][: -len(IMAGE_EXT) - 1]
+        if "." in key:
+            break
+        pixels_view = None if dest is None else memoryview(dest).cast("B")
+        if pixels_view is not None:
+            if os.preadv(fd, [got_head, pixels_view], at + BLOCK) != npy_size or got_head != head:
                 break
         trailer = os.pread(fd, _TRAILER, at + npy_end)
         member = _plain_header(trailer[:BLOCK])
         if member is None or member[0] != f"{key}.{META_EXT}":
             break
-        js_size, next_block = member[1], BLOCK + padded(member[1])  # in the trailer
-        next_at = at + npy_end + next_block
-        if next_block + BLOCK <= len(trailer):
-            js, block = trailer[BLOCK : BLOCK + js_size], trailer[next_block : next_block + BLOCK]
+        js_size, next_block = member[1], BLOCK + padded(member[1])
+        if next_block <= len(trailer):
+            js = trailer[BLOCK : BLOCK + js_size]
         else:
-            js, block = os.pread(fd, next_block - BLOCK, at + npy_end + BLOCK), os.pread(fd, BLOCK, next_at)
+            js = os.pread(fd, next_block - BLOCK, at + npy_end + BLOCK)
             if len(js) < next_block - BLOCK:  # the file ends inside the JSON or its padding
                 break
             js = js[:js_size]
-        if wanted:
-            expected = digests[index]
-            if pixels is not None:
+        if expected is not None:
+            if pixels_view is not None:
                 h = after_head.copy()
-                h.update(pixels)
+                h.update(pixels_view)
                 if h.hexdigest() != expected[0]:
                     break
             if xxhash.xxh3_128_hexdigest(js) != expected[1]:
                 break
-            meta = decode_meta(js)
-            if meta.get("key") != key:
-                break
-            yield SampleMeta(index, key, meta)
-        index, at = index + 1, next_at
-    src.offset = at
-    yield from _read_slots(TarParser(src, name), name, shard, size, slot, start, stop, to_end, index)
+        out.append((at, key, js if expected is not None else None))
+        at += npy_end + next_block
+    return at, out
 
 
 def _plain_header(block: bytes) -> tuple[str, int] | None:

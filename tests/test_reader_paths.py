@@ -1,5 +1,7 @@
 """The reader's path for plain local files (``shards.reader._read_plain``) against its general
-tar path (``_read_slots``): the same samples, pixels and errors, whatever byte is damaged."""
+tar path (``_read_slots``): the same samples, pixels and errors, whatever byte is damaged, with
+the compiled read loop (``shards._fastread``, runs of 2 and of 8 samples) and with its Python
+twin (``_plain_run``)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from shards import reader
+from shards import _fastread, reader  # the project's install builds the loop: no skip
 from shards.manifest import ShardInfo
 from shards.tar import TarParser
 from shards.writer import ShardWriter
@@ -32,7 +34,23 @@ def _write(path: Path) -> ShardInfo:
                      first_key=r.first_key, last_key=r.last_key, xxh3=r.xxh3)
 
 
-def _read(path: Path, info: ShardInfo, plain: bool, start: int, stop: int, kept: set[int]) -> tuple[Any, ...]:
+RUNS = [
+    pytest.param((_fastread.read_run, 8), id="c"),
+    pytest.param((_fastread.read_run, 2), id="c-runs-of-2"),
+    pytest.param((reader._plain_run, 8), id="python"),
+]
+
+
+@pytest.fixture(params=RUNS)
+def run(request, monkeypatch):
+    """The plain path's read loop, and the samples it asks of each call."""
+    loop, samples = request.param
+    monkeypatch.setattr(reader, "RUN", samples)
+    return loop
+
+
+def _read(path: Path, info: ShardInfo, plain: bool, start: int, stop: int, kept: set[int],
+          run: Any = None) -> tuple[Any, ...]:
     """What one path yields and raises, and the pixels it leaves in the slots."""
     out = np.zeros((N, SIZE, SIZE), np.uint8)
     got: list[tuple[int, str, dict[str, Any]]] = []
@@ -40,7 +58,7 @@ def _read(path: Path, info: ShardInfo, plain: bool, start: int, stop: int, kept:
     with open(path, "rb", buffering=0) as f:
         src = reader._FileSlots(f.fileno())
         args = (info.name, info, SIZE, lambda i: out[i] if i in kept else None, start, stop, stop == N)
-        samples = reader._read_plain(src, *args) if plain else reader._read_slots(TarParser(src, info.name), *args)
+        samples = reader._read_plain(src, *args, run=run) if plain else reader._read_slots(TarParser(src, info.name), *args)
         try:
             for s in samples:
                 got.append((s.index, s.key, s.meta))
@@ -53,7 +71,7 @@ def _read(path: Path, info: ShardInfo, plain: bool, start: int, stop: int, kept:
 READS = [(0, N, set(range(N))), (1, 4, {1, 3}), (2, 3, set())]
 
 
-def test_an_intact_shard_reads_on_the_plain_path_to_its_end(tmp_path: Path, monkeypatch):
+def test_an_intact_shard_reads_on_the_plain_path_to_its_end(tmp_path: Path, monkeypatch, run):
     info = _write(tmp_path / "s.tar")
     handed_over: list[int] = []
     general = reader._read_slots
@@ -63,17 +81,17 @@ def test_an_intact_shard_reads_on_the_plain_path_to_its_end(tmp_path: Path, monk
         return general(*args, **kwargs)
 
     monkeypatch.setattr(reader, "_read_slots", spy)
-    got, error, _ = _read(tmp_path / "s.tar", info, True, 0, N, set(range(N)))
+    got, error, _ = _read(tmp_path / "s.tar", info, True, 0, N, set(range(N)), run)
     assert error is None and [k for _, k, _ in got] == [f"k{i}" for i in range(N)]
     assert handed_over == [N]  # only the end-of-archive marker is left to the general reader
 
 
 @pytest.mark.parametrize(("start", "stop", "kept"), READS)
-def test_every_damaged_byte_gives_what_the_general_reader_gives(tmp_path: Path, start, stop, kept):
+def test_every_damaged_byte_gives_what_the_general_reader_gives(tmp_path: Path, start, stop, kept, run):
     path = tmp_path / "s.tar"
     info = _write(path)
     clean = path.read_bytes()
-    assert _read(path, info, True, start, stop, kept) == _read(path, info, False, start, stop, kept)
+    assert _read(path, info, True, start, stop, kept, run) == _read(path, info, False, start, stop, kept)
     # Every byte of the first sample's image member and the JSON header after it, every 13th elsewhere.
     first = range(0, 3 * 512)
     rest = range(3 * 512, len(clean), 13)
@@ -81,7 +99,13 @@ def test_every_damaged_byte_gives_what_the_general_reader_gives(tmp_path: Path, 
         raw = bytearray(clean)
         raw[at] ^= 0x41
         path.write_bytes(bytes(raw))
-        assert _read(path, info, True, start, stop, kept) == _read(path, info, False, start, stop, kept), at
+        assert _read(path, info, True, start, stop, kept, run) == _read(path, info, False, start, stop, kept), at
     for size in range(0, len(clean), 97):  # cut short anywhere
         path.write_bytes(clean[:size])
-        assert _read(path, info, True, start, stop, kept) == _read(path, info, False, start, stop, kept), size
+        assert _read(path, info, True, start, stop, kept, run) == _read(path, info, False, start, stop, kept), size
+
+
+def test_the_loader_reads_with_the_compiled_loop():
+    """The project's install builds ``shards._fastread`` (setup.py); a reader that fell back to
+    the Python loop would be a third slower and say nothing."""
+    assert reader._fastread is _fastread
