@@ -107,5 +107,5 @@ def test_every_damaged_byte_gives_what_the_general_reader_gives(tmp_path: Path, 
 
 def test_the_loader_reads_with_the_compiled_loop():
     """The project's install builds ``shards._fastread`` (setup.py); a reader that fell back to
-    the Python loop would be a third slower and say nothing."""
+    the Python loop would read a fifth slower and say nothing."""
     assert reader._fastread is _fastread
