@@ -18,6 +18,7 @@
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/uio.h>
 #include <unistd.h>
 
@@ -119,7 +120,9 @@ static Py_ssize_t run(int fd, long long *at, sample_t *s, Py_ssize_t count, cons
     unsigned char *tail = malloc(pad + TRAILER);
     unsigned char *trailer = tail == NULL ? NULL : tail + pad;
     Py_ssize_t i = 0;
-    if (got_head == NULL || tail == NULL)
+    struct stat st_file;
+    long long file_size = fstat(fd, &st_file) == 0 ? (long long)st_file.st_size : -1;
+    if (got_head == NULL || tail == NULL || file_size < 0)
         goto done;
     for (; i < count; i++) {
         sample_t *x = &s[i];
@@ -158,6 +161,8 @@ static Py_ssize_t run(int fd, long long *at, sample_t *s, Py_ssize_t count, cons
         if (strncmp(js_name, name, n - 4) != 0 || strcmp(js_name + n - 4, ".json") != 0)
             break;
         long long next_block = BLOCK + padded(js_size);
+        if (*at + npy_end + next_block > file_size) /* a JSON larger than what is left of the file */
+            break;
         const unsigned char *js;
         unsigned char *big = NULL;
         if (next_block <= t) {

@@ -427,6 +427,7 @@ def _plain_run(fd: int, at: int, dests: list[np.ndarray | None], digests: list[t
     npy_end = BLOCK + padded(npy_size)  # from a sample's first header to its JSON's header
     after_head = xxhash.xxh3_128(head)
     got_head = bytearray(len(head))
+    file_size = os.fstat(fd).st_size
     out: list[tuple[int, str, bytes | None]] = []
     for dest, expected in zip(dests, digests):
         member = _plain_header(os.pread(fd, BLOCK, at))
@@ -444,6 +445,8 @@ def _plain_run(fd: int, at: int, dests: list[np.ndarray | None], digests: list[t
         if member is None or member[0] != f"{key}.{META_EXT}":
             break
         js_size, next_block = member[1], BLOCK + padded(member[1])
+        if at + npy_end + next_block > file_size:  # a JSON larger than what is left of the file
+            break
         if next_block <= len(trailer):
             js = trailer[BLOCK : BLOCK + js_size]
         else:

@@ -109,3 +109,21 @@ def test_the_loader_reads_with_the_compiled_loop():
     """The project's install builds ``shards._fastread`` (setup.py); a reader that fell back to
     the Python loop would read a fifth slower and say nothing."""
     assert reader._fastread is _fastread
+
+
+def test_a_json_member_larger_than_the_file_is_the_general_readers_to_judge(tmp_path: Path, run):
+    """A well-formed header (its tar checksum right) whose JSON would run 8 GiB past the end
+    of the file: neither loop allocates for it, and the error is the general reader's."""
+    from shards.format import npy_header_bytes
+    from shards.tar import padded
+    from shards.writer import member_header
+
+    path = tmp_path / "s.tar"
+    info = _write(path)
+    raw = bytearray(path.read_bytes())
+    at = 512 + padded(len(npy_header_bytes((SIZE, SIZE))) + SIZE * SIZE)  # sample 0's JSON header
+    raw[at : at + 512] = member_header("k0.json", 8**11 - 1)
+    path.write_bytes(bytes(raw))
+    plain = _read(path, info, True, 0, N, set(range(N)), run)
+    assert plain == _read(path, info, False, 0, N, set(range(N)))
+    assert plain[0] == [] and plain[1] is not None
