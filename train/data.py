@@ -44,7 +44,7 @@ from shards.reader import ShardChecksumError, read_into
 from shards.store import read_labels_from, read_manifest_from
 from train.batches import DeviceBatch, HostBatch, _BufferPool, _join, to_device
 from train.forking import exit_with_rank, worker_context
-from train.lane_threads import LaneThreads
+from train.lane_threads import InlineLanes, LaneThreads
 from train.plan import EpochPlan, Lane, Span, plan_epoch
 
 __all__ = [
@@ -452,7 +452,7 @@ class LaneDataset(IterableDataset):
                 return pending[step]
 
         fills: list[_LaneFill] = []
-        runner: LaneThreads | None = None
+        runner: LaneThreads | InlineLanes | None = None
         try:
             for j, i in enumerate(lanes):  # every lane starts fetching now
                 fills.append(_LaneFill(self.info, self.plan.lanes[i], first * chunk, j * chunk, chunk,
@@ -461,12 +461,10 @@ class LaneDataset(IterableDataset):
             valid = {i: self.plan.lanes[i].valid.reshape(self.plan.steps, chunk) for i in lanes}
             if self.threads > 0 and fills:
                 runner = LaneThreads(fills, first, self.plan.steps, threads=self.threads, ahead=self.ahead)
+            else:
+                runner = InlineLanes(fills)
             for step in range(first, self.plan.steps):
-                if runner is None:
-                    for fill in fills:
-                        fill.fill(step)
-                else:
-                    runner.wait(step)
+                runner.wait(step)
                 item = _collate(batch(step), np.concatenate([ids[i][step] for i in lanes]),
                                 np.concatenate([valid[i][step] for i in lanes]), self.with_meta)
                 with lock:
@@ -475,11 +473,7 @@ class LaneDataset(IterableDataset):
                     shared.lend(step, done.images)
                 item["step"], item["worker"] = step, worker
                 yield item
-            if runner is None:
-                for fill in fills:  # run each lane to its end: last checksums
-                    fill.finish()
-            else:
-                runner.wait_finished()
+            runner.wait_finished()  # each lane read to its end: a format 1 shard's last checksum
         finally:
             if runner is not None:
                 runner.close()

@@ -20,7 +20,7 @@ import threading
 from collections.abc import Sequence
 from typing import Protocol
 
-__all__ = ["LaneThreads", "Fill"]
+__all__ = ["Fill", "InlineLanes", "LaneThreads"]
 
 
 class Fill(Protocol):
@@ -29,6 +29,25 @@ class Fill(Protocol):
     def fill(self, step: int) -> None: ...
 
     def finish(self) -> None: ...
+
+
+class InlineLanes:
+    """:class:`LaneThreads`' interface with no threads: each step's lanes are filled in the
+    caller's thread, one after another, when it waits for that step."""
+
+    def __init__(self, fills: Sequence[Fill]) -> None:
+        self._fills = fills
+
+    def wait(self, step: int) -> None:
+        for fill in self._fills:
+            fill.fill(step)
+
+    def wait_finished(self) -> None:
+        for fill in self._fills:
+            fill.finish()
+
+    def close(self) -> None:
+        pass
 
 
 class LaneThreads:
