@@ -1,9 +1,11 @@
 """Background reader threads for one worker's lanes (:class:`LaneThreads`).
 
-Reading a sample is mostly work that runs without the GIL: the ``preadv`` of its image into
-the batch row and the xxh3 of its bytes. Lanes are independent (each fills its own rows of a
-batch), so a worker can read them on threads of their own: on two cores the reads of one lane
-overlap the Python of another, and the consumer's own work (the training step) overlaps both.
+Reading a sample is almost all work that runs without the GIL: the compiled read loop
+(:mod:`shards._fastread`) reads runs of samples into their batch rows, checks their headers and
+hashes them with the GIL released. Lanes are independent (each fills its own rows of a batch),
+so a worker can read them on threads of their own: on two cores two lanes are read at once,
+and the consumer's own work (the training step) overlaps both. :class:`InlineLanes` is the
+same interface with no threads.
 
 What the consumer sees does not change. It waits for step ``s`` until every lane has filled
 ``s``, and a lane that failed raises its error when the consumer reaches the first step that
