@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help="GLOBAL batch size over all ranks; default 32")
     p.add_argument("--eval-batch-size", type=int, help="evaluation batch size per rank; default 32")
     p.add_argument("--lr", type=float, help="peak learning rate (AdamW); default 1e-3")
-    p.add_argument("--workers", type=int, help="DataLoader workers per rank; default min(4, CPUs / local ranks)")
+    p.add_argument("--workers", type=int, help="DataLoader workers per rank; default 0 (reader threads) with 2 CPUs per local rank or fewer, else min(4, CPUs / local ranks)")
     p.add_argument("--seed", type=int, help="seed of weights, sample order, augmentation; default 0")
     p.add_argument("--image-size", type=int, help="train at this side (multiple of 32), resized on the device")
     p.add_argument("--log-every", type=int, help="steps between metrics.jsonl lines; default 10")
