@@ -403,20 +403,22 @@ def _read_plain(src: _FileSlots, name: str, shard: ShardInfo, size: int, slot: S
             if len(got) == k:
                 continue
         break  # sample ``index`` differs from what the writer writes
-    else:  # the range is read: a range that ends before the shard does ends at a sample
-        if not to_end and _next_is_sample(fd, at, npy_size, index, shard.samples):
+    else:  # the range is read: a range that ends before the shard does ends at a sample,
+        # anything else after it is for the general reader to judge
+        if not to_end and index < shard.samples and _image_key(os.pread(fd, BLOCK, at), npy_size) is not None:
             return
     src.offset = at
     yield from _read_slots(TarParser(src, name), name, shard, size, slot, start, stop, to_end, index)
 
 
-def _next_is_sample(fd: int, at: int, npy_size: int, index: int, samples: int) -> bool:
-    """Whether the header at ``at`` is a sample's first, as the writer makes it: a range read
-    up to a sample stops there, anything else is for the general reader to judge."""
-    member = _plain_header(os.pread(fd, BLOCK, at))
+def _image_key(block: bytes, npy_size: int) -> str | None:
+    """The key of a sample's first header exactly as the writer makes it (its ``.npy``
+    member, ``npy_size`` bytes), else None."""
+    member = _plain_header(block)
     if member is None or member[1] != npy_size or not member[0].endswith(f".{IMAGE_EXT}"):
-        return False
-    return "." not in member[0][: -len(IMAGE_EXT) - 1] and index < samples
+        return None
+    key = member[0][: -len(IMAGE_EXT) - 1]
+    return None if "." in key else key
 
 
 def _plain_run(fd: int, at: int, dests: list[np.ndarray | None], digests: list[tuple[str, str] | None],
@@ -430,11 +432,8 @@ def _plain_run(fd: int, at: int, dests: list[np.ndarray | None], digests: list[t
     file_size = os.fstat(fd).st_size
     out: list[tuple[int, str, bytes | None]] = []
     for dest, expected in zip(dests, digests):
-        member = _plain_header(os.pread(fd, BLOCK, at))
-        if member is None or member[1] != npy_size or not member[0].endswith(f".{IMAGE_EXT}"):
-            break
-        key = member[0][: -len(IMAGE_EXT) - 1]
-        if "." in key:
+        key = _image_key(os.pread(fd, BLOCK, at), npy_size)
+        if key is None:
             break
         pixels_view = None if dest is None else memoryview(dest).cast("B")
         if pixels_view is not None:
