@@ -23,8 +23,8 @@ moves them to the device, where they become float.
 
 from __future__ import annotations
 
-import dataclasses
 import collections
+import dataclasses
 import logging
 import math
 import threading
